@@ -1,0 +1,5 @@
+import sys
+
+from hpcnn.cli import main
+
+sys.exit(main())

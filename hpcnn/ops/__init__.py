@@ -1,0 +1,22 @@
+"""Ops: the local math of each layer on one tile, and its geometry.
+
+Every op kind registers itself; ``make_op(kind, name, **attrs)`` builds one.
+"""
+from hpcnn.ops.base import (REGISTRY, Op, OpError, ParamSpec, TileContext, box_is_empty,
+                            box_pads, box_shape, clip_box, dims_of, full_box, init_param,
+                            make_op)
+from hpcnn.ops.activation import ReLU
+from hpcnn.ops.batchnorm import BatchNorm
+from hpcnn.ops.conv import Conv2d
+from hpcnn.ops.dropout import Dropout
+from hpcnn.ops.input import Input
+from hpcnn.ops.join import Add, Concat
+from hpcnn.ops.linear import Linear
+from hpcnn.ops.loss import SoftmaxCrossEntropy
+from hpcnn.ops.pool import AvgPool2d, GlobalAvgPool, MaxPool2d
+from hpcnn.ops.reshape import Flatten
+
+__all__ = ["REGISTRY", "Op", "OpError", "ParamSpec", "TileContext", "box_is_empty", "box_pads",
+           "box_shape", "clip_box", "dims_of", "full_box", "init_param", "make_op", "ReLU",
+           "BatchNorm", "Conv2d", "Dropout", "Input", "Add", "Concat", "Linear",
+           "SoftmaxCrossEntropy", "AvgPool2d", "GlobalAvgPool", "MaxPool2d", "Flatten"]

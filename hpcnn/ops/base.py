@@ -1,0 +1,261 @@
+"""The contract every op keeps: whole-tensor shape inference, parameters,
+geometry (which input box an output box reads) and the local math of one tile
+(forward and backward on arrays).  No communication happens here: an op that
+needs a sum over other tiles (batch-norm statistics) calls ``ctx.allreduce``,
+which the runtime supplies (identity in a single process).
+
+Boxes here are plain tuples of half-open ``(lo, hi)`` pairs, one per
+dimension of the tensor in its logical order (NCHW, or (n, c) for fully
+connected tensors).  An input box may reach outside ``[0, size)``: the part
+outside is padding, which the op supplies itself.  The runtime hands the op
+the *clipped* region (the part inside the tensor) and the op learns the
+padding from ``ctx.pads(i)``.  The sequential trainer and the distributed
+runtime call exactly the same methods; the sequential one simply asks for the
+whole output box.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+
+from hpcnn.backend import array_module
+
+DIMS_4D = ("n", "c", "h", "w")
+DIMS_2D = ("n", "c")
+DIMS_1D = ("n",)
+
+
+def dims_of(shape) -> tuple[str, ...]:
+    """Logical dimension names of a tensor of this rank."""
+    return {4: DIMS_4D, 2: DIMS_2D, 1: DIMS_1D}[len(shape)]
+
+
+class OpError(ValueError):
+    """A bad op attribute, input shape or dtype.  The message names the
+    layer and the offending value."""
+
+
+def full_box(shape) -> tuple:
+    return tuple((0, int(s)) for s in shape)
+
+
+def clip_box(box, shape) -> tuple:
+    """The part of ``box`` inside a tensor of ``shape`` (may be empty)."""
+    out = []
+    for (lo, hi), s in zip(box, shape):
+        a, b = max(lo, 0), min(hi, s)
+        if b < a:
+            b = a = min(max(lo, 0), s)
+        out.append((a, b))
+    return tuple(out)
+
+
+def box_shape(box) -> tuple:
+    return tuple(max(0, hi - lo) for lo, hi in box)
+
+
+def box_is_empty(box) -> bool:
+    return any(hi <= lo for lo, hi in box)
+
+
+def box_pads(box, shape) -> tuple:
+    """Per dimension, how far ``box`` reaches below 0 and above ``size``:
+    the padding the op must supply around the clipped region."""
+    return tuple((max(0, -lo), max(0, hi - s)) for (lo, hi), s in zip(box, shape))
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter (or buffer) of an op.  Axis 0 is always the output
+    channel: a layer split c ways holds the rows of its c-range."""
+    shape: tuple
+    init: str            # kaiming_fan_out | uniform_fan_in | ones | zeros
+    fan: int = 1         # fan used by the initialiser
+    trainable: bool = True
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def init_param(spec: ParamSpec, key: str, seed: int, dtype=np.float32) -> np.ndarray:
+    """The whole logical tensor of a parameter, a pure function of
+    (seed, key): every rank and every plan get the same values."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(key.encode())])
+    if spec.init == "kaiming_fan_out":
+        a = rng.standard_normal(spec.shape) * np.sqrt(2.0 / max(1, spec.fan))
+    elif spec.init == "uniform_fan_in":
+        bound = 1.0 / np.sqrt(max(1, spec.fan))
+        a = rng.uniform(-bound, bound, spec.shape)
+    elif spec.init == "ones":
+        a = np.ones(spec.shape)
+    elif spec.init == "zeros":
+        a = np.zeros(spec.shape)
+    else:
+        raise OpError(f"parameter {key}: unknown initialiser {spec.init!r}")
+    return a.astype(dtype)
+
+
+def _identity(a):
+    return a
+
+
+@dataclass
+class TileContext:
+    """What an op knows about the tile it computes.
+
+    out_box   : global box of the output tile
+    in_boxes  : the (unclipped) input boxes the op asked for via input_box
+    in_shapes : global shapes of the inputs
+    out_shape : global shape of the output
+    training  : training mode (batch norm batch statistics, dropout active)
+    seed, step: key of the reproducible randomness (dropout)
+    allreduce : sums an array over the tiles that share this tile's channel
+                range (batch-norm statistics); identity in one process
+    labels    : integer labels of the tile's samples (loss only)
+    """
+    out_box: tuple
+    in_boxes: list
+    in_shapes: list
+    out_shape: tuple
+    training: bool = True
+    seed: int = 0
+    step: int = 0
+    allreduce: Callable = _identity
+    labels: object = None
+
+    @classmethod
+    def whole(cls, op: "Op", in_shapes, **kw) -> "TileContext":
+        """The context of the whole tensor (the sequential case)."""
+        out_shape = op.infer_shape(in_shapes)
+        ob = full_box(out_shape)
+        return cls(out_box=ob,
+                   in_boxes=[op.input_box(i, ob, in_shapes) for i in range(len(in_shapes))],
+                   in_shapes=list(in_shapes), out_shape=tuple(out_shape), **kw)
+
+    def pads(self, i: int = 0) -> tuple:
+        return box_pads(self.in_boxes[i], self.in_shapes[i])
+
+    def clipped(self, i: int = 0) -> tuple:
+        return clip_box(self.in_boxes[i], self.in_shapes[i])
+
+
+class Op:
+    """Base class of every op.  Subclasses set ``kind`` and implement the
+    methods below; attributes are validated in ``__init__`` so that a bad
+    value is reported with the layer's name before anything runs."""
+
+    kind: ClassVar[str] = "op"
+    arity: ClassVar[int | None] = 1          # None: any number >= 1
+    # output dimensions this op's output tile may be split over
+    splittable: ClassVar[tuple] = ("n", "c", "h", "w")
+
+    def __init__(self, name: str = ""):
+        self.name = name or self.kind
+
+    # ---- helpers for subclasses --------------------------------------
+    def fail(self, msg: str):
+        raise OpError(f"layer {self.name!r} ({self.kind}): {msg}")
+
+    def _pos_int(self, attr: str, v, allow_zero=False) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            self.fail(f"{attr} must be an integer, got {v!r}")
+        v = int(v)
+        if v < 0 or (v == 0 and not allow_zero):
+            self.fail(f"{attr} must be {'non-negative' if allow_zero else 'positive'}, got {v}")
+        return v
+
+    def _pair(self, attr: str, v, allow_zero=False) -> tuple:
+        if isinstance(v, (tuple, list)):
+            if len(v) != 2:
+                self.fail(f"{attr} must be an int or a pair, got {v!r}")
+            return (self._pos_int(attr, v[0], allow_zero), self._pos_int(attr, v[1], allow_zero))
+        x = self._pos_int(attr, v, allow_zero)
+        return (x, x)
+
+    def check_arity(self, in_shapes):
+        if self.arity is None:
+            if len(in_shapes) < 1:
+                self.fail("needs at least one input")
+        elif len(in_shapes) != self.arity:
+            self.fail(f"takes {self.arity} input(s), got {len(in_shapes)}")
+
+    def check_rank(self, shape, rank: int, what="input"):
+        if len(shape) != rank:
+            self.fail(f"{what} must have {rank} dimensions "
+                      f"({''.join(dims_of((0,) * rank)).upper()}), got shape {tuple(shape)}")
+        for s in shape:
+            if int(s) <= 0:
+                self.fail(f"{what} shape {tuple(shape)} has a non-positive size")
+
+    # ---- the contract ------------------------------------------------------
+    def attrs(self) -> dict:
+        """JSON-able attributes (enough to rebuild the op)."""
+        return {}
+
+    def infer_shape(self, in_shapes: Sequence[tuple]) -> tuple:
+        raise NotImplementedError
+
+    def param_specs(self, in_shapes) -> dict[str, ParamSpec]:
+        return {}
+
+    def buffer_specs(self, in_shapes) -> dict[str, ParamSpec]:
+        return {}
+
+    def input_box(self, i: int, out_box: tuple, in_shapes) -> tuple:
+        """The (unclipped) box of input ``i`` that the output box reads.
+        Default: elementwise (same box)."""
+        return tuple(out_box)
+
+    def forward(self, xs: list, params: dict, buffers: dict, ctx: TileContext):
+        """Local forward on one tile.  ``xs[i]`` holds the clipped region
+        ``ctx.clipped(i)`` of input i.  Returns (y, saved) where y covers
+        ``ctx.out_box`` and ``saved`` is whatever backward needs.  May update
+        ``buffers`` in place (running statistics)."""
+        raise NotImplementedError
+
+    def backward(self, dy, saved, params: dict, ctx: TileContext):
+        """Returns (dxs, dparams): the gradient of each clipped input region
+        (same shapes as the forward's xs; None where an input gets none) and
+        of each parameter shard."""
+        raise NotImplementedError
+
+    def flops(self, in_shapes, out_shape) -> int:
+        """Forward floating-point operations for the whole tensor."""
+        return int(np.prod(out_shape))
+
+    def check_dtype(self, x):
+        if x.dtype not in (np.float32, np.float64):
+            self.fail(f"input dtype must be float32 or float64, got {x.dtype}")
+
+    def __repr__(self):
+        a = ", ".join(f"{k}={v!r}" for k, v in self.attrs().items())
+        return f"{type(self).__name__}({self.name!r}{', ' if a else ''}{a})"
+
+
+REGISTRY: dict[str, type] = {}
+
+
+def register(cls):
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+def make_op(kind: str, name: str = "", **attrs) -> Op:
+    """Build an op from its kind and attributes (as saved in a plan or a
+    graph description).  Unknown kinds and attributes are errors naming the
+    layer."""
+    if kind not in REGISTRY:
+        raise OpError(f"layer {name!r}: unknown op {kind!r}; known ops: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[kind]
+    try:
+        return cls(name=name, **attrs)
+    except TypeError as exc:
+        raise OpError(f"layer {name!r} ({kind}): bad attributes {sorted(attrs)}: {exc}") from None
+
+
+def xp_of(a):
+    return array_module(a)

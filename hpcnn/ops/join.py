@@ -1,0 +1,72 @@
+"""Ops that join tensors: channel concatenation and elementwise addition."""
+from __future__ import annotations
+
+from hpcnn.ops.base import Op, register, xp_of
+
+
+@register
+class Concat(Op):
+    """Concatenate along channels (axis 1)."""
+    kind = "concat"
+    arity = None
+
+    def infer_shape(self, in_shapes):
+        self.check_arity(in_shapes)
+        first = tuple(in_shapes[0])
+        for i, s in enumerate(in_shapes[1:], 1):
+            if len(s) != len(first) or tuple(s[:1]) + tuple(s[2:]) != first[:1] + first[2:]:
+                self.fail(f"input {i} has shape {tuple(s)}, which cannot be concatenated "
+                          f"along channels with input 0 of shape {first}")
+        return first[:1] + (sum(int(s[1]) for s in in_shapes),) + first[2:]
+
+    def offsets(self, in_shapes):
+        off, out = 0, []
+        for s in in_shapes:
+            out.append(off)
+            off += int(s[1])
+        return out
+
+    def input_box(self, i, out_box, in_shapes):
+        off = self.offsets(in_shapes)[i]
+        c = int(in_shapes[i][1])
+        lo = min(max(out_box[1][0] - off, 0), c)
+        hi = max(min(out_box[1][1] - off, c), lo)
+        return (tuple(out_box[0]), (lo, hi)) + tuple(tuple(b) for b in out_box[2:])
+
+    def forward(self, xs, params, buffers, ctx):
+        xp = xp_of(xs[0])
+        parts = [x for x in xs if x.shape[1] > 0]
+        return xp.concatenate(parts, axis=1), [x.shape[1] for x in xs]
+
+    def backward(self, dy, widths, params, ctx):
+        out, off = [], 0
+        for w in widths:
+            out.append(dy[:, off:off + w])
+            off += w
+        return out, {}
+
+
+@register
+class Add(Op):
+    """Elementwise sum of inputs of one shape (residual connections)."""
+    kind = "add"
+    arity = None
+
+    def infer_shape(self, in_shapes):
+        self.check_arity(in_shapes)
+        first = tuple(in_shapes[0])
+        for i, s in enumerate(in_shapes[1:], 1):
+            if tuple(s) != first:
+                self.fail(f"input {i} has shape {tuple(s)} but input 0 has shape {first}")
+        return first
+
+    def forward(self, xs, params, buffers, ctx):
+        if len(xs) == 1:
+            return xs[0].copy(), 1
+        y = xs[0] + xs[1]
+        for x in xs[2:]:
+            y += x
+        return y, len(xs)
+
+    def backward(self, dy, n, params, ctx):
+        return [dy] * n, {}

@@ -1,0 +1,54 @@
+"""Softmax cross-entropy.  Output is the per-sample loss divided by the
+GLOBAL batch size, shape (N,): the loss of the step is the sum of the output
+over all tiles (the mean over the global batch), whatever the split."""
+from __future__ import annotations
+
+import numpy as np
+
+from hpcnn.ops.base import Op, register, xp_of
+
+
+@register
+class SoftmaxCrossEntropy(Op):
+    kind = "softmax_xent"
+    splittable = ("n",)
+
+    def infer_shape(self, in_shapes):
+        self.check_arity(in_shapes)
+        self.check_rank(in_shapes[0], 2, "logits")
+        return (in_shapes[0][0],)
+
+    def input_box(self, i, out_box, in_shapes):
+        return (tuple(out_box[0]), (0, in_shapes[0][1]))
+
+    def forward(self, xs, params, buffers, ctx):
+        z = xs[0]
+        self.check_dtype(z)
+        xp = xp_of(z)
+        labels = ctx.labels
+        if labels is None:
+            self.fail("no labels were given to the loss")
+        labels = xp.asarray(labels).astype(np.int64, copy=False)
+        k = z.shape[1]
+        if labels.shape != (z.shape[0],):
+            self.fail(f"labels have shape {tuple(labels.shape)}, expected ({z.shape[0]},)")
+        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            self.fail(f"labels must lie in [0, {k}), got values in "
+                      f"[{int(labels.min())}, {int(labels.max())}]")
+        n_global = ctx.in_shapes[0][0]
+        zmax = z.max(axis=1, keepdims=True)
+        e = xp.exp(z - zmax)
+        s = e.sum(axis=1, keepdims=True)
+        logp_true = (xp.take_along_axis(z, labels[:, None], axis=1) - zmax - xp.log(s))[:, 0]
+        loss = -logp_true / n_global
+        return loss, (e / s, labels, n_global)
+
+    def backward(self, dy, saved, params, ctx):
+        p, labels, n_global = saved
+        xp = xp_of(p)
+        g = p.copy()
+        g[xp.arange(g.shape[0]), labels] -= 1
+        return [g * (dy / n_global)[:, None]], {}
+
+    def flops(self, in_shapes, out_shape):
+        return int(3 * np.prod(in_shapes[0]))

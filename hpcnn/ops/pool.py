@@ -1,0 +1,102 @@
+"""Max and average pooling (sliding windows) and global average pooling."""
+from __future__ import annotations
+
+import numpy as np
+
+from hpcnn.ops import conv_kernels as K
+from hpcnn.ops.base import Op, register, xp_of
+from hpcnn.ops.conv import _Window
+
+
+class _Pool2d(_Window):
+    def __init__(self, name="", kernel_size=2, stride=None, padding=0, dilation=1):
+        super().__init__(name)
+        self._window_attrs(kernel_size, stride, padding, dilation)
+        for a in (0, 1):
+            k = self.kernel_size[a]
+            if max(self.padding[a]) > k // 2:
+                self.fail(f"padding {self.padding[a]} must be at most half the kernel size {k}")
+
+    def attrs(self):
+        return self._window_attrs_dict()
+
+    def infer_shape(self, in_shapes):
+        self.check_arity(in_shapes)
+        self.check_rank(in_shapes[0], 4)
+        n, c = in_shapes[0][:2]
+        ho, wo = self._window_out(in_shapes[0])
+        return (n, c, ho, wo)
+
+    def input_box(self, i, out_box, in_shapes):
+        hbox, wbox = self._spatial_box(out_box)
+        return (tuple(out_box[0]), tuple(out_box[1]), hbox, wbox)
+
+    def flops(self, in_shapes, out_shape):
+        return int(np.prod(out_shape) * self.kernel_size[0] * self.kernel_size[1])
+
+
+@register
+class MaxPool2d(_Pool2d):
+    kind = "maxpool2d"
+
+    def forward(self, xs, params, buffers, ctx):
+        self.check_dtype(xs[0])
+        p = ctx.pads(0)
+        return K.maxpool2d_forward(xs[0], self.kernel_size, self.stride, (p[2], p[3]), self.dilation)
+
+    def backward(self, dy, saved, params, ctx):
+        return [K.maxpool2d_backward(dy, saved)], {}
+
+
+@register
+class AvgPool2d(_Pool2d):
+    """Average pooling; padded positions count as zeros in the average
+    (PyTorch's count_include_pad=True)."""
+    kind = "avgpool2d"
+
+    def __init__(self, name="", kernel_size=2, stride=None, padding=0):
+        super().__init__(name, kernel_size, stride, padding, 1)
+
+    def attrs(self):
+        a = self._window_attrs_dict()
+        a.pop("dilation")
+        return a
+
+    def forward(self, xs, params, buffers, ctx):
+        self.check_dtype(xs[0])
+        p = ctx.pads(0)
+        return K.avgpool2d_forward(xs[0], self.kernel_size, self.stride, (p[2], p[3]))
+
+    def backward(self, dy, saved, params, ctx):
+        return [K.avgpool2d_backward(dy, saved)], {}
+
+
+@register
+class GlobalAvgPool(Op):
+    """Mean over height and width: (N, C, H, W) -> (N, C)."""
+    kind = "global_avgpool"
+    splittable = ("n", "c")
+
+    def infer_shape(self, in_shapes):
+        self.check_arity(in_shapes)
+        self.check_rank(in_shapes[0], 4)
+        return tuple(in_shapes[0][:2])
+
+    def input_box(self, i, out_box, in_shapes):
+        _, _, h, w = in_shapes[0]
+        return (tuple(out_box[0]), tuple(out_box[1]), (0, h), (0, w))
+
+    def forward(self, xs, params, buffers, ctx):
+        x = xs[0]
+        self.check_dtype(x)
+        return x.mean(axis=(2, 3)), x.shape
+
+    def backward(self, dy, saved, params, ctx):
+        n, c, h, w = saved
+        xp = xp_of(dy)
+        dx = xp.empty(saved, dtype=dy.dtype)
+        dx[...] = (dy / (h * w))[:, :, None, None]
+        return [dx], {}
+
+    def flops(self, in_shapes, out_shape):
+        return int(np.prod(in_shapes[0]))

@@ -1,0 +1,23 @@
+"""Runs the tests in tests/mpi/ under mpiexec at 2, 3 and 4 ranks.
+
+Each file in tests/mpi/ is an ordinary pytest module whose tests use
+MPI.COMM_WORLD (marked ``@pytest.mark.mpi``); pytest-mpi runs them only
+with ``--with-mpi``.  Every rank runs the same tests; a test decides its
+verdict collectively (allreduce) so that no rank is left waiting."""
+import sys
+
+import pytest
+
+from mpi_launch import ROOT, run_mpi
+
+
+@pytest.mark.parametrize("nprocs", [2, 3, 4])
+def test_mpi_suite(nprocs):
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests" / "mpi").glob("test_*.py"))
+    if not files:
+        pytest.skip("no MPI tests yet")
+    r = run_mpi(nprocs, [sys.executable, "-m", "pytest", "-q", "--with-mpi", "-x",
+                         "-p", "no:cacheprovider", "--timeout=600"] + files, timeout=1500)
+    tail = (r.stdout[-6000:] + "\n--- stderr ---\n" + r.stderr[-3000:])
+    assert r.returncode == 0, f"MPI tests failed at {nprocs} ranks:\n{tail}"
+    assert " passed" in r.stdout, tail
