@@ -71,12 +71,16 @@ def rel_err(a, b) -> float:
 
 
 def check_plan(model, build_plan, opt, backend, transport="p2p"):
-    """Train STEPS steps under the plan; returns this rank's problems (a
-    list of strings, empty when everything matched).  Collective."""
+    """Train STEPS steps under the plan on ``backend``; returns this rank's
+    problems (a list of strings, empty when everything matched) against the
+    sequential trainer on NumPy.  Collective."""
+    from hpcnn.backend import Backend
+    from hpcnn.strategy.plan import Plan
     g = graph(model)
-    ref = reference(model, opt, backend)
+    ref = reference(model, opt, Backend("numpy"))
     me = WORLD.Get_rank()
-    plan = build_plan(g, WORLD.Get_size())
+    # plans travel as JSON (written by hand or by the search): round-trip it
+    plan = Plan.from_json(build_plan(g, WORLD.Get_size()).to_json())
     problems = []
 
     def run():
