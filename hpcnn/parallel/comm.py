@@ -28,6 +28,7 @@ direction and per step by category (``ByteCounter``).
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 
@@ -36,10 +37,30 @@ from mpi4py import MPI
 
 from hpcnn.backend import get_backend, probe_cuda_aware, to_host
 
-__all__ = ["Communicator", "ByteCounter", "TRANSPORTS"]
+__all__ = ["Communicator", "ByteCounter", "TRANSPORTS", "detect_cuda_aware"]
 
 TRANSPORTS = ("p2p", "neighbor")
 _TAG_SPAN = 30000   # MPI guarantees tags up to 32767
+
+
+_cuda_aware_found: dict = {}
+
+
+def detect_cuda_aware(comm, backend) -> bool:
+    """Whether to hand device buffers to MPI directly: HPCNN_CUDA_AWARE=0|1
+    when set, else the answer of ``hpcnn.backend.probe_cuda_aware``, probed
+    collectively once per process and backend kind (every rank creates its
+    communicators in the same order, so every rank probes at the same
+    moment)."""
+    if not backend.is_gpu:
+        backend.cuda_aware = False
+        return False
+    if os.environ.get("HPCNN_CUDA_AWARE", "").strip() in ("0", "1"):
+        return probe_cuda_aware(comm, backend)     # decided by the variable, no communication
+    if backend.name not in _cuda_aware_found:
+        _cuda_aware_found[backend.name] = probe_cuda_aware(comm, backend)
+    backend.cuda_aware = _cuda_aware_found[backend.name]
+    return backend.cuda_aware
 
 
 class ByteCounter:
@@ -93,7 +114,7 @@ class Communicator:
         # staging through host memory when the arrays live on a GPU and MPI
         # does not accept device buffers
         if self.backend.is_gpu and probe:
-            probe_cuda_aware(self.mpi, self.backend)
+            detect_cuda_aware(self.mpi, self.backend)
         self.staging = bool(self.backend.is_gpu and not self.backend.cuda_aware)
 
     # ---- buffers ------------------------------------------------------------

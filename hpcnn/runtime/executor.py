@@ -75,13 +75,18 @@ class DistributedModel:
                  transport="p2p", bucket_bytes=4 << 20, trace=False, setup=True):
         self.backend = backend or get_backend()
         self._owns_comm = not isinstance(comm, Communicator)
+        self.node_info = None
+        if setup:
+            # BLAS threads, the GPU of this node-local rank and the CUDA-aware
+            # probe come first: the communicator stages by the probe's answer
+            from mpi4py import MPI
+            from hpcnn.runtime.node_setup import setup_node
+            base = comm.mpi if isinstance(comm, Communicator) else (comm or MPI.COMM_WORLD)
+            self.node_info = setup_node(base, self.backend, verbose=True)
         if isinstance(comm, Communicator):
             self.cm = comm
         else:
             self.cm = Communicator(comm, self.backend, transport=transport)
-        if setup:
-            from hpcnn.runtime.node_setup import setup_node
-            self.node_info = setup_node(self.cm.mpi, self.backend, verbose=True)
         self.rank, self.world = self.cm.rank, self.cm.size
         self.graph, self.plan = graph, plan
         self.dtype = np.dtype(dtype)

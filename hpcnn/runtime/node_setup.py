@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from mpi4py import MPI
 
-from hpcnn.backend import get_backend, limit_blas_threads, probe_cuda_aware
+from hpcnn.backend import get_backend, limit_blas_threads
+from hpcnn.parallel.comm import detect_cuda_aware
 
 
 @dataclass
@@ -59,7 +60,7 @@ def setup_node(comm=None, backend=None, verbose: bool = True, blas: bool = True)
     if backend.is_gpu:
         backend.select_device(local_rank)
         device = backend.device_name()
-    cuda_aware = probe_cuda_aware(comm, backend)
+    cuda_aware = detect_cuda_aware(comm, backend)
     info = NodeInfo(local_rank, local_size, cores, threads, backend.name, device, cuda_aware)
     if verbose and comm.Get_rank() == 0:
         print(info.describe(), flush=True)

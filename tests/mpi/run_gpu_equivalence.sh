@@ -37,4 +37,4 @@ print('rank', MPI.COMM_WORLD.Get_rank(), 'CUDA-aware MPI:', probe_cuda_aware(MPI
 " > "$LOGS/probe.log" 2>&1
 rc=$?
 echo "probe: rc $rc: $(grep -h 'CUDA-aware' "$LOGS/probe.log" | head -2 | tr '\n' ' ')" | tee -a "$LOGS/summary.txt"
-if [ $rc = 0 ]; then run_cupy 2 cupy_auto_np2; fi
+if [ $rc = 0 ]; then run_cupy 2 cupy_auto_np2; run_cupy 4 cupy_auto_np4; fi
