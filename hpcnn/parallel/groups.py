@@ -113,8 +113,17 @@ class ReplicaGroups:
                         grads[node][name] = red[off:off + a.size].reshape(a.shape)
                         off += a.size
                 if events is not None:
-                    events.append((category, ",".join(sorted({n for n, _, _ in bucket})),
-                                   t0, time.perf_counter()))
+                    # one event per layer, the bucket's time shared by bytes
+                    t1 = time.perf_counter()
+                    total = sum(a.nbytes for _, _, a in bucket) or 1
+                    per_node = {}
+                    for node, _, a in bucket:
+                        per_node[node] = per_node.get(node, 0) + a.nbytes
+                    t = t0
+                    for node, nb in per_node.items():
+                        dt = (t1 - t0) * nb / total
+                        events.append((category, node, t, t + dt))
+                        t += dt
         return grads
 
     def free(self):

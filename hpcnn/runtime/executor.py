@@ -224,7 +224,7 @@ class DistributedModel:
                 t0 = time.perf_counter()
                 regions.append(self.cm.exchange(e.plan, acts.get(src), self.dtype, tag=e.tag,
                                                 key=e.key, category=e.category))
-                self._event(e.category, e.key, t0)
+                self._event(e.category, node.name, t0)
                 if self._last_reader.get(src) == (node.name, i) and src != g.logits_name:
                     acts.pop(src, None)
             self._ran.append(node.name)
@@ -304,7 +304,7 @@ class DistributedModel:
                 acc = self.cm.exchange_adjoint(e.plan, None if dxs is None else dxs[i],
                                                grads_act.get(src), self.dtype, tag=e.tag,
                                                key=e.key, category=e.category)
-                self._event(e.category, e.key, t0)
+                self._event(e.category, name, t0)
                 if acc is not None:
                     grads_act[src] = acc
         self._saved, self._ctx = {}, {}
@@ -324,16 +324,22 @@ class DistributedModel:
         optimizer.step(flat_p, flat_g, lr)
         return loss
 
-    def evaluate(self, x_tile, labels) -> tuple:
+    def evaluate(self, x_tile, labels, valid=None) -> tuple:
         """(correct predictions, samples) of the batch in inference mode,
-        summed over all ranks."""
+        summed over all ranks.  ``valid``: optional boolean mask over the
+        whole batch; samples where it is False (padding) are not counted."""
         self.forward(x_tile, labels, training=False)
         correct = count = 0
         if self._loss_region is not None:
             z, lab = self._loss_region
-            xp = self.backend.xp
-            correct = int(to_host((xp.argmax(z, axis=1) == lab).sum()))
-            count = int(z.shape[0])
+            hit = to_host(self.backend.xp.argmax(z, axis=1) == lab)
+            if valid is None:
+                keep = np.ones(hit.shape, dtype=bool)
+            else:
+                lo, hi = self.label_range()
+                keep = np.asarray(valid, dtype=bool)[lo:hi]
+            correct = int((hit & keep).sum())
+            count = int(keep.sum())
         self._saved, self._ctx, self._loss_region = {}, {}, None
         tot = self.cm.allreduce_scalars([correct, count], category="scalars")
         return int(tot[0]), int(tot[1])

@@ -162,6 +162,9 @@ def cases(world):
         add("zigzag", "inception_small", lambda g, w: zigzag_plan(
             g, w, "zigzag", [{"h": 2, "w": 2}, {"c": 4}, {"n": 3}, {"w": 3}, {"n": 2, "c": 2}, {"h": 1}],
             [{"c": 4}, {"n": 3}, {"n": 1}, {"n": 2, "c": 2}]), "momentum", "layout change on every edge")
+        add("h2c2", "digits_cnn", lambda g, w: make_plan(
+            g, w, "h2c2", lambda n: {"h": 2, "c": 2} if n.shape[1] >= 2 else {"n": 4}, {"n": 2, "c": 2},
+            {"n": 4}), "decay", "dropout on a (n, c) split, batch norm on (c, h)")
     return out
 
 

@@ -1,4 +1,4 @@
-"""Distributed training equals sequential training: for each plan (26 over
+"""Distributed training equals sequential training: for each plan (27 over
 2, 3 and 4 ranks, across LeNet-5, a small ResNet and a small Inception
 block), three SGD steps in float64 give the sequential loss, every
 parameter gradient and the updated weights (relative error <= 1e-9);
