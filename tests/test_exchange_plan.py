@@ -187,3 +187,18 @@ def test_chunk_index_range_matches_bounds(size, parts, data):
     hi = data.draw(st.integers(lo, size))
     want = [i for i, (a, b) in enumerate(split_bounds(size, parts)) if max(a, lo) < min(b, hi)]
     assert list(chunk_index_range(size, parts, lo, hi)) == want
+
+
+@settings(max_examples=100, deadline=None)
+@given(plans())
+def test_local_identity_means_own_tile_and_no_messages(case):
+    src, needs, itemsize = case
+    plan = ExchangePlan.compile(src, needs, itemsize)
+    for r in range(WORLD):
+        want = (r in src and r in needs and Box(needs[r]).clip(src.shape) == src.box(r)
+                and plan.bytes_sent(r) == 0 and plan.bytes_received(r) == 0
+                and all(d == r for d, _ in plan.sends(r)))
+        assert plan.local_identity(r) == want
+    if plan.identity:
+        assert all(plan.local_identity(r) or plan.sends(r) == () for r in plan.destinations
+                   if plan.need(r) is not None and not plan.need(r).empty)

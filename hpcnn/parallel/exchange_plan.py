@@ -120,6 +120,14 @@ class ExchangePlan:
         """((src, box), ...) that make up ``rank``'s need, itself included."""
         return self._by_dst.get(rank, ())
 
+    def local_identity(self, rank) -> bool:
+        """True when ``rank`` needs exactly its own source tile and exchanges
+        nothing with other ranks (its region IS its tile, in both directions)."""
+        box = self.src.box(rank)
+        return (box is not None and self._need.get(rank) == box
+                and self._by_dst.get(rank, ()) == ((rank, box),)
+                and self._by_src.get(rank, ()) == ((rank, box),))
+
     def involves(self, rank) -> bool:
         return rank in self._by_src or rank in self._by_dst or rank in self._need
 

@@ -281,6 +281,10 @@ class DistributedModel:
         if loss_box is not None:
             grads_act[g.loss_name] = xp.ones(loss_box.shape, dtype=self.dtype)
         pgrads = {}
+        # gradients lent without a copy (see below): which producers hold one,
+        # and the ids of lent arrays (kept alive) so that one array is never
+        # lent twice (an add returns the same array for all its inputs)
+        borrowed, lent, keep = set(), set(), []
         for name in reversed(self._ran):
             if name not in self._live:
                 continue
@@ -300,9 +304,22 @@ class DistributedModel:
                 if g[src].kind == "input":
                     continue
                 e = self.edges[(name, i)]
+                dx = None if dxs is None else dxs[i]
+                acc = grads_act.get(src)
+                if (acc is None and dx is not None and e.plan.local_identity(me)
+                        and id(dx) not in lent and dx.dtype == self.dtype and dx.flags.c_contiguous):
+                    # the gradient of the region is the gradient of the tile:
+                    # lend the array instead of copying it (copied before any sum)
+                    grads_act[src] = dx
+                    borrowed.add(src)
+                    lent.add(id(dx))
+                    keep.append(dx)
+                    continue
+                if acc is not None and src in borrowed:
+                    acc = acc.copy()
+                    borrowed.discard(src)
                 t0 = time.perf_counter()
-                acc = self.cm.exchange_adjoint(e.plan, None if dxs is None else dxs[i],
-                                               grads_act.get(src), self.dtype, tag=e.tag,
+                acc = self.cm.exchange_adjoint(e.plan, dx, acc, self.dtype, tag=e.tag,
                                                key=e.key, category=e.category)
                 self._event(e.category, name, t0)
                 if acc is not None:
