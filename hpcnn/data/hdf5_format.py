@@ -83,7 +83,6 @@ class SplitWriter:
     """Fills one split (group) of an image file, block by block, in order."""
 
     def __init__(self, h5, group: str, n: int, sample_shape, dtype, num_classes, stats):
-        import h5py  # noqa: F401  (the caller has it)
         self.group_name = group
         self.n = int(n)
         self.sample_shape = tuple(int(s) for s in sample_shape)
