@@ -95,4 +95,8 @@ def test_trainer_rejects_data_that_does_not_fit(digits_file):
         train_sequential(build_model("lenet5", batch=BATCH), train, 1, opt)
     with pytest.raises(TrainerError, match="epochs must be a positive integer, got 0"):
         train_sequential(build_model("digits_cnn", batch=BATCH), train, 0, opt)
+    dropping = HDF5Dataset(digits_file, "test", batch_size=BATCH, shuffle=False)   # drop_last=True
+    with pytest.raises(TrainerError, match="would leave out its last 7 samples: open it with drop_last=False"):
+        train_sequential(build_model("digits_cnn", batch=BATCH), train, 1, opt, test_dataset=dropping)
+    dropping.close()
     train.close(), test.close()

@@ -59,14 +59,22 @@ def _check_fits(graph, ds, what):
                            f"has {classes} outputs")
 
 
+def _check_eval_data(ds, batch):
+    if ds.batch_size != batch:
+        raise TrainerError(f"evaluation batch size {ds.batch_size} differs from the graph's {batch}")
+    left_out = ds.num_samples - ds.num_batches * ds.batch_size
+    if left_out > 0:
+        raise TrainerError(f"the evaluation data would leave out its last {left_out} samples: "
+                           f"open it with drop_last=False")
+
+
 def evaluate(model: SequentialModel, ds) -> tuple[float, float]:
     """(mean loss, accuracy) of ``model`` in inference mode over every sample
     of ``ds``.  A short last batch is padded to the graph's batch size with
     copies of its last sample, whose outputs are ignored (in inference mode
     samples do not interact, so this is exact)."""
     b = model.graph.batch
-    if ds.batch_size != b:
-        raise TrainerError(f"evaluation batch size {ds.batch_size} differs from the graph's {b}")
+    _check_eval_data(ds, b)
     total_loss, correct, seen = 0.0, 0, 0
     for i in range(ds.num_batches):
         x, y = ds.read(0, i)
@@ -103,6 +111,7 @@ def train_sequential(graph, dataset, epochs: int, optimizer, schedule=None, test
     _check_fits(graph, dataset, "training data")
     if test_dataset is not None:
         _check_fits(graph, test_dataset, "test data")
+        _check_eval_data(test_dataset, graph.batch)
     model = model or SequentialModel(graph, dtype=dtype, seed=seed)
     result = TrainResult(model=model)
     nb = dataset.num_batches
