@@ -201,7 +201,7 @@ class DistributedModel:
         them, or every rank passes None for inference).  Returns (the global
         loss, the same float on every rank, or None; this rank's logits tile
         or None)."""
-        g, me, xp = self.graph, self.rank, self.backend.xp
+        g, me = self.graph, self.rank
         self.cm.counter.reset_step()
         acts = {}
         inp = g.input_name

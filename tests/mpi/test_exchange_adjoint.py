@@ -5,7 +5,6 @@ and the bytes comm counts equal the bytes the plan predicts.  Random layouts
 geometry with big kernels and dilation, so halos reach past neighbours."""
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from hpcnn.backend import Backend
 from hpcnn.ops import make_op
