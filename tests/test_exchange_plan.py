@@ -202,3 +202,12 @@ def test_local_identity_means_own_tile_and_no_messages(case):
     if plan.identity:
         assert all(plan.local_identity(r) or plan.sends(r) == () for r in plan.destinations
                    if plan.need(r) is not None and not plan.need(r).empty)
+
+
+def test_exchange_category():
+    from hpcnn.parallel.exchange_plan import HALO, REDIST, exchange_category
+    a = Layout((4, 8, 6, 6), (1, 1, 2, 2))
+    assert exchange_category(a, Layout((4, 16, 3, 3), (1, 1, 2, 2))) == HALO
+    assert exchange_category(a, Layout((4, 8, 6, 6), (1, 1, 2, 2), ranks=(3, 2, 1, 0))) == REDIST
+    assert exchange_category(a, Layout((4, 8, 6, 6), (2, 1, 2, 1))) == REDIST
+    assert exchange_category(Layout((4, 8), (2, 1)), Layout((4,), (2,))) == REDIST

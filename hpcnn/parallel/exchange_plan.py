@@ -24,7 +24,17 @@ from typing import Mapping
 from hpcnn.parallel.box import Box
 from hpcnn.parallel.layout import Layout, LayoutError
 
-__all__ = ["ExchangePlan", "needed_boxes", "chunk_index_range"]
+__all__ = ["ExchangePlan", "needed_boxes", "chunk_index_range", "exchange_category", "HALO", "REDIST"]
+
+HALO, REDIST = "halo", "redistribution"
+
+
+def exchange_category(src: Layout, dst: Layout) -> str:
+    """'halo' when producer and consumer are split the same way over the
+    same ranks (only neighbouring pieces move), else 'redistribution'."""
+    if src.ndim == dst.ndim and src.degrees == dst.degrees and src.ranks == dst.ranks:
+        return HALO
+    return REDIST
 
 
 def needed_boxes(op, i: int, out_layout: Layout, in_shapes) -> dict[int, Box]:

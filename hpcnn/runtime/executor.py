@@ -27,21 +27,12 @@ from hpcnn.backend import get_backend, to_host
 from hpcnn.ops import TileContext, init_param
 from hpcnn.parallel.box import Box
 from hpcnn.parallel.comm import Communicator
-from hpcnn.parallel.exchange_plan import ExchangePlan, needed_boxes
+from hpcnn.parallel.exchange_plan import HALO, REDIST, ExchangePlan, exchange_category, needed_boxes
 from hpcnn.parallel.groups import ReplicaGroups
 from hpcnn.strategy.plan import Plan
 
-__all__ = ["DistributedModel", "Edge", "exchange_category"]
+__all__ = ["DistributedModel", "Edge", "exchange_category", "HALO", "REDIST"]
 
-HALO, REDIST = "halo", "redistribution"
-
-
-def exchange_category(src, dst) -> str:
-    """'halo' when producer and consumer are split the same way over the
-    same ranks (only neighbouring pieces move), else 'redistribution'."""
-    if src.ndim == dst.ndim and src.degrees == dst.degrees and src.ranks == dst.ranks:
-        return HALO
-    return REDIST
 
 
 @dataclass
