@@ -64,20 +64,22 @@ class DistributedModel:
 
     def __init__(self, graph, plan: Plan, comm=None, dtype=np.float32, seed=0, backend=None,
                  transport="p2p", bucket_bytes=4 << 20, trace=False, setup=True):
+        from mpi4py import MPI
         self.backend = backend or get_backend()
         self._owns_comm = not isinstance(comm, Communicator)
+        base = comm.mpi if isinstance(comm, Communicator) else (comm or MPI.COMM_WORLD)
+        # the same verdict on every rank, before any collective
+        plan.validate(graph, base.Get_size())
         self.node_info = None
         if setup:
             # BLAS threads, the GPU of this node-local rank and the CUDA-aware
             # probe come first: the communicator stages by the probe's answer
-            from mpi4py import MPI
             from hpcnn.runtime.node_setup import setup_node
-            base = comm.mpi if isinstance(comm, Communicator) else (comm or MPI.COMM_WORLD)
             self.node_info = setup_node(base, self.backend, verbose=True)
         if isinstance(comm, Communicator):
             self.cm = comm
         else:
-            self.cm = Communicator(comm, self.backend, transport=transport)
+            self.cm = Communicator(base, self.backend, transport=transport)
         self.rank, self.world = self.cm.rank, self.cm.size
         self.graph, self.plan = graph, plan
         self.dtype = np.dtype(dtype)
@@ -85,7 +87,6 @@ class DistributedModel:
         self.bucket_bytes = int(bucket_bytes)
         self.trace = bool(trace)
         self.events: list = []
-        plan.validate(graph, self.world)
         self.layouts = plan.layouts(graph)
         self._build_edges()
         self._build_params()
@@ -123,6 +124,8 @@ class DistributedModel:
                 continue
             c0, c1 = self._c_range(node.name)
             for store, specs in ((self.params, node.param_specs()), (self.buffers, node.buffer_specs())):
+                if not specs:
+                    continue
                 d = store.setdefault(node.name, {})
                 for k, spec in specs.items():
                     full = init_param(spec, f"{node.name}.{k}", self.seed, self.dtype)
