@@ -341,7 +341,6 @@ class Communicator:
 
     def _neighbor_adjoint(self, plan, grad, acc, src_box, need, dtype, tag, key, category):
         me = self.rank
-        gc = self._graph_comm(plan)
         # the adjoint sends along the reversed edges: to the sources of the
         # forward, in the order the graph lists them (its sources)
         sources = [s for s, _ in plan.receives(me) if s != me]
