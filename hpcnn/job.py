@@ -1,0 +1,198 @@
+"""Job files: TOML that names the model, data, batch, epochs, optimiser,
+schedule, plan, checkpoints and seed of a training run.
+
+Every key has a type and a default; unknown keys and bad values are errors
+that name the key (``train.epochs``) and the value.  ``--set key=value``
+overrides a key from the command line (the value is parsed as TOML, falling
+back to a plain string).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+class JobError(ValueError):
+    """A bad job file or override; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Key:
+    type: Any                    # python type or tuple of types
+    default: Any
+    check: Callable | None = None
+    help: str = ""
+
+
+def _pos(v):
+    return v > 0
+
+
+def _nonneg(v):
+    return v >= 0
+
+
+def _one_of(*choices):
+    def f(v):
+        return v in choices
+    f.__doc__ = "one of " + ", ".join(map(str, choices))
+    return f
+
+
+# section -> key -> Key
+SCHEMA: dict[str, dict[str, Key]] = {
+    "job": {
+        "name": Key(str, "job", help="name used in logs and file names"),
+        "seed": Key(int, 0, _nonneg, "seed of initialisation, shuffling and dropout"),
+        "dtype": Key(str, "float32", _one_of("float32", "float64")),
+    },
+    "model": {
+        "name": Key(str, None, help="a model from `hpcnn models`"),
+        "image_size": Key(int, 0, _nonneg, "input height/width; 0 = the data's"),
+        "num_classes": Key(int, 0, _nonneg, "0 = the data's"),
+    },
+    "data": {
+        "path": Key(str, None, help="HDF5 file (hpcnn data digits/convert/synth)"),
+        "train": Key(str, "train", help="group holding the training images/labels"),
+        "test": Key(str, "test", help="group for evaluation ('' = none)"),
+        "prefetch": Key(int, 2, _nonneg, "batches read ahead in a background thread"),
+        "limit": Key(int, 0, _nonneg, "use only the first N training samples (0 = all)"),
+    },
+    "train": {
+        "batch": Key(int, 64, _pos, "GLOBAL batch size (split over the ranks by the plan)"),
+        "epochs": Key(int, 1, _pos),
+        "max_steps": Key(int, 0, _nonneg, "stop after this many steps (0 = no limit)"),
+        "eval_every": Key(int, 1, _nonneg, "evaluate every N epochs (0 = only at the end)"),
+        "log_every": Key(int, 10, _pos, "steps between metric lines"),
+    },
+    "optimizer": {
+        "lr": Key((int, float), 0.1, _pos),
+        "momentum": Key((int, float), 0.9, lambda v: 0 <= v < 1),
+        "nesterov": Key(bool, False),
+        "weight_decay": Key((int, float), 0.0, _nonneg),
+    },
+    "schedule": {
+        "kind": Key(str, "cosine", _one_of("constant", "step", "cosine")),
+        "warmup_epochs": Key((int, float), 0, _nonneg),
+        "milestones": Key(list, [], help="epochs at which a step schedule multiplies lr by gamma"),
+        "gamma": Key((int, float), 0.1, _pos),
+    },
+    "plan": {
+        "mode": Key(str, "search", help="search | data-parallel | a plan JSON file"),
+        "machine": Key(str, "local", help="machine description for the search (name or file)"),
+        "memory_gib": Key((int, float), 0, _nonneg, "per-rank memory limit for the search (0 = none)"),
+        "save": Key(str, "", help="write the plan used to this file"),
+    },
+    "checkpoint": {
+        "dir": Key(str, "", help="directory for checkpoints ('' = no checkpoints)"),
+        "every_steps": Key(int, 0, _nonneg, "checkpoint every N steps (0 = only at epoch ends)"),
+        "keep": Key(int, 3, _pos, "number of checkpoints kept"),
+        "resume": Key(bool, True, help="resume from the newest checkpoint in dir"),
+    },
+    "log": {
+        "metrics": Key(str, "", help="JSON-lines metrics file ('' = none)"),
+        "trace": Key(str, "", help="Chrome trace file, one per rank ('' = none)"),
+        "progress": Key(str, "auto", _one_of("auto", "bar", "lines", "off")),
+        "stall_seconds": Key((int, float), 300, _pos, "report ranks that have not arrived after this"),
+    },
+}
+
+REQUIRED = [("model", "name"), ("data", "path")]
+
+
+def _type_name(t):
+    if isinstance(t, tuple):
+        return " or ".join(x.__name__ for x in t)
+    return t.__name__
+
+
+def _check(section, key, value):
+    spec = SCHEMA[section][key]
+    t = spec.type
+    ok_type = isinstance(value, t) and not (isinstance(value, bool) and t is not bool and bool not in (t if isinstance(t, tuple) else (t,)))
+    if not ok_type:
+        raise JobError(f"{section}.{key} must be {_type_name(t)}, got {value!r}")
+    if spec.check is not None and not spec.check(value):
+        what = spec.check.__doc__ or "a valid value"
+        raise JobError(f"{section}.{key} = {value!r} is not allowed (expected {what})")
+
+
+class Job:
+    """A validated job: ``job['train']['batch']`` or ``job.get('train.batch')``."""
+
+    def __init__(self, data: dict, source: str = "<job>"):
+        self.source = source
+        self.data = self._validate(data)
+
+    @staticmethod
+    def _validate(raw: dict) -> dict:
+        out = {s: {k: copy.deepcopy(v.default) for k, v in keys.items()} for s, keys in SCHEMA.items()}
+        for section, body in raw.items():
+            if section not in SCHEMA:
+                raise JobError(f"unknown section [{section}]; sections are {', '.join(SCHEMA)}")
+            if not isinstance(body, dict):
+                raise JobError(f"[{section}] must be a table of keys, got {body!r}")
+            for key, value in body.items():
+                if key not in SCHEMA[section]:
+                    raise JobError(f"unknown key {section}.{key}; [{section}] takes "
+                                   f"{', '.join(SCHEMA[section])}")
+                _check(section, key, value)
+                out[section][key] = value
+        for section, key in REQUIRED:
+            if out[section][key] in (None, ""):
+                raise JobError(f"{section}.{key} is required")
+        return out
+
+    @classmethod
+    def load(cls, path, overrides=()) -> "Job":
+        p = Path(path)
+        if not p.is_file():
+            raise JobError(f"job file {str(p)!r} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise JobError(f"job file {str(p)!r} is not valid TOML: {exc}") from None
+        for ov in overrides:
+            apply_override(raw, ov)
+        job = cls(raw, str(p))
+        job.base_dir = p.resolve().parent
+        return job
+
+    def __getitem__(self, section) -> dict:
+        return self.data[section]
+
+    def get(self, dotted: str):
+        s, k = dotted.split(".", 1)
+        return self.data[s][k]
+
+    def to_json(self) -> str:
+        return json.dumps(self.data, sort_keys=True)
+
+    def resolve(self, path: str) -> Path:
+        """A path from the job file, relative to the current directory (as
+        users expect from the command line) unless absolute."""
+        return Path(path).expanduser()
+
+
+def apply_override(raw: dict, text: str) -> None:
+    """Apply ``section.key=value`` to a raw job dict (value parsed as TOML)."""
+    if "=" not in text:
+        raise JobError(f"--set {text!r}: expected section.key=value")
+    dotted, value = text.split("=", 1)
+    dotted = dotted.strip()
+    if dotted.count(".") != 1:
+        raise JobError(f"--set {text!r}: the key must be section.key, e.g. train.epochs=3")
+    section, key = dotted.split(".")
+    if section not in SCHEMA:
+        raise JobError(f"--set {dotted}: unknown section [{section}]; sections are {', '.join(SCHEMA)}")
+    if key not in SCHEMA[section]:
+        raise JobError(f"--set {dotted}: unknown key; [{section}] takes {', '.join(SCHEMA[section])}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    raw.setdefault(section, {})[key] = parsed
