@@ -101,27 +101,36 @@ def search_plan(graph, ranks: int, machine, memory: float | None = None, *,
         if used <= limit:
             mem_info["status"] = "fits; optimal among plans that fit"
         else:
-            # Lagrangian relaxation of the coupled limit
+            # Lagrangian relaxation of the coupled limit: minimise
+            # t(S) + lam * mem(S); every lam gives the lower bound
+            # min_S [t(S) + lam (mem(S) - limit)] on the best plan that fits
             best_bound = -np.inf
-            lo, hi = 0.0, 1.0
-            found = None
+
+            fitting = []                          # every plan seen that fits
 
             def run(lam):
                 v = [vecs[g] + lam * gcost[g].mem for g in range(len(vecs))]
                 r = solve(v, edges)
                 u = float(sum(gcost[g].mem[c] for g, c in enumerate(r.choice)))
+                if u <= limit:
+                    t = float(sum(vecs[g][c] for g, c in enumerate(r.choice)) +
+                              sum(m[r.choice[a], r.choice[b]] for a, b, m in edges))
+                    fitting.append((t, u, r))
                 return r, u, r.cost - lam * limit
 
-            for _ in range(60):                   # find a penalty that fits
-                r, u, bound = run(hi)
+            scale = max(res.cost, 1e-30) / max(used, 1.0)      # seconds per byte
+            lo, hi, found = 0.0, None, None
+            lam = scale * 1e-6
+            for _ in range(40):                   # grow the penalty until a plan fits
+                r, u, bound = run(lam)
                 best_bound = max(best_bound, bound)
                 if u <= limit:
-                    found = (r, u)
+                    hi, found = lam, (r, u)
                     break
-                hi *= 4.0
+                lo, lam = lam, lam * 4.0
             if found is None:
                 raise MemoryLimitError(f"no plan found that fits {limit / GiB:.3f} GiB per rank")
-            for _ in range(25):
+            for _ in range(30):                   # then the smallest penalty that fits
                 mid = 0.5 * (lo + hi)
                 r, u, bound = run(mid)
                 best_bound = max(best_bound, bound)
@@ -129,7 +138,7 @@ def search_plan(graph, ranks: int, machine, memory: float | None = None, *,
                     hi, found = mid, (r, u)
                 else:
                     lo = mid
-            r, u = found
+            _, u, r = min(fitting, key=lambda x: x[0])
             choice = r.choice
             status = "memory-limited (Lagrangian)"
             cost = float(sum(vecs[g][c] for g, c in enumerate(choice)) +
