@@ -435,7 +435,7 @@ class CostModel:
         vecs = [gc.t_c + gc.t_s for gc in groups]
         edges = []
         for gs, gd, src, dst, i in sp.edges():
-            ec = self.edge_cost(src, dst, i, sp.configs[gs], sp.configs[gd])
+            ec = self.edge_cost(src, dst, i, sp.configs[gs], sp.configs[gd], want_total=True)
             edges.append((gs, gd, ec.t_x))
         return vecs, edges, groups
 
@@ -448,19 +448,41 @@ class CostModel:
         except Exception as exc:
             raise CostModelError(str(exc)) from None
         deg = {n.name: np.array([degrees_from_config(n.shape, plan.config(n.name))]) for n in g}
+        sp = self.space
+        # where a layer's configuration is in the searched space, read the
+        # search's (cached) tables instead of pricing it again
+        where = {}
+        for n in g:
+            gi = sp.group_of[n.name]
+            hit = np.nonzero((sp.configs[gi] == deg[n.name][0]).all(axis=1))[0]
+            where[n.name] = (gi, int(hit[0]) if len(hit) else None)
         rows, tc, ts, tx, memt, xbytes, abytes = [], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
         for n in g:
             d = deg[n.name]
-            folded = (len(n.inputs) == 1 and self.space.group_of[n.name] == self.space.group_of[n.inputs[0]]
+            gi, ci = where[n.name]
+            folded = (len(n.inputs) == 1 and gi == sp.group_of[n.inputs[0]]
                       and np.array_equal(deg[n.inputs[0]], d))
-            nc = self.node_cost(n.name, d, with_inputs=not folded)
+            if ci is not None:
+                full = self.node_cost(n.name, sp.configs[gi], with_inputs=not folded)
+                nc = NodeCost(full.t_c[ci:ci + 1], full.t_s[ci:ci + 1], full.mem[ci:ci + 1],
+                              full.measured[ci:ci + 1])
+            else:
+                nc = self.node_cost(n.name, d, with_inputs=not folded)
             ex_t, ex_b, ex_x = 0.0, 0.0, 0.0
             for i, src in enumerate(n.inputs):
-                ec = self.edge_cost(src, n.name, i, deg[src], d, want_total=True)
-                ex_t += float(ec.t_x[0, 0])
-                ex_b += float(ec.tables.max_rank[0, 0]) * self.itemsize
-                ex_x += float(ec.tables.node_inter[0, 0]) * self.itemsize
-                xbytes += 2.0 * float(ec.tables.total[0, 0]) * self.itemsize
+                if folded:
+                    continue            # same layout, elementwise: the identity exchange
+                gs, cs = where[src]
+                if cs is not None and ci is not None and gs != gi:
+                    ec = self.edge_cost(src, n.name, i, sp.configs[gs], sp.configs[gi], want_total=True)
+                    a, b = cs, ci
+                else:
+                    ec = self.edge_cost(src, n.name, i, deg[src], d, want_total=True)
+                    a, b = 0, 0
+                ex_t += float(ec.t_x[a, b])
+                ex_b += float(ec.tables.max_rank[a, b]) * self.itemsize
+                ex_x += float(ec.tables.node_inter[a, b]) * self.itemsize
+                xbytes += 2.0 * float(ec.tables.total[a, b]) * self.itemsize
             dims = DIM_NAMES[len(n.shape)]
             dd = tuple(int(x) for x in d[0])
             pc = dd[dims.index("c")] if "c" in dims else 1

@@ -166,10 +166,25 @@ def _strides(deg: np.ndarray) -> np.ndarray:
 
 
 def _keys(cols):
-    """Unique rows of the stacked integer columns, and each row's key index."""
-    arr = np.stack([np.asarray(c, dtype=np.int64) for c in cols], axis=1) if cols else \
-        np.zeros((0, 0), dtype=np.int64)
-    uniq, inv = np.unique(arr, axis=0, return_inverse=True)
+    """Unique rows of the stacked non-negative integer columns (sorted), and
+    each row's key index.  Rows are packed into one int64 (mixed radix) so
+    that a 1-D unique does the work."""
+    cols = [np.asarray(c, dtype=np.int64) for c in cols]
+    n = len(cols[0]) if cols else 0
+    if not cols:
+        return np.zeros((1, 0), dtype=np.int64), np.zeros(n, dtype=np.int64)
+    packed = np.zeros(n, dtype=np.int64)
+    radix = 1
+    for c in cols:
+        base = int(c.max()) + 1 if n else 1
+        if radix * base >= (1 << 62) or (n and c.min() < 0):
+            arr = np.stack(cols, axis=1)
+            uniq, inv = np.unique(arr, axis=0, return_inverse=True)
+            return uniq, inv.reshape(-1)
+        packed = packed * base + c
+        radix *= base
+    _, first, inv = np.unique(packed, return_index=True, return_inverse=True)
+    uniq = np.stack([c[first] for c in cols], axis=1)
     return uniq, inv.reshape(-1)
 
 
