@@ -267,3 +267,26 @@ def test_machine_errors_are_named(tmp_path):
     ok = tmp_path / "ok.json"
     load_machine("paper_p100_cluster").save(ok)
     assert load_machine(ok).to_dict()["device"] == load_machine("paper_p100_cluster").device
+
+
+def test_calibrate_writes_a_machine_the_cost_model_uses(tmp_path, capsys):
+    from hpcnn.cli import main
+    from hpcnn.strategy.calibrate import fit_link
+    out = tmp_path / "local.json"
+    rc = main(["calibrate", "--model", "lenet5", "--ranks", "1", "2", "--batch", "4", "--repeats", "1",
+               "--budget", "20", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    m = load_machine(out)
+    assert m.measured["ops"] and m.measured["batch"] == 4 and m.slots_per_node >= 1
+    assert m.intra.bandwidth > 0 and m.intra.latency > 0          # from the MPI ping-pong
+    assert any("NOT MEASURED" in f["source"] for f in m.figures)  # inter-node figures are flagged
+    # a search on that machine prices every measured tile from the table
+    g = build_model("lenet5", batch=4)
+    plan, rep = search_plan(g, 2, m, with_baselines=False)
+    rows = [r for r in rep.layers if r["op"] != "input"]
+    assert rows and all(r["measured"] for r in rows)
+    # the latency/bandwidth fit on exact data
+    times = {s: 1e-6 + s / 5e9 for s in (8, 1 << 20, 1 << 22)}
+    bw, lat = fit_link(times)
+    assert bw == pytest.approx(5e9, rel=1e-3) and lat == pytest.approx(1e-6 + 8 / 5e9)

@@ -44,7 +44,7 @@ from hpcnn.parallel.layout import DIM_NAMES, Layout, degrees_from_config, split_
 from hpcnn.strategy.config_space import ConfigSpace, SpaceOptions
 from hpcnn.strategy.exchange_bytes import (ExchangeTables, InputGeometry, NotSeparable,
                                            exchange_tables, reference_exchange)
-from hpcnn.strategy.machine import Machine, allreduce_time
+from hpcnn.strategy.machine import Machine, allreduce_time, parameter_server_time
 
 ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2}
 
@@ -348,7 +348,12 @@ class CostModel:
                 if g <= 1:
                     continue
                 link, share = self._group_link(tuple(int(x) for x in configs[row]), dims)
-                ts = allreduce_time(shard[row] * isz, g, link, share) if shard[row] else 0.0
+                if not shard[row]:
+                    ts = 0.0
+                elif m.gradient_sync == "parameter_server":
+                    ts = parameter_server_time(shard[row] * isz, g, link)
+                else:
+                    ts = allreduce_time(shard[row] * isz, g, link, share)
                 if is_bn:
                     cs = -(-node.shape[1] // int(pc[row]))
                     ts += 2 * allreduce_time(cs * isz, g, link) + allreduce_time(2 * cs * isz, g, link)
@@ -490,7 +495,9 @@ class CostModel:
             shard = sum(-(-s.shape[0] // pc) * int(np.prod(s.shape[1:]))
                         for s in n.param_specs().values() if s.trainable)
             grp = k // pc
-            abytes += 2.0 * (grp - 1) * shard * self.itemsize * pc if grp > 1 else 0.0
+            if grp > 1:
+                moved = grp if self.machine.gradient_sync == "parameter_server" else grp - 1
+                abytes += 2.0 * moved * shard * self.itemsize * pc
             row = {"node": n.name, "op": n.kind, "config": {a: int(b) for a, b in zip(dims, dd)},
                    "ranks": k, "t_c": float(nc.t_c[0]), "t_s": float(nc.t_s[0]), "t_x": ex_t,
                    "memory": float(nc.mem[0]), "exchange_max_rank_bytes": ex_b,

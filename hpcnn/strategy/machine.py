@@ -6,6 +6,9 @@ first node, R..2R-1 on the second, ...).  It says how fast one rank computes
 (a roofline: peak floating-point rate and memory bandwidth, each with an
 efficiency factor, plus a fixed overhead per op), and how fast ranks talk
 (bandwidth and latency inside a node, and of each node's network port).
+Gradients are synchronised by an allreduce over each parameter's replicas
+(what hpcnn does); ``"gradient_sync": "parameter_server"`` prices the paper's
+parameter server instead (for comparisons with its numbers).
 A machine may carry a *measured* table of op times (written by
 ``hpcnn calibrate``) that the cost model prefers to the roofline.
 
@@ -46,6 +49,7 @@ class Machine:
     intra: Link
     inter: Link
     slots_per_node: int | None = None
+    gradient_sync: str = "allreduce"
     description: str = ""
     figures: list = field(default_factory=list)
     measured: dict = field(default_factory=dict)
@@ -100,6 +104,8 @@ class Machine:
              "figures": self.figures}
         if self.slots_per_node is not None:
             d["slots_per_node"] = self.slots_per_node
+        if self.gradient_sync != "allreduce":
+            d["gradient_sync"] = self.gradient_sync
         if self.measured:
             d["measured"] = self.measured
         return d
@@ -125,12 +131,17 @@ class Machine:
                 if not (l.bandwidth > 0 and l.latency >= 0):
                     raise MachineError(f"{where}: links.{nm} needs a positive bandwidth and a "
                                        f"non-negative latency, got {l}")
+            sync = d.get("gradient_sync", "allreduce")
+            if sync not in ("allreduce", "parameter_server"):
+                raise MachineError(f"{where}: gradient_sync must be 'allreduce' or 'parameter_server', "
+                                   f"got {sync!r}")
             rpn = int(d["ranks_per_node"])
             if rpn < 1:
                 raise MachineError(f"{where}: ranks_per_node must be at least 1, got {rpn}")
             return cls(name=str(d["name"]), ranks_per_node=rpn, nodes=int(d.get("nodes", 1)),
                        device=dev, intra=intra, inter=inter,
-                       slots_per_node=d.get("slots_per_node"), description=d.get("description", ""),
+                       slots_per_node=d.get("slots_per_node"), gradient_sync=sync,
+                       description=d.get("description", ""),
                        figures=list(d.get("figures", [])), measured=dict(d.get("measured", {})),
                        path=str(path) if path else None)
         except KeyError as exc:
@@ -152,6 +163,16 @@ class Machine:
         except json.JSONDecodeError as exc:
             raise MachineError(f"machine file {p} is not valid JSON: {exc}") from None
         return cls.from_dict(d, p)
+
+
+def parameter_server_time(nbytes: float, group: int, link: Link) -> float:
+    """Gradient synchronisation through a parameter server holding the
+    shard (the paper's assumption): every replica pushes its gradient and
+    pulls the new values, so the server's link carries ``group`` shards each
+    way."""
+    if group <= 1 or nbytes <= 0:
+        return 0.0
+    return group * nbytes / link.bandwidth + 2 * link.latency
 
 
 def allreduce_time(nbytes: float, group: int, link: Link, share: float = 1.0) -> float:
