@@ -7,6 +7,7 @@ an ``hpcnn.graph.Graph`` named after the model, ending in a softmax
 cross-entropy node "loss" fed by the logits."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,9 +75,13 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def _positive_int(what, v, model):
-    if isinstance(v, bool) or not isinstance(v, int) and not (hasattr(v, "__index__") and not isinstance(v, float)):
-        raise ModelError(f"model {model!r}: {what} must be a positive integer, got {v!r}")
-    v = int(v)
+    """``v`` as an int (Python or NumPy integers), else a ModelError."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        v = operator.index(v)
+    except TypeError:
+        raise ModelError(f"model {model!r}: {what} must be a positive integer, got {v!r}") from None
     if v < 1:
         raise ModelError(f"model {model!r}: {what} must be a positive integer, got {v}")
     return v
