@@ -219,7 +219,9 @@ def exchange_tables(geom: InputGeometry, A: np.ndarray, B: np.ndarray, ranks: in
                     ranks_per_node: int = 1, want_total: bool = False,
                     chunk_elems: int = 1 << 19) -> ExchangeTables:
     """Tables for an edge: ``A`` (Ci x ndim of the tensor) source degrees,
-    ``B`` (Cj x ndim of the consumer's output) consumer degrees."""
+    ``B`` (Cj x ndim of the consumer's output) consumer degrees, on ranks
+    0..k-1 of a job of ``ranks`` ranks placed ``ranks_per_node`` to a node.
+    ``want_total`` also fills ``total`` (elements moved by all ranks)."""
     A = np.asarray(A, dtype=np.int64)
     B = np.asarray(B, dtype=np.int64)
     T, dep = geom.T, geom.dep
@@ -230,7 +232,7 @@ def exchange_tables(geom: InputGeometry, A: np.ndarray, B: np.ndarray, ranks: in
     R = max(1, int(ranks_per_node))
     P = int(max(kA.max(), kB.max(), 1))
     multi = P > R
-    Pp = P
+    Pp = P                   # ranks involved: those the configurations use
     r = np.arange(Pp)
 
     rep = np.ones(Cj, dtype=np.float64)
