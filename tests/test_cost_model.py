@@ -58,7 +58,7 @@ def _check_edges(g, P, R, pairs_per_edge, seed):
             A = enumerate_configs(T, g[src].op.splittable, P, SpaceOptions(max_kinds=3))
             B = enumerate_configs(node.shape, node.op.splittable, P, SpaceOptions(max_kinds=3))
             geom = InputGeometry(node.op, i, node.in_shapes, node.shape)
-            tab = exchange_tables(geom, A, B, P, R, want_total=True)
+            tab = exchange_tables(geom, A, B, P, R, want_total=True, per_rank=True)
             pairs = list(itertools.product(range(len(A)), range(len(B))))
             if pairs_per_edge is not None and len(pairs) > pairs_per_edge:
                 pairs = [pairs[k] for k in rng.choice(len(pairs), pairs_per_edge, replace=False)]
@@ -70,6 +70,9 @@ def _check_edges(g, P, R, pairs_per_edge, seed):
                 assert tab.total[a, b] == ref["total"], where
                 assert tab.node_inter[a, b] == (_node_port(ref) if P > R else 0), where
                 assert (tab.peers[a, b] > 0) == (ref["max_rank"] > 0), where
+                for r in range(P):
+                    assert tab.sent[a, b, r] == ref["sent"].get(r, 0), f"{where}, rank {r} sends"
+                    assert tab.received[a, b, r] == ref["received"].get(r, 0), f"{where}, rank {r} receives"
                 checked += 1
     return checked
 
@@ -97,7 +100,7 @@ def test_tables_equal_the_runtime_exchange_plan():
             A = enumerate_configs(T, g[src].op.splittable, P)
             B = enumerate_configs(node.shape, node.op.splittable, P)
             tab = exchange_tables(InputGeometry(node.op, i, node.in_shapes, node.shape), A, B, P, P,
-                                  want_total=True)
+                                  want_total=True, per_rank=True)
             for _ in range(15):
                 a, b = int(rng.integers(len(A))), int(rng.integers(len(B)))
                 out = Layout(node.shape, B[b])
@@ -105,6 +108,9 @@ def test_tables_equal_the_runtime_exchange_plan():
                                                xp.needed_boxes(node.op, i, out, node.in_shapes), itemsize)
                 assert tab.max_rank[a, b] * itemsize == plan.max_rank_bytes()
                 assert tab.total[a, b] * itemsize == plan.total_bytes()
+                for r in range(P):
+                    assert tab.sent[a, b, r] * itemsize == plan.bytes_sent(r)
+                    assert tab.received[a, b, r] * itemsize == plan.bytes_received(r)
 
 
 def test_identity_edges_move_nothing_and_redistributions_do():
@@ -290,3 +296,45 @@ def test_calibrate_writes_a_machine_the_cost_model_uses(tmp_path, capsys):
     times = {s: 1e-6 + s / 5e9 for s in (8, 1 << 20, 1 << 22)}
     bw, lat = fit_link(times)
     assert bw == pytest.approx(5e9, rel=1e-3) and lat == pytest.approx(1e-6 + 8 / 5e9)
+
+
+def test_rank_bytes_equal_the_runtime_exchange_plans():
+    """In one process: for every plan of the runtime's equivalence tests (at
+    2, 3 and 4 ranks, some layers on explicit ranks), the bytes the cost
+    model predicts per rank and edge equal the ExchangePlan the runtime
+    compiles for that edge (forward: bytes sent; backward: bytes received,
+    sent back, except from the input).  tests/mpi/test_model_bytes.py checks
+    the same against the bytes the runtime counts while training."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent / "mpi"))
+    try:
+        from plan_cases import cases
+    finally:
+        sys.path.pop(0)
+    from hpcnn.parallel.exchange_plan import ExchangePlan, exchange_category, needed_boxes
+    machine = load_machine("paper_p100_cluster")
+    checked = 0
+    for P in (2, 3, 4):
+        for name, model, build, _, _ in cases(P):
+            g = build_model(model, batch=5)
+            plan = build(g, P)
+            cm = CostModel(g, P, machine)
+            pred = cm.rank_bytes(plan)
+            L = plan.layouts(g)
+            for n in g:
+                for i, src in enumerate(n.inputs):
+                    xp = ExchangePlan.compile(L[src], needed_boxes(n.op, i, L[n.name], n.in_shapes), 4)
+                    key = f"{src}->{n.name}[{i}]"
+                    back = g[src].kind != "input"
+                    for r in range(P):
+                        want = {"forward": xp.bytes_sent(r), "backward": xp.bytes_received(r) if back else 0}
+                        got = pred[r]["edges"].get(key, {"forward": 0, "backward": 0})
+                        assert got == want, f"{name} at {P} ranks, rank {r}, edge {key}"
+                        checked += 1
+            for r in range(P):
+                cats = {c: sum(v["forward"] + v["backward"] for k, v in pred[r]["edges"].items()
+                               if exchange_category(L[k.split("->")[0]], L[k.split("->")[1].split("[")[0]]) == c)
+                        for c in ("halo", "redistribution")}
+                assert cats == {c: pred[r][c] for c in cats}, f"{name} at {P} ranks, rank {r}"
+    assert checked > 500

@@ -4,22 +4,30 @@ edge, for every configuration the search considers.
     t(S) = sum over layers of (t_c + t_s) + sum over edges of t_x
 
 t_c  compute of the layer's largest tile, forward and backward, on one rank:
-     the machine's measured table when it has this op at this tile shape
-     (``hpcnn calibrate``), else a roofline (flops at an efficiency of the
-     peak rate against bytes at an efficiency of the memory bandwidth, plus a
-     fixed overhead per op), times the node's oversubscription (more ranks
-     than compute slots); plus the optimiser's update of the rank's parameter
-     shard (memory bound).
+     the tile's time measured while every rank of a job of this size computes
+     (the machine's runtime figures, ``hpcnn calibrate``), else its time
+     measured alone, else a roofline (flops at an efficiency of the peak rate
+     against bytes at an efficiency of the memory bandwidth, plus a fixed
+     overhead per op), the last two times the slow-down of sharing the node
+     (calibrated, or ranks per compute slot); plus the optimiser's update of
+     the rank's parameter shard (memory bound).
 t_s  synchronisation: an allreduce of the parameter gradients over each
      parameter's replica group (the ranks that differ only in n, h, w), and
      for batch normalisation the three small allreduces of its statistics.
-t_x  an edge's exchange, forward and its adjoint in backward (the same bytes
-     back): the elements on the most loaded rank (exactly the ExchangePlan's
-     max_rank_bytes / itemsize, see exchange_bytes.py) over the intra-node
-     bandwidth, or, when the exchange crosses nodes, the elements through the
-     busiest node port over the inter-node bandwidth, whichever is slower;
-     plus a latency per message (the message count is an estimate from
-     per-dimension peer counts).
+     The runtime packs a group's gradients into buckets, so per layer the
+     search charges the bandwidth term and the layer's share of a latency;
+     pricing a whole plan (``evaluate``) follows the buckets exactly.
+t_x  an edge's exchange, forward and (unless the producer is the input) its
+     adjoint in backward (the same bytes back): the elements on the most
+     loaded rank (exactly the ExchangePlan's max_rank_bytes / itemsize, see
+     exchange_bytes.py) over the intra-node bandwidth, or, when the exchange
+     crosses nodes, the elements through the busiest node port over the
+     inter-node bandwidth, whichever is slower; plus a latency per message
+     (the message count is an estimate from per-dimension peer counts).  With
+     calibrated runtime figures (one node): their latency per exchange and
+     bandwidth, plus assembling the consumer's input region from the pieces.
+t_o  (whole plan, calibrated runtimes only) the executor's own time per layer
+     and per step and the loss's reduction.
 mem  bytes one rank holds for the layer: parameter, gradient and momentum
      shards, buffers, the output tile kept for backward, and the assembled
      input region of every input that arrives over an exchange.  The per-layer
@@ -40,6 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hpcnn.ops import clip_box
+from hpcnn.parallel.exchange_plan import exchange_category
 from hpcnn.parallel.layout import DIM_NAMES, Layout, degrees_from_config, split_bounds
 from hpcnn.strategy.config_space import ConfigSpace, SpaceOptions
 from hpcnn.strategy.exchange_bytes import (ExchangeTables, InputGeometry, NotSeparable,
@@ -159,16 +168,19 @@ class PlanCost:
     t_x: float
     memory: float              # bytes per rank (upper bound)
     exchange_bytes: float      # all ranks together, forward + backward
-    allreduce_bytes: float     # all ranks together
+    allreduce_bytes: float     # all ranks together, on the wire (ring)
     name: str = ""
+    t_o: float = 0.0           # executor overheads per step (calibrated runtimes only)
+    objective: float | None = None   # what the search minimises (per-layer sums)
 
     @property
     def total(self) -> float:
-        return self.t_c + self.t_s + self.t_x
+        return self.t_c + self.t_s + self.t_x + self.t_o
 
     def to_dict(self) -> dict:
         return {"name": self.name, "total_s": self.total, "t_c_s": self.t_c, "t_s_s": self.t_s,
-                "t_x_s": self.t_x, "memory_bytes": self.memory, "exchange_bytes": self.exchange_bytes,
+                "t_x_s": self.t_x, "t_o_s": self.t_o, "objective_s": self.objective,
+                "memory_bytes": self.memory, "exchange_bytes": self.exchange_bytes,
                 "allreduce_bytes": self.allreduce_bytes, "layers": self.rows}
 
 
@@ -176,7 +188,8 @@ class CostModel:
     """Prices configurations of a graph at ``ranks`` ranks on ``machine``."""
 
     def __init__(self, graph, ranks: int, machine: Machine, dtype="float32",
-                 opts: SpaceOptions | None = None, space: ConfigSpace | None = None):
+                 opts: SpaceOptions | None = None, space: ConfigSpace | None = None,
+                 bucket_bytes: float = 4 << 20):
         self.graph = graph
         self.ranks = int(ranks)
         self.machine = machine
@@ -189,8 +202,50 @@ class CostModel:
         self._link_cache: dict = {}
         meas = machine.measured or {}
         self._measured = meas.get("ops", {}) if meas.get("dtype", self.dtype) == self.dtype else {}
+        #: runtime figures calibrated for jobs of this size (None: links and roofline only)
+        self.rt = machine.runtime_at(self.ranks)
+        self._rt_ops = self.rt.ops if self.rt is not None else {}
+        self.bucket_bytes = float(bucket_bytes)
+        self._live = self._ancestors_of_loss()
         self.stats = {"edge_tables": 0, "edge_cache_hits": 0, "table_seconds": 0.0,
                       "node_seconds": 0.0}
+
+    def _ancestors_of_loss(self) -> set:
+        """Layers whose output reaches the loss: only their input gradients
+        travel back (as in the runtime)."""
+        g = self.graph
+        try:
+            loss = g.loss_name
+        except Exception:
+            return set(g.nodes)
+        live, todo = set(), [loss]
+        while todo:
+            n = todo.pop()
+            if n not in live:
+                live.add(n)
+                todo.extend(g[n].inputs)
+        return live
+
+    def directions(self, src: str, dst: str) -> int:
+        """How often an edge's exchange runs per step: forward, and backward
+        (its adjoint) unless the producer is the input or the consumer does
+        not reach the loss."""
+        return 1 + int(self.graph[src].kind != "input" and dst in self._live)
+
+    # ---- collectives ---------------------------------------------------------
+    def allreduce_parts(self, nbytes: float, group: int, link, share: float = 1.0):
+        """(latency, bandwidth) seconds of one allreduce of ``nbytes`` over
+        ``group`` ranks: the runtime figures calibrated for this job size
+        when the machine has them, else the link model."""
+        if group <= 1 or nbytes <= 0:
+            return 0.0, 0.0
+        rt = self.rt
+        if rt is not None and rt.allreduce_latency:
+            bw = rt.allreduce_bandwidth or link.bandwidth
+            return rt.allreduce_alpha(group), 2.0 * (group - 1) / group * nbytes * share / bw
+        full = allreduce_time(nbytes, group, link, share)
+        lat = 2 * math.ceil(math.log2(group)) * link.latency
+        return lat, full - lat
 
     # ---- geometry ------------------------------------------------------------
     def geometry(self, name: str) -> NodeGeometry:
@@ -325,7 +380,10 @@ class CostModel:
             t_f = flops / (m.peak_flops * eff)
             t_m = nbytes / (m.memory_bandwidth * float(m.device.get("memory_efficiency", 1.0)))
             t_c = np.maximum(t_f, t_m) + float(m.device.get("op_overhead_s", 0.0))
-            if self._measured:
+            # slow-down of a tile timed alone when every rank of the job computes
+            factor = self.rt.compute_factor if self.rt is not None else m.oversubscription(self.ranks)
+            t_c = t_c * factor
+            if self._measured or self._rt_ops:
                 nin_total = sum(nin)
                 for row in range(C):
                     sh = shapes[row]
@@ -334,10 +392,12 @@ class CostModel:
                         ins.append(tuple(int(x) for x in sh[pos:pos + n_]))
                         pos += n_
                     tk = tile_key(node, ins, tuple(int(x) for x in sh[nin_total:]), self.dtype)
-                    if tk in self._measured:
-                        t_c[row] = float(self._measured[tk])
+                    if tk in self._rt_ops:           # timed with every rank computing
+                        t_c[row] = float(self._rt_ops[tk])
                         measured[row] = True
-            t_c = t_c * m.oversubscription(self.ranks)
+                    elif tk in self._measured:       # timed alone
+                        t_c[row] = float(self._measured[tk]) * factor
+                        measured[row] = True
             mem_eff = m.memory_bandwidth * float(m.device.get("memory_efficiency", 1.0))
             t_c = t_c + 5.0 * shard * isz / mem_eff
         t_s = np.zeros(C)
@@ -353,10 +413,15 @@ class CostModel:
                 elif m.gradient_sync == "parameter_server":
                     ts = parameter_server_time(shard[row] * isz, g, link)
                 else:
-                    ts = allreduce_time(shard[row] * isz, g, link, share)
+                    # gradients travel in buckets of up to bucket_bytes per
+                    # replica group: a layer pays its share of a latency
+                    lat, bw = self.allreduce_parts(shard[row] * isz, g, link, share)
+                    ts = bw + lat * min(1.0, shard[row] * isz / self.bucket_bytes)
                 if is_bn:
+                    # batch-norm statistics: two allreduces forward, one backward
                     cs = -(-node.shape[1] // int(pc[row]))
-                    ts += 2 * allreduce_time(cs * isz, g, link) + allreduce_time(2 * cs * isz, g, link)
+                    ts += sum(self.allreduce_parts(cs * isz, g, link)) * 2 + \
+                        sum(self.allreduce_parts(2 * cs * isz, g, link))
                 t_s[row] = ts
         mem = (3 * shard + bshard + out_el + (in_el if with_inputs else 0)) * isz
         res = NodeCost(t_c, t_s, mem, measured)
@@ -419,17 +484,43 @@ class CostModel:
                 peers[a, b] = max(cnt.values(), default=0)
         return ExchangeTables(mr, ni, peers, tot)
 
-    def exchange_seconds(self, tab: ExchangeTables) -> np.ndarray:
+    def exchange_seconds(self, tab: ExchangeTables, directions: int = 2,
+                         region=None) -> np.ndarray:
+        """Seconds of an edge's exchanges per step, for every pair of the
+        tables: ``directions`` times (forward, and the adjoint backward) the
+        busiest rank's bytes over the link plus latency; with runtime figures,
+        the calibrated latency per exchange and bandwidth, plus assembling
+        the consumer's input region (``region``: its bytes per consumer
+        configuration) from the pieces."""
         m = self.machine
         b = tab.max_rank * self.itemsize
+        rt = self.rt
+        if rt is not None and rt.exchange is not None and m.nodes_for(self.ranks) <= 1:
+            t = rt.exchange.latency + b / rt.exchange.bandwidth
+            if region is not None and rt.copy_bandwidth:
+                t = t + np.asarray(region, dtype=np.float64)[None, :] / rt.copy_bandwidth
+            return directions * np.where(tab.max_rank > 0, t, 0.0)
         x = tab.node_inter * self.itemsize
         lat = np.where(x > 0, m.inter.latency, m.intra.latency)
         t = np.maximum(b / m.intra.bandwidth, x / m.inter.bandwidth) + tab.peers * lat
-        return 2.0 * np.where(tab.max_rank > 0, t, 0.0)
+        return directions * np.where(tab.max_rank > 0, t, 0.0)
+
+    def region_bytes(self, dst: str, i: int, B: np.ndarray) -> np.ndarray:
+        """Bytes of input ``i``'s region that the representative tile of
+        ``dst`` reads, per consumer configuration (rows of ``B``)."""
+        node = self.graph[dst]
+        B = np.asarray(B, dtype=np.int64).reshape(-1, len(node.shape))
+        _, _, shapes = self._tile_arrays(dst, B)
+        pos = sum(len(s) for s in node.in_shapes[:i])
+        cols = shapes[:, pos:pos + len(node.in_shapes[i])]
+        return np.prod(cols.astype(np.float64), axis=1) * self.itemsize
 
     def edge_cost(self, src, dst, i, A, B, want_total: bool = False) -> EdgeCost:
         tab = self.edge_tables(src, dst, i, A, B, want_total)
-        return EdgeCost(self.exchange_seconds(tab), tab)
+        region = None
+        if self.rt is not None and self.rt.copy_bandwidth:
+            region = self.region_bytes(dst, i, B)
+        return EdgeCost(self.exchange_seconds(tab, self.directions(src, dst), region), tab)
 
     # ---- the search problem -------------------------------------------------
     def problem(self):
@@ -445,14 +536,114 @@ class CostModel:
         return vecs, edges, groups
 
     # ---- pricing a plan ------------------------------------------------------
+    def _plan_layouts(self, plan) -> dict:
+        return {n.name: plan.layout(self.graph, n.name) for n in self.graph}
+
+    @staticmethod
+    def _default_ranks(L: Layout) -> bool:
+        return L.ranks == tuple(range(L.k))
+
+    def _edge_exact(self, Ls: Layout, Ld: Layout, dst: str, i: int) -> ExchangeTables:
+        """1 x 1 tables of one edge between layouts on any ranks, from the
+        boxes (reference_exchange)."""
+        node = self.graph[dst]
+        R = self.machine.ranks_per_node
+        ref = reference_exchange(Ls, Ld, node.op, i, node.in_shapes, R)
+        nodes = set(ref["node_in"]) | set(ref["node_out"])
+        ni = max((max(ref["node_in"].get(x, 0), ref["node_out"].get(x, 0)) for x in nodes), default=0)
+        cnt = {}
+        for s_, r_, _ in ref["pieces"]:
+            cnt[s_] = cnt.get(s_, 0) + 1
+            cnt[r_] = cnt.get(r_, 0) + 1
+        P = self.ranks
+        sent, recv = np.zeros((1, 1, P)), np.zeros((1, 1, P))
+        for r_, v in ref["sent"].items():
+            sent[0, 0, r_] = v
+        for r_, v in ref["received"].items():
+            recv[0, 0, r_] = v
+        one = lambda v: np.array([[float(v)]])  # noqa: E731
+        return ExchangeTables(one(ref["max_rank"]), one(ni), one(max(cnt.values(), default=0)),
+                              one(ref["total"]), sent, recv)
+
+    def gradient_sync(self, layouts: dict) -> tuple:
+        """(seconds, payload bytes per rank) of the gradient allreduces of one
+        step as the runtime performs them: per replica group (ranks holding
+        the same channel slice of a layer), in the order layers first use the
+        group, gradients packed into buckets of at most ``bucket_bytes``, one
+        allreduce per bucket.  Seconds: the busiest rank's sum."""
+        g, isz = self.graph, self.itemsize
+        P = self.ranks
+        per_rank_t = np.zeros(P)
+        per_rank_b = np.zeros(P)
+        members, order, link_of = {}, [], {}
+        for n in g:
+            L = layouts[n.name]
+            if not (n.param_specs() or n.buffer_specs()):
+                continue
+            for grp in L.groups(("n", "h", "w")):
+                if len(grp) <= 1:
+                    continue
+                if grp not in members:
+                    members[grp] = []
+                    order.append(grp)
+                    dims = DIM_NAMES[len(n.shape)]
+                    link_of[grp] = self._group_link(tuple(L.degrees), dims)
+                members[grp].append(n.name)
+        for grp in order:
+            sizes = []
+            for name in members[grp]:
+                n = g[name]
+                if name not in self._live:
+                    continue                # no gradient reaches it
+                box = layouts[name].box(grp[0])
+                cc = (box[1][1] - box[1][0]) if len(box) > 1 else 1
+                for _, sp in sorted(n.param_specs().items()):
+                    if sp.trainable:
+                        sizes.append(cc * int(np.prod(sp.shape[1:])) * isz)
+            buckets, cur = [], 0
+            for b in sizes:
+                if cur and cur + b > self.bucket_bytes:
+                    buckets.append(cur)
+                    cur = 0
+                cur += b
+            if cur:
+                buckets.append(cur)
+            link, share = link_of[grp]
+            if self.machine.gradient_sync == "parameter_server":
+                t = sum(parameter_server_time(b, len(grp), link) for b in buckets)
+            else:
+                t = sum(sum(self.allreduce_parts(b, len(grp), link, share)) for b in buckets)
+            for r in grp:
+                per_rank_t[r] += t
+                per_rank_b[r] += sum(buckets)
+        return float(per_rank_t.max(initial=0.0)), per_rank_b
+
+    def overheads(self) -> float:
+        """Seconds per step the executor spends beyond ops, exchanges and
+        synchronisation: its time per layer and per step, and the loss's
+        reduction over all ranks (calibrated runtime figures; 0 without)."""
+        rt = self.rt
+        if rt is None:
+            return 0.0
+        layers = sum(1 for n in self.graph if n.kind != "input")
+        t = rt.node_overhead_s * layers + rt.step_overhead_s
+        if self.ranks > 1:
+            t += sum(self.allreduce_parts(8, self.ranks, self.machine.intra))
+        return float(t)
+
     def evaluate(self, plan, name: str | None = None) -> PlanCost:
-        """Price any plan (inside the searched space or not), node by node."""
+        """Price any plan (inside the searched space or not, on any ranks),
+        node by node.  ``rows`` and ``objective`` price every layer as the
+        search does; ``total`` adds what only the whole plan determines: the
+        runtime's gradient buckets (instead of a share of a latency per
+        layer) and the executor's per-step overheads."""
         g = self.graph
         try:
             plan.validate(g, self.ranks)
+            layouts = self._plan_layouts(plan)
         except Exception as exc:
             raise CostModelError(str(exc)) from None
-        deg = {n.name: np.array([degrees_from_config(n.shape, plan.config(n.name))]) for n in g}
+        deg = {n.name: np.array([layouts[n.name].degrees]) for n in g}
         sp = self.space
         # where a layer's configuration is in the searched space, read the
         # search's (cached) tables instead of pricing it again
@@ -462,11 +653,12 @@ class CostModel:
             hit = np.nonzero((sp.configs[gi] == deg[n.name][0]).all(axis=1))[0]
             where[n.name] = (gi, int(hit[0]) if len(hit) else None)
         rows, tc, ts, tx, memt, xbytes, abytes = [], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        bn_sync = 0.0
         for n in g:
             d = deg[n.name]
             gi, ci = where[n.name]
             folded = (len(n.inputs) == 1 and gi == sp.group_of[n.inputs[0]]
-                      and np.array_equal(deg[n.inputs[0]], d))
+                      and layouts[n.inputs[0]] == layouts[n.name])
             if ci is not None:
                 full = self.node_cost(n.name, sp.configs[gi], with_inputs=not folded)
                 nc = NodeCost(full.t_c[ci:ci + 1], full.t_s[ci:ci + 1], full.mem[ci:ci + 1],
@@ -477,17 +669,26 @@ class CostModel:
             for i, src in enumerate(n.inputs):
                 if folded:
                     continue            # same layout, elementwise: the identity exchange
-                gs, cs = where[src]
-                if cs is not None and ci is not None and gs != gi:
-                    ec = self.edge_cost(src, n.name, i, sp.configs[gs], sp.configs[gi], want_total=True)
-                    a, b = cs, ci
-                else:
-                    ec = self.edge_cost(src, n.name, i, deg[src], d, want_total=True)
+                dirs = self.directions(src, n.name)
+                if not (self._default_ranks(layouts[src]) and self._default_ranks(layouts[n.name])):
+                    tab = self._edge_exact(layouts[src], layouts[n.name], n.name, i)
+                    region = None
+                    if self.rt is not None and self.rt.copy_bandwidth:
+                        region = self.region_bytes(n.name, i, d)
+                    ec = EdgeCost(self.exchange_seconds(tab, dirs, region), tab)
                     a, b = 0, 0
+                else:
+                    gs, cs = where[src]
+                    if cs is not None and ci is not None and gs != gi:
+                        ec = self.edge_cost(src, n.name, i, sp.configs[gs], sp.configs[gi], want_total=True)
+                        a, b = cs, ci
+                    else:
+                        ec = self.edge_cost(src, n.name, i, deg[src], d, want_total=True)
+                        a, b = 0, 0
                 ex_t += float(ec.t_x[a, b])
                 ex_b += float(ec.tables.max_rank[a, b]) * self.itemsize
                 ex_x += float(ec.tables.node_inter[a, b]) * self.itemsize
-                xbytes += 2.0 * float(ec.tables.total[a, b]) * self.itemsize
+                xbytes += dirs * float(ec.tables.total[a, b]) * self.itemsize
             dims = DIM_NAMES[len(n.shape)]
             dd = tuple(int(x) for x in d[0])
             pc = dd[dims.index("c")] if "c" in dims else 1
@@ -498,14 +699,80 @@ class CostModel:
             if grp > 1:
                 moved = grp if self.machine.gradient_sync == "parameter_server" else grp - 1
                 abytes += 2.0 * moved * shard * self.itemsize * pc
+                if n.kind == "batchnorm":
+                    link, _ = self._group_link(dd, dims)
+                    cs = -(-n.shape[1] // pc)
+                    bn_sync += 2 * sum(self.allreduce_parts(cs * self.itemsize, grp, link)) + \
+                        sum(self.allreduce_parts(2 * cs * self.itemsize, grp, link))
             row = {"node": n.name, "op": n.kind, "config": {a: int(b) for a, b in zip(dims, dd)},
                    "ranks": k, "t_c": float(nc.t_c[0]), "t_s": float(nc.t_s[0]), "t_x": ex_t,
                    "memory": float(nc.mem[0]), "exchange_max_rank_bytes": ex_b,
                    "exchange_node_bytes": ex_x, "measured": bool(nc.measured[0]),
                    "folded": bool(folded)}
+            if plan.ranks.get(n.name) is not None:
+                row["rank_list"] = list(layouts[n.name].ranks)
             rows.append(row)
             tc += row["t_c"]
             ts += row["t_s"]
             tx += ex_t
             memt += row["memory"]
-        return PlanCost(rows, tc, ts, tx, memt, xbytes, abytes, name or plan.name)
+        objective = tc + ts + tx
+        grad_sync, _ = self.gradient_sync(layouts)
+        return PlanCost(rows, tc, grad_sync + bn_sync, tx, memt, xbytes, abytes, name or plan.name,
+                        t_o=self.overheads(), objective=objective)
+
+    # ---- the bytes the runtime counts ------------------------------------------------
+    def rank_bytes(self, plan) -> list:
+        """Per rank, the bytes the runtime's counter records in one training
+        step (``DistributedModel.step_bytes()`` and ``edge_bytes()``): for
+        every exchange edge ``'producer->consumer[i]'`` the bytes the rank
+        sends forward and, backward, sends back (what it received forward);
+        per category ('halo' when producer and consumer share a layout, else
+        'redistribution'), 'allreduce' (gradient buckets handed to MPI: the
+        rank's gradient shards of layers it shares with other replicas),
+        'batchnorm' (statistics: two reductions forward, one of twice the
+        size backward) and 'scalars' (the loss: one float64).
+
+        Exchanges come from the fast tables (per rank, ranks 0..k-1) or, for
+        layers placed on explicit ranks, from the layouts' boxes; never from
+        the runtime's ExchangePlan, so that comparing the two checks both."""
+        g, isz, P = self.graph, self.itemsize, self.ranks
+        try:
+            plan.validate(g, P)
+            layouts = self._plan_layouts(plan)
+        except Exception as exc:
+            raise CostModelError(str(exc)) from None
+        out = [{"edges": {}, "halo": 0, "redistribution": 0, "allreduce": 0, "batchnorm": 0,
+                "scalars": 8} for _ in range(P)]
+        for n in g:
+            Ld = layouts[n.name]
+            for i, src in enumerate(n.inputs):
+                Ls = layouts[src]
+                geom = self.geometry(n.name).inputs[i]
+                if geom is not None and self._default_ranks(Ls) and self._default_ranks(Ld):
+                    tab = exchange_tables(geom, np.array([Ls.degrees]), np.array([Ld.degrees]), P,
+                                          self.machine.ranks_per_node, per_rank=True)
+                else:
+                    tab = self._edge_exact(Ls, Ld, n.name, i)
+                back = self.directions(src, n.name) == 2
+                cat = exchange_category(Ls, Ld)
+                key = f"{src}->{n.name}[{i}]"
+                for r in range(tab.sent.shape[2]):
+                    fwd = int(tab.sent[0, 0, r]) * isz
+                    bwd = int(tab.received[0, 0, r]) * isz if back else 0
+                    if fwd or bwd:
+                        out[r]["edges"][key] = {"forward": fwd, "backward": bwd}
+                        out[r][cat] += fwd + bwd
+        _, grad = self.gradient_sync(layouts)
+        for r in range(P):
+            out[r]["allreduce"] = int(grad[r])
+        for n in g:
+            if n.kind != "batchnorm" or n.name not in self._live:
+                continue
+            L = layouts[n.name]
+            for r in L.ranks:
+                if len(L.group(r, ("n", "h", "w"))) > 1:
+                    box = L.box(r)
+                    cc = (box[1][1] - box[1][0]) if len(box) > 1 else 1
+                    out[r]["batchnorm"] += 4 * cc * isz
+        return out

@@ -205,10 +205,13 @@ class ExchangeTables:
     """Per pair (source config i, consumer config j): ``max_rank`` elements on
     the most loaded rank, ``node_inter`` elements through the busiest node
     port (0 on one node), ``peers`` messages of the busiest rank (an estimate
-    from per-dimension counts), and ``total`` elements moved."""
+    from per-dimension counts), and ``total`` elements moved.  With
+    ``per_rank`` also ``sent`` and ``received`` (Ci x Cj x ranks): the
+    elements each rank sends to and receives from OTHER ranks."""
 
-    def __init__(self, max_rank, node_inter, peers, total):
+    def __init__(self, max_rank, node_inter, peers, total, sent=None, received=None):
         self.max_rank, self.node_inter, self.peers, self.total = max_rank, node_inter, peers, total
+        self.sent, self.received = sent, received
 
     @property
     def shape(self):
@@ -217,11 +220,13 @@ class ExchangeTables:
 
 def exchange_tables(geom: InputGeometry, A: np.ndarray, B: np.ndarray, ranks: int,
                     ranks_per_node: int = 1, want_total: bool = False,
-                    chunk_elems: int = 1 << 19) -> ExchangeTables:
+                    chunk_elems: int = 1 << 19, per_rank: bool = False) -> ExchangeTables:
     """Tables for an edge: ``A`` (Ci x ndim of the tensor) source degrees,
     ``B`` (Cj x ndim of the consumer's output) consumer degrees, on ranks
     0..k-1 of a job of ``ranks`` ranks placed ``ranks_per_node`` to a node.
-    ``want_total`` also fills ``total`` (elements moved by all ranks)."""
+    ``want_total`` also fills ``total`` (elements moved by all ranks);
+    ``per_rank`` also fills ``sent`` and ``received`` per rank (meant for a
+    few pairs: pricing one plan, not searching)."""
     A = np.asarray(A, dtype=np.int64)
     B = np.asarray(B, dtype=np.int64)
     T, dep = geom.T, geom.dep
@@ -343,6 +348,8 @@ def exchange_tables(geom: InputGeometry, A: np.ndarray, B: np.ndarray, ranks: in
 
     max_rank = np.zeros((Ci, Cj))
     total = np.zeros((Ci, Cj)) if want_total else None
+    if per_rank:
+        sent_r, recv_r = np.zeros((Ci, Cj, P)), np.zeros((Ci, Cj, P))
     order = np.argsort(-kA, kind="stable")
     # blocks of consumer configurations using the same number of ranks: a
     # pair only involves ranks below max(k_i, k_j), and self copies only
@@ -374,6 +381,12 @@ def exchange_tables(geom: InputGeometry, A: np.ndarray, B: np.ndarray, ranks: in
             head = sent[:, :, :Pm]
             head -= selfv                                   # sent to others, ranks < Pm
             np.subtract(rt[None, :, :Pm], selfv, out=selfv)  # received, ranks < Pm
+            if per_rank:
+                # ranks beyond min(k_i, k_j) hold only a source tile (they
+                # send it all) or only a consumer tile (they receive it all)
+                sent_r[blk + (slice(0, Ki),)] = sent[:, :, :Ki]
+                recv_r[blk + (slice(0, Pm),)] = selfv
+                recv_r[blk + (slice(Pm, Kj),)] = np.broadcast_to(rt[None, :, Pm:Kj], (len(rows), cj, max(0, Kj - Pm)))
             np.maximum(selfv, head, out=selfv)
             m = selfv.max(axis=2)
             if Ki > Kj:
@@ -387,6 +400,8 @@ def exchange_tables(geom: InputGeometry, A: np.ndarray, B: np.ndarray, ranks: in
         node_inter = _node_inter(A, B, kA, kB, sA, sB, dims, dep, rep, R, recv_total, G, kjF,
                                  chunk_elems)
     peers = np.where(max_rank > 0, np.maximum(1.0, np.maximum(peersR, peersS) - 1.0), 0.0)
+    if per_rank:
+        return ExchangeTables(max_rank, node_inter, peers, total, sent_r, recv_r)
     return ExchangeTables(max_rank, node_inter, peers, total)
 
 

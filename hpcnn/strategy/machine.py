@@ -12,6 +12,15 @@ parameter server instead (for comparisons with its numbers).
 A machine may carry a *measured* table of op times (written by
 ``hpcnn calibrate``) that the cost model prefers to the roofline.
 
+A calibrated machine may also carry ``runtime`` figures per job size (the
+number of ranks sharing the node): op tiles timed while every rank computes
+at once (so oversubscribed cores and shared memory bandwidth are in the
+figure), the cost of hpcnn's exchanges and allreduces as they occur between
+computations (latency and bandwidth; with more ranks than cores a
+collective costs scheduling time, milliseconds rather than microseconds),
+and the executor's own time per layer and per step.  See
+``RuntimeFigures``; the cost model uses them for jobs of that size.
+
 Files live in ``hpcnn/machines/`` (``Machine.load('paper_p100_cluster')``)
 or anywhere (``Machine.load('path/to/file.json')``).  Every figure a file
 assumes is listed under ``figures`` with its source.
@@ -41,6 +50,87 @@ class Link:
 
 
 @dataclass
+class RuntimeFigures:
+    """hpcnn's runtime on this machine for jobs of ``ranks`` ranks per node
+    (all measured by ``hpcnn calibrate`` with that many ranks running):
+
+    ops              op-tile times (forward + backward) taken while every
+                     rank runs the same tile; keyed like ``measured.ops``
+    compute_factor   median of (time with every rank running) / (time alone)
+                     over the tiles measured both ways: applied to tiles
+                     that have only a solo time
+    exchange         an exchange (one direction) between computations:
+                     latency per exchange that moves data, bandwidth of the
+                     busiest rank's bytes
+    copy_bandwidth   bytes per second of assembling a rank's input region
+                     (or summing its gradient) from its own tile
+    allreduce_latency {group size: seconds} of one allreduce between
+                     computations; allreduce_bandwidth for its bytes
+    node_overhead_s  executor time per layer and step beyond the op itself
+    step_overhead_s  per step: loss reduction, optimiser, bookkeeping
+    """
+    ranks: int
+    ops: dict = field(default_factory=dict)
+    compute_factor: float = 1.0
+    exchange: Link | None = None
+    copy_bandwidth: float | None = None
+    allreduce_latency: dict = field(default_factory=dict)
+    allreduce_bandwidth: float | None = None
+    node_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
+    blas_threads: int | None = None
+
+    def allreduce_alpha(self, group: int) -> float | None:
+        """Latency of an allreduce over ``group`` ranks: the measured figure,
+        else that of the nearest measured group size scaled by
+        ceil(log2 group) (the steps of a tree or recursive doubling)."""
+        if group <= 1:
+            return 0.0
+        lat = self.allreduce_latency
+        if not lat:
+            return None
+        if group in lat:
+            return float(lat[group])
+        near = min(lat, key=lambda g: (abs(math.log2(g) - math.log2(group)), g))
+        return float(lat[near]) * math.ceil(math.log2(group)) / max(1, math.ceil(math.log2(near)))
+
+    def to_dict(self) -> dict:
+        d = {"ranks": self.ranks, "compute_factor": self.compute_factor,
+             "node_overhead_s": self.node_overhead_s, "step_overhead_s": self.step_overhead_s}
+        if self.blas_threads is not None:
+            d["blas_threads"] = self.blas_threads
+        if self.exchange is not None:
+            d["exchange"] = {"latency": self.exchange.latency, "bandwidth": self.exchange.bandwidth}
+        if self.copy_bandwidth is not None:
+            d["copy_bandwidth"] = self.copy_bandwidth
+        if self.allreduce_latency:
+            d["allreduce"] = {"latency": {str(k): v for k, v in sorted(self.allreduce_latency.items())},
+                              "bandwidth": self.allreduce_bandwidth}
+        d["ops"] = self.ops
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "runtime figures") -> "RuntimeFigures":
+        try:
+            ex = d.get("exchange")
+            ar = d.get("allreduce") or {}
+            rf = cls(ranks=int(d["ranks"]), ops=dict(d.get("ops", {})),
+                     compute_factor=float(d.get("compute_factor", 1.0)),
+                     exchange=Link(float(ex["bandwidth"]), float(ex["latency"])) if ex else None,
+                     copy_bandwidth=float(d["copy_bandwidth"]) if d.get("copy_bandwidth") else None,
+                     allreduce_latency={int(k): float(v) for k, v in ar.get("latency", {}).items()},
+                     allreduce_bandwidth=float(ar["bandwidth"]) if ar.get("bandwidth") else None,
+                     node_overhead_s=float(d.get("node_overhead_s", 0.0)),
+                     step_overhead_s=float(d.get("step_overhead_s", 0.0)),
+                     blas_threads=d.get("blas_threads"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MachineError(f"{where}: malformed ({exc!r}); re-run hpcnn calibrate") from None
+        if rf.exchange is not None and not (rf.exchange.bandwidth > 0 and rf.exchange.latency >= 0):
+            raise MachineError(f"{where}: exchange needs a positive bandwidth, got {rf.exchange}")
+        return rf
+
+
+@dataclass
 class Machine:
     name: str
     ranks_per_node: int
@@ -53,6 +143,7 @@ class Machine:
     description: str = ""
     figures: list = field(default_factory=list)
     measured: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)       # {ranks: RuntimeFigures}
     path: str | None = None
 
     # ---- compute ---------------------------------------------------------
@@ -87,6 +178,13 @@ class Machine:
         on_node = min(int(ranks), self.ranks_per_node)
         return max(1.0, on_node / slots)
 
+    def runtime_at(self, ranks: int) -> RuntimeFigures | None:
+        """The runtime figures for a job of ``ranks`` ranks: those calibrated
+        with as many ranks on the node (min(ranks, ranks_per_node)), else
+        None (the cost model then uses the links and the roofline)."""
+        on_node = min(int(ranks), self.ranks_per_node)
+        return self.runtime.get(on_node)
+
     # ---- placement -----------------------------------------------------------
     def node_of(self, rank: int) -> int:
         return int(rank) // self.ranks_per_node
@@ -108,6 +206,8 @@ class Machine:
             d["gradient_sync"] = self.gradient_sync
         if self.measured:
             d["measured"] = self.measured
+        if self.runtime:
+            d["runtime"] = {str(k): v.to_dict() for k, v in sorted(self.runtime.items())}
         return d
 
     def save(self, path) -> None:
@@ -138,12 +238,18 @@ class Machine:
             rpn = int(d["ranks_per_node"])
             if rpn < 1:
                 raise MachineError(f"{where}: ranks_per_node must be at least 1, got {rpn}")
+            runtime = {}
+            for k, v in (d.get("runtime") or {}).items():
+                rf = RuntimeFigures.from_dict(v, f"{where}: runtime.{k}")
+                if rf.ranks != int(k):
+                    raise MachineError(f"{where}: runtime.{k} says ranks {rf.ranks}")
+                runtime[rf.ranks] = rf
             return cls(name=str(d["name"]), ranks_per_node=rpn, nodes=int(d.get("nodes", 1)),
                        device=dev, intra=intra, inter=inter,
                        slots_per_node=d.get("slots_per_node"), gradient_sync=sync,
                        description=d.get("description", ""),
                        figures=list(d.get("figures", [])), measured=dict(d.get("measured", {})),
-                       path=str(path) if path else None)
+                       runtime=runtime, path=str(path) if path else None)
         except KeyError as exc:
             raise MachineError(f"{where}: missing the key {exc.args[0]!r}") from None
 

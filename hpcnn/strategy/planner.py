@@ -152,8 +152,8 @@ def search_plan(graph, ranks: int, machine, memory: float | None = None, *,
     found = model.evaluate(plan, "searched")
     search_cost = float(sum(vecs[g][c] for g, c in enumerate(choice)) +
                         sum(m[choice[a], choice[b]] for a, b, m in edges))
-    if memory is None and not np.isclose(found.total, search_cost, rtol=1e-9, atol=1e-12):
-        raise SearchError(f"internal: the plan's evaluated cost {found.total} differs from the "
+    if memory is None and not np.isclose(found.objective, search_cost, rtol=1e-9, atol=1e-12):
+        raise SearchError(f"internal: the plan's evaluated cost {found.objective} differs from the "
                           f"search's {search_cost}")
     report = PlanReport({
         "model": graph.name, "ranks": ranks, "batch": graph.batch, "machine": machine.name,
