@@ -275,18 +275,25 @@ def test_machine_errors_are_named(tmp_path):
     assert load_machine(ok).to_dict()["device"] == load_machine("paper_p100_cluster").device
 
 
+@pytest.mark.slow
 def test_calibrate_writes_a_machine_the_cost_model_uses(tmp_path, capsys):
     from hpcnn.cli import main
     from hpcnn.strategy.calibrate import fit_link
     out = tmp_path / "local.json"
     rc = main(["calibrate", "--model", "lenet5", "--ranks", "1", "2", "--batch", "4", "--repeats", "1",
-               "--budget", "20", "-o", str(out)])
+               "--budget", "20", "--runtime-ranks", "2", "--runtime-rounds", "1", "--runtime-budget", "5",
+               "-o", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     m = load_machine(out)
     assert m.measured["ops"] and m.measured["batch"] == 4 and m.slots_per_node >= 1
     assert m.intra.bandwidth > 0 and m.intra.latency > 0          # from the MPI ping-pong
     assert any("NOT MEASURED" in f["source"] for f in m.figures)  # inter-node figures are flagged
+    # runtime figures for jobs of 2 ranks: tiles timed with both ranks
+    # computing, exchange and allreduce figures fitted to synthetic networks
+    rf = m.runtime_at(2)
+    assert rf is not None and rf.ops and rf.exchange is not None and rf.allreduce_latency
+    assert m.runtime_at(1) is None
     # a search on that machine prices every measured tile from the table
     g = build_model("lenet5", batch=4)
     plan, rep = search_plan(g, 2, m, with_baselines=False)
@@ -338,3 +345,74 @@ def test_rank_bytes_equal_the_runtime_exchange_plans():
                         for c in ("halo", "redistribution")}
                 assert cats == {c: pred[r][c] for c in cats}, f"{name} at {P} ranks, rank {r}"
     assert checked > 500
+
+
+def _machine_with_runtime(P=2, **fig):
+    from hpcnn.strategy.machine import RuntimeFigures
+    m = copy.deepcopy(load_machine("paper_p100_cluster"))
+    rf = RuntimeFigures(ranks=P, exchange=Link(1e9, 2e-4), copy_bandwidth=5e9,
+                        allreduce_latency={P: 1e-3}, allreduce_bandwidth=2e9, node_overhead_s=1e-5,
+                        step_overhead_s=3e-4, **fig)
+    m.runtime = {P: rf}
+    return m, rf
+
+
+def test_runtime_figures_round_trip_and_price_a_job_of_their_size(tmp_path):
+    """A machine's runtime figures for P ranks: saved and loaded unchanged;
+    a tile they time is priced at that time plus the capped skew; other job
+    sizes keep the links and the roofline; the executor's overheads are in
+    the total."""
+    g = build_model("lenet5", batch=8)
+    m, rf = _machine_with_runtime(2, skew=0.5, skew_cap_s=2e-4)
+    cm0 = CostModel(g, 2, m)
+    node = g["conv1"]
+    ins, out, _ = cm0.geometry("conv1").tile((2, 1, 1, 1))
+    rf.ops[tile_key(node, ins, out, "float32")] = 3e-3
+    m.save(tmp_path / "m.json")
+    back = Machine.load(tmp_path / "m.json")
+    assert back.runtime_at(2).to_dict() == rf.to_dict()
+    assert back.runtime_at(4) is None and back.runtime_at(1) is None
+    cm = CostModel(g, 2, back)
+    nc = cm.node_cost("conv1", np.array([[2, 1, 1, 1]]))
+    assert nc.measured[0]
+    update = nc.t_c[0] - (3e-3 + min(0.5 * 3e-3, 2e-4))      # the optimiser's shard update
+    assert 0 <= update < 1e-4
+    # the whole plan: executor overheads per layer and step, and the loss reduction
+    pc = cm.evaluate(data_parallel(g, 2))
+    layers = sum(1 for n in g if n.kind != "input")
+    assert pc.t_o == pytest.approx(layers * 1e-5 + 3e-4 + 1e-3 + 2 * 8 / 2 / 2e9)
+    assert pc.total == pytest.approx(pc.t_c + pc.t_s + pc.t_x + pc.t_o)
+    # exchanges: latency and bandwidth of the figures, plus the region copy
+    cf, other = np.array([[2, 1, 1, 1]]), np.array([[1, 2, 1, 1]])
+    ec = cm.edge_cost("conv1", "conv1.relu", 0, cf, other)
+    b = ec.tables.max_rank[0, 0] * 4
+    region = cm.region_bytes("conv1.relu", 0, other)[0]
+    assert ec.t_x[0, 0] == pytest.approx(2 * (2e-4 + b / 1e9 + region / 5e9))
+    # allreduce latency of other group sizes: scaled by the steps of the reduction
+    assert rf.allreduce_alpha(2) == 1e-3 and rf.allreduce_alpha(8) == pytest.approx(3e-3)
+
+
+def test_gradient_sync_follows_the_runtime_buckets():
+    """evaluate() prices the gradient allreduce per replica group and
+    bucket, as hpcnn.parallel.groups packs them; the payload per rank is
+    the rank's gradient shards."""
+    g = build_model("lenet5", batch=8)
+    m, rf = _machine_with_runtime(2)
+    plan = data_parallel(g, 2)
+    shards = sum(int(np.prod(sp.shape)) * 4 for n in g for sp in n.param_specs().values() if sp.trainable)
+    for bucket in (1 << 30, 64 << 10):
+        cm = CostModel(g, 2, m, bucket_bytes=bucket)
+        t, payload = cm.gradient_sync(plan.layouts(g))
+        assert list(payload) == [shards, shards]
+        sizes = [int(np.prod(sp.shape)) * 4 for n in g for _, sp in sorted(n.param_specs().items())
+                 if sp.trainable]
+        buckets, cur = [], 0
+        for b in sizes:
+            if cur and cur + b > bucket:
+                buckets.append(cur)
+                cur = 0
+            cur += b
+        buckets.append(cur)
+        want = sum(1e-3 + 2 * (2 - 1) / 2 * b / 2e9 for b in buckets)
+        assert t == pytest.approx(want)
+        assert (len(buckets) == 1) == (bucket == 1 << 30)

@@ -14,6 +14,13 @@
    2`` is spawned).  Only inside this node: the inter-node figures of the
    file are copies of the intra-node ones and are marked as not measured --
    measure them on a cluster with the two ranks on two nodes.
+4. hpcnn's runtime at each job size P of ``--ranks`` (``mpiexec -n P
+   python -m hpcnn.bench.runtime_profile`` is spawned; see that module):
+   the op tiles of P-rank configurations timed while all P ranks compute,
+   hpcnn's exchanges and allreduces between computations, and the
+   executor's own time per layer and per step.  With more ranks than cores
+   these differ a lot from the figures of one rank alone; the cost model
+   uses them for jobs of that size (``runtime`` in the machine file).
 
 Everything is written as a machine description (``hpcnn/machines/local.json``
 or the path given with -o).  Ranks are assumed to use one BLAS thread each
@@ -36,23 +43,50 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODELS = ["digits_cnn", "resnet_small", "inception_small", "lenet5"]
+DEFAULT_MODELS = ["resnet_small@32", "inception_small@32", "digits_cnn", "lenet5"]
+
+
+def model_specs(names) -> list:
+    """[(name, image side or None)] from NAME or NAME@SIZE entries."""
+    out = []
+    for spec in names:
+        name, _, size = str(spec).partition("@")
+        if size:
+            try:
+                side = int(size)
+            except ValueError:
+                raise ValueError(f"model {spec!r}: the image side after @ must be an integer") from None
+            out.append((name, side))
+        else:
+            out.append((name, None))
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", nargs="+", default=DEFAULT_MODELS, metavar="M",
-                   help=f"models whose tile shapes are measured (default: {' '.join(DEFAULT_MODELS)})")
+                   help="models whose tile shapes are measured, NAME or NAME@SIDE for another image "
+                        f"side (default: {' '.join(DEFAULT_MODELS)})")
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4], metavar="P",
                    help="rank counts whose configurations are measured (default: 1 2 4)")
-    p.add_argument("--batch", type=int, default=64, metavar="B",
-                   help="global mini-batch the tiles are cut from (default 64); plans searched for "
+    p.add_argument("--batch", type=int, default=32, metavar="B",
+                   help="global mini-batch the tiles are cut from (default 32); plans searched for "
                         "another batch fall back to the fitted roofline")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--repeats", type=int, default=5, help="runs per tile (median)")
     p.add_argument("--budget", type=float, default=300.0, metavar="S",
                    help="seconds to spend measuring op tiles (largest first)")
     p.add_argument("--max-kinds", type=int, default=2, choices=[1, 2, 3])
-    p.add_argument("--no-mpi", action="store_true", help="skip the MPI ping-pong")
+    p.add_argument("--no-mpi", action="store_true",
+                   help="skip everything that needs MPI (the ping-pong and the runtime figures)")
+    p.add_argument("--no-runtime", action="store_true",
+                   help="skip the runtime figures per job size (tiles with all ranks computing, "
+                        "exchanges, allreduces, executor overheads)")
+    p.add_argument("--runtime-budget", type=float, default=240.0, metavar="S",
+                   help="seconds of op tiles per job size for the runtime figures (default 240)")
+    p.add_argument("--runtime-ranks", type=int, nargs="+", default=None, metavar="P",
+                   help="job sizes whose runtime figures are measured (default: those of --ranks)")
+    p.add_argument("--runtime-rounds", type=int, default=3, metavar="R",
+                   help="rounds of the runtime measurements, pooled by medians (default 3)")
     p.add_argument("--name", default="local")
     p.add_argument("-o", "--output", default=None, metavar="FILE",
                    help="where to write the machine file (default: hpcnn/machines/<name>.json)")
@@ -68,8 +102,9 @@ def tile_jobs(model_names, ranks_list, batch, dtype, max_kinds=2):
     from hpcnn.strategy.machine import load_machine
     mach = load_machine("paper_p100_cluster")      # any machine: only geometry is used
     jobs = {}
-    for name in model_names:
-        g = build_model(name, batch=batch)
+    for spec in model_names:
+        name, side = spec if isinstance(spec, tuple) else (spec, None)
+        g = build_model(name, batch=batch, image_size=side)
         for P in ranks_list:
             cm = CostModel(g, P, mach, dtype=dtype, opts=SpaceOptions(max_kinds=max_kinds))
             for gi, grp in enumerate(cm.space.groups):
@@ -264,8 +299,9 @@ def run(args) -> int:
     print(f"  peak {peak / 1e9:.2f} GFLOP/s, memory {bw / 1e9:.2f} GB/s, op overhead {overhead * 1e6:.1f} us")
 
     try:
-        jobs = tile_jobs(args.model, args.ranks, args.batch, dtype, args.max_kinds)
-    except ModelError as exc:
+        specs = model_specs(args.model)
+        jobs = tile_jobs(specs, args.ranks, args.batch, dtype, args.max_kinds)
+    except (ModelError, ValueError) as exc:
         print(f"hpcnn calibrate: error: {exc}", file=sys.stderr)
         return 2
     order = sorted(jobs, key=lambda k: -jobs[k][5])
@@ -371,8 +407,57 @@ def run(args) -> int:
                   "batch": args.batch, "repeats": args.repeats, "ops": measured})
     out_path.parent.mkdir(parents=True, exist_ok=True)
     m.save(out_path)
+    if not (args.no_mpi or args.no_runtime):
+        for P in (args.runtime_ranks or args.ranks):
+            print(f"runtime figures with {P} rank(s) running at once (tiles, exchanges, allreduces, "
+                  f"executor overheads; tile budget {args.runtime_budget:.0f} s) ...", flush=True)
+            try:
+                rf, raw = measure_runtime(out_path, P, args)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                print(f"hpcnn calibrate: error: {exc}", file=sys.stderr)
+                return 1
+            m.runtime[P] = rf
+            line = (f"  {len(rf.ops)} tiles (compute x{rf.compute_factor:.2f} against alone), "
+                    f"per layer {rf.node_overhead_s * 1e6:.0f} us, per step {rf.step_overhead_s * 1e3:.2f} ms")
+            if rf.exchange is not None:
+                line += (f"; exchange {rf.exchange.latency * 1e3:.3f} ms + {rf.exchange.bandwidth / 1e9:.2f} GB/s"
+                         f"; allreduce " + ", ".join(f"{g} ranks {v * 1e3:.3f} ms"
+                                                     for g, v in sorted(rf.allreduce_latency.items())))
+            print(line, flush=True)
+            m.figures.append({"figure": f"runtime.{P}", "value": {k: v for k, v in rf.to_dict().items()
+                                                                  if k != "ops"},
+                              "assumed": False,
+                              "source": f"{src}: hpcnn.bench.runtime_profile with {P} rank(s) running at "
+                                        f"once, load average {raw.get('load_average')}"})
+            m.save(out_path)
     print(f"machine written to {out_path}")
     return 0
+
+
+def measure_runtime(machine_path, P, args, timeout=3600):
+    """Spawn ``mpiexec -n P python -m hpcnn.bench.runtime_profile`` and read
+    its RuntimeFigures (and raw measurements)."""
+    from hpcnn.strategy.machine import RuntimeFigures
+    exe = _mpiexec()
+    if exe is None:
+        raise RuntimeError("mpiexec not found: install an MPI (pip install mpich) or pass --no-runtime")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with tempfile.TemporaryDirectory() as d:
+        spec = Path(d) / "spec.json"
+        out = Path(d) / "runtime.json"
+        spec.write_text(json.dumps({"machine": str(machine_path), "models": list(args.model),
+                                    "batch": args.batch, "dtype": args.dtype, "repeats": args.repeats,
+                                    "budget": args.runtime_budget, "rounds": args.runtime_rounds,
+                                    "max_kinds": args.max_kinds}))
+        r = subprocess.run([exe, "-n", str(P), sys.executable, "-m", "mpi4py", "-m", "hpcnn.bench.runtime_profile",
+                            str(spec), str(out)], env=env, capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0 or not out.exists():
+            raise RuntimeError(f"the runtime measurement with {P} ranks failed (exit {r.returncode}): "
+                               f"{r.stderr[-2000:]}")
+        d = json.loads(out.read_text())
+    return RuntimeFigures.from_dict(d["figures"]), d["raw"]
 
 
 def _link(d):

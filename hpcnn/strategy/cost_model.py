@@ -398,6 +398,8 @@ class CostModel:
                     elif tk in self._measured:       # timed alone
                         t_c[row] = float(self._measured[tk]) * factor
                         measured[row] = True
+            if self.rt is not None:
+                t_c = t_c + np.minimum(self.rt.skew * t_c, self.rt.skew_cap_s)
             mem_eff = m.memory_bandwidth * float(m.device.get("memory_efficiency", 1.0))
             t_c = t_c + 5.0 * shard * isz / mem_eff
         t_s = np.zeros(C)

@@ -68,6 +68,11 @@ class RuntimeFigures:
                      computations; allreduce_bandwidth for its bytes
     node_overhead_s  executor time per layer and step beyond the op itself
     step_overhead_s  per step: loss reduction, optimiser, bookkeeping
+    skew, skew_cap_s a layer inside a step costs its tile's figure t plus
+                     min(skew * t, skew_cap_s): after each layer the ranks
+                     wait for the slowest (whose share of the cores varies
+                     by up to a scheduler time slice), and a layer's data is
+                     colder than in a tile timed over and over
     """
     ranks: int
     ops: dict = field(default_factory=dict)
@@ -78,6 +83,8 @@ class RuntimeFigures:
     allreduce_bandwidth: float | None = None
     node_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
+    skew: float = 0.0
+    skew_cap_s: float = math.inf
     blas_threads: int | None = None
 
     def allreduce_alpha(self, group: int) -> float | None:
@@ -96,7 +103,10 @@ class RuntimeFigures:
 
     def to_dict(self) -> dict:
         d = {"ranks": self.ranks, "compute_factor": self.compute_factor,
-             "node_overhead_s": self.node_overhead_s, "step_overhead_s": self.step_overhead_s}
+             "node_overhead_s": self.node_overhead_s, "step_overhead_s": self.step_overhead_s,
+             "skew": self.skew}
+        if math.isfinite(self.skew_cap_s):
+            d["skew_cap_s"] = self.skew_cap_s
         if self.blas_threads is not None:
             d["blas_threads"] = self.blas_threads
         if self.exchange is not None:
@@ -122,6 +132,8 @@ class RuntimeFigures:
                      allreduce_bandwidth=float(ar["bandwidth"]) if ar.get("bandwidth") else None,
                      node_overhead_s=float(d.get("node_overhead_s", 0.0)),
                      step_overhead_s=float(d.get("step_overhead_s", 0.0)),
+                     skew=float(d.get("skew", 0.0)),
+                     skew_cap_s=float(d.get("skew_cap_s", math.inf)),
                      blas_threads=d.get("blas_threads"))
         except (KeyError, TypeError, ValueError) as exc:
             raise MachineError(f"{where}: malformed ({exc!r}); re-run hpcnn calibrate") from None

@@ -1,0 +1,411 @@
+"""``hpcnn bench model``: the cost model's predicted iteration time against
+the measured one, for several plans at several rank counts (the paper's
+Table 4 on this machine).
+
+Plans (at P ranks; at 1 rank they are all the sequential program, measured
+once; a plan equal to another is measured once and listed under both names):
+
+  data-parallel  every layer split over samples (hpcnn.strategy.baselines)
+  owt            data-parallel images, channel-parallel fully connected
+  model-parallel channels everywhere (samples for the loss)
+  searched       the plan ``hpcnn plan`` finds with the machine file
+  spatial-h      image layers split over height, the rest over samples
+  spatial-hw     image layers split over height and width (width alone at 2)
+  mixed          image layers split over samples and height, dense layers over
+                 channels (at 2 ranks: samples, then height in the second half)
+
+Run it alone (it launches ``mpiexec -n P`` for every P of ``--ranks``) or
+under your own launcher (``mpiexec -n 4 hpcnn bench model``: that world size
+only).
+
+Measured: every plan runs ``--warmup`` untimed training steps, then
+``--rounds`` rounds of ``--iters`` timed steps.  A step's time is the
+slowest rank's, from a barrier to the end of its optimiser update; the
+measured figure is the median over all timed steps.
+
+Predicted: ``CostModel.evaluate(plan).total``.  The cost model needs this
+machine's figures for jobs of P ranks (``RuntimeFigures``: op tiles timed
+with all ranks computing, and the executor, exchange and allreduce figures
+fitted to synthetic networks, see hpcnn/bench/runtime_profile.py).  By
+default they are measured in this run, as the paper profiles each layer on
+the device before predicting: every round interleaves the calibration's
+pieces (tiles of this run's plans, steps of the synthetic networks) with
+the plans' timed steps, so that the machine's load -- shared with other work
+-- is the same for calibration and measurement; the pooled measurements
+(medians) are fitted once at the end.  The synthetic networks are not the
+benchmarked model, and no measured step of a benchmarked plan enters the
+prediction.  ``--no-profile`` predicts from ``--machine`` alone (its
+``hpcnn calibrate`` figures, taken at another time and load); the table
+shows that prediction beside the other.  Error = (predicted - measured) /
+measured, as in the paper's Table 4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+RESULT_TAG = "HPCNN_BENCH_MODEL "
+_LAUNCHED_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
+                  "HYDI_CONTROL_FD")
+PLAN_NAMES = ("data-parallel", "owt", "model-parallel", "searched", "spatial-h", "spatial-hw", "mixed")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="resnet_small", help="model (default resnet_small)")
+    p.add_argument("--image-size", type=int, default=32, help="input side (default 32)")
+    p.add_argument("--batch", type=int, default=32, help="global mini-batch (default 32)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4],
+                   help="world sizes to launch when run without mpiexec (default: 1 2 4)")
+    p.add_argument("--plans", nargs="+", default=list(PLAN_NAMES), choices=PLAN_NAMES, metavar="PLAN",
+                   help=f"plans to run (default: all of {' '.join(PLAN_NAMES)})")
+    p.add_argument("--machine", default="local",
+                   help="machine file the predictions use (default: local, the calibrated file)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per plan (default 3)")
+    p.add_argument("--iters", type=int, default=3, help="timed steps per plan and round (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds over the plans (default 5)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="predict from the machine file alone; by default the run also measures this "
+                        "machine's figures for P ranks (op tiles of the plans, synthetic networks; "
+                        "hpcnn.bench.runtime_profile), interleaved with the timed steps so that "
+                        "calibration and measurement share the machine's load")
+    p.add_argument("--detail", action="store_true",
+                   help="also print predicted against measured time per category (compute, "
+                        "exchanges, allreduce, ...) from the executor's trace")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--timeout", type=float, default=1200, help="seconds allowed per mpiexec launch")
+
+
+def _launched() -> bool:
+    return any(v in os.environ for v in _LAUNCHED_VARS)
+
+
+def run(args) -> int:
+    if not _launched():
+        return _launch_all(args)
+    from mpi4py import MPI
+    result = _measure(args)
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        print(RESULT_TAG + json.dumps(result), flush=True)
+        if os.environ.get("HPCNN_BENCH_INNER") != "1":
+            _report([result], args)
+    return 0
+
+
+# ---- launcher ---------------------------------------------------------------------------
+def _mpiexec() -> str:
+    import shutil
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.path.exists(here):
+        return here
+    found = shutil.which("mpiexec")
+    if not found:
+        raise SystemExit("hpcnn bench model: mpiexec not found; install MPI (pip install mpich) "
+                         "or launch it yourself: mpiexec -n 4 hpcnn bench model")
+    return found
+
+
+def _passthrough(args) -> list:
+    out = ["--model", args.model, "--image-size", str(args.image_size), "--batch", str(args.batch),
+           "--machine", args.machine, "--dtype", args.dtype, "--warmup", str(args.warmup),
+           "--iters", str(args.iters), "--rounds", str(args.rounds), "--plans"] + list(args.plans)
+    if args.detail:
+        out.append("--detail")
+    if args.no_profile:
+        out.append("--no-profile")
+    return out
+
+
+def _launch_all(args) -> int:
+    results = []
+    env = dict(os.environ, HPCNN_BENCH_INNER="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for p in args.ranks:
+        cmd = [_mpiexec(), "-n", str(p), sys.executable, "-m", "mpi4py", "-m", "hpcnn", "bench",
+               "model"] + _passthrough(args)
+        print(f"hpcnn bench model: running {p} rank(s) ...", file=sys.stderr, flush=True)
+        try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"hpcnn bench model: {p} ranks did not finish in {args.timeout:.0f} s; "
+                             "lower --rounds or --iters, or raise --timeout")
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+        if r.returncode != 0 or not lines:
+            sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
+            raise SystemExit(f"hpcnn bench model: the run on {p} ranks failed (exit {r.returncode})")
+        results.append(json.loads(lines[-1][len(RESULT_TAG):]))
+    _report(results, args)
+    return 0
+
+
+# ---- plans ------------------------------------------------------------------------------
+def _fit(n, P, want):
+    from hpcnn.strategy.config_space import fit_config
+    return fit_config(n.shape, n.op.splittable, P, want)
+
+
+def make_plans(g, P, machine, names=PLAN_NAMES) -> dict:
+    """{name: Plan} of the benchmark at P ranks (see the module text)."""
+    from hpcnn.strategy.baselines import data_parallel, model_parallel, owt
+    from hpcnn.strategy.plan import Plan
+    from hpcnn.strategy.planner import search_plan
+
+    order = {n.name: i for i, n in enumerate(g)}
+    half = len(order) // 2
+
+    def custom(name, rule):
+        return Plan(g.name, P, g.batch, {n.name: _fit(n, P, rule(n)) for n in g}, name=name)
+
+    def spatial_h(n):
+        return {"h": P} if len(n.shape) == 4 else {"n": P}
+
+    def spatial_hw(n):
+        if len(n.shape) != 4:
+            return {"n": P}
+        if P >= 4 and P % 2 == 0:
+            return {"h": 2, "w": P // 2}
+        return {"w": P}
+
+    def mixed(n):
+        if len(n.shape) == 4:
+            if P >= 4 and P % 2 == 0:
+                return {"n": 2, "h": P // 2}
+            return {"n": P} if order[n.name] < half else {"h": P}
+        if n.kind == "linear":
+            return {"c": P}
+        return {"n": P}
+
+    out = {}
+    for name in names:
+        if name == "data-parallel":
+            out[name] = data_parallel(g, P)
+        elif name == "owt":
+            out[name] = owt(g, P)
+        elif name == "model-parallel":
+            out[name] = model_parallel(g, P)
+        elif name == "searched":
+            plan, _ = search_plan(g, P, machine, with_baselines=False)
+            plan.name = "searched"
+            out[name] = plan
+        elif name == "spatial-h":
+            out[name] = custom(name, spatial_h)
+        elif name == "spatial-hw":
+            out[name] = custom(name, spatial_hw)
+        elif name == "mixed":
+            out[name] = custom(name, mixed)
+    return out
+
+
+# ---- the measurement (collective) --------------------------------------------------------
+COMM_CATS = ("halo", "redistribution", "allreduce", "batchnorm")
+
+
+def _measure(args) -> dict:
+    import copy
+
+    import numpy as np
+    from mpi4py import MPI
+
+    from hpcnn.backend import Backend
+    from hpcnn.bench.runtime_profile import Sampler, fit_samples, plan_tile_jobs
+    from hpcnn.models import build_model
+    from hpcnn.runtime.executor import DistributedModel
+    from hpcnn.runtime.node_setup import setup_node
+    from hpcnn.runtime.sgd import SGD
+    from hpcnn.strategy.cost_model import CostModel
+    from hpcnn.strategy.machine import Machine
+
+    world = MPI.COMM_WORLD
+    P, me = world.Get_size(), world.Get_rank()
+    backend = Backend("numpy")
+    info = setup_node(world, backend, verbose=False)
+    machine = Machine.load(args.machine)
+    g = build_model(args.model, batch=args.batch, image_size=args.image_size)
+    dtype = np.dtype(args.dtype)
+    plans = make_plans(g, P, machine, args.plans) if me == 0 else None
+    plans = world.bcast(plans, root=0)
+    # identical plans (all of them at 1 rank) are measured once
+    unique, alias = {}, {}
+    for name, plan in plans.items():
+        key = json.dumps(plan.configs, sort_keys=True)
+        alias.setdefault(key, []).append(name)
+        unique.setdefault(key, plan)
+    jobs = plan_tile_jobs(g, list(unique.values()), dtype)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(g[g.input_name].shape).astype(dtype)
+    y = rng.integers(0, g[g.logits_name].shape[1], size=g.batch)
+    runs = []
+    for key, plan in unique.items():
+        dm = DistributedModel(g, plan, world, dtype=dtype, seed=0, backend=backend, setup=False,
+                              trace=args.detail)
+        box = dm.input_box()
+        xt = x[box.slices()] if box is not None else None
+        runs.append(dict(key=key, plan=plan, dm=dm, xt=xt, sgd=SGD(lr=0.01, momentum=0.9),
+                         times=[], cats=[], step=0))
+    for r in runs:
+        for _ in range(args.warmup):
+            r["dm"].train_step(r["xt"], y, r["sgd"], step=r["step"])
+            r["step"] += 1
+
+    def timed(r):
+        dm = r["dm"]
+        for _ in range(args.iters):
+            dm.events = []
+            world.Barrier()
+            t0 = time.perf_counter()
+            dm.train_step(r["xt"], y, r["sgd"], step=r["step"])
+            dt = time.perf_counter() - t0
+            r["step"] += 1
+            r["times"].append(world.allreduce(dt, op=MPI.MAX))
+            if args.detail:
+                cat = {}
+                for c, _, ta, tb in dm.events:
+                    cat[c] = cat.get(c, 0.0) + (tb - ta)
+                r["cats"].append(cat)
+
+    sampler = None if args.no_profile else Sampler(world, jobs, args.dtype)
+    for _ in range(args.rounds):
+        # the plans' steps interleaved with the calibration's pieces
+        mine = [lambda r=r: timed(r) for r in runs]
+        if sampler is None:
+            work = mine
+        else:
+            cal = sampler.items(chunks=len(mine))
+            work, k = [], -(-len(cal) // len(mine))
+            for i, m in enumerate(mine):
+                work.extend(cal[i * k:(i + 1) * k])
+                work.append(m)
+            work.extend(cal[len(mine) * k:])
+        for w in work:
+            w()
+    samples = sampler.samples() if sampler is not None else None
+    if sampler is not None:
+        sampler.free()
+    rows = []
+    file_model = CostModel(g, P, machine, dtype=args.dtype) if me == 0 else None
+    profile = None
+    if samples and me == 0:
+        # the figures of all rounds' samples pooled (medians), then fitted
+        rf, fit = fit_samples(machine, samples, args.dtype, (machine.measured or {}).get("ops"))
+        mr = copy.copy(machine)
+        mr.runtime = dict(machine.runtime)
+        mr.runtime[P] = rf
+        prof_model = CostModel(g, P, mr, dtype=args.dtype)
+        profile = {k: v for k, v in rf.to_dict().items() if k != "ops"}
+        profile.update(fit=fit, load_average=samples["load_average"])
+    for r in runs:
+        cats = None
+        if args.detail:
+            # per category: median over steps of the mean over ranks
+            allc = world.gather(r["cats"], root=0)
+            if me == 0:
+                names = sorted({c for per in allc for st in per for c in st})
+                cats = {c: float(np.median([np.mean([per[s].get(c, 0.0) for per in allc])
+                                            for s in range(len(allc[0]))])) for c in names}
+        r["dm"].free()
+        if me != 0:
+            continue
+        pf = file_model.evaluate(r["plan"], r["plan"].name)
+        pc = prof_model.evaluate(r["plan"], r["plan"].name) if profile is not None else pf
+        measured = float(np.median(r["times"]))
+        row = {"ranks": P, "plans": alias[r["key"]], "plan": r["plan"].to_dict(),
+               "predicted_s": pc.total, "measured_s": measured,
+               "error": (pc.total - measured) / measured,
+               "predicted_file_s": pf.total, "error_file": (pf.total - measured) / measured,
+               "measured_steps_s": [float(t) for t in r["times"]],
+               "predicted_parts_s": {"t_c": pc.t_c, "t_s": pc.t_s, "t_x": pc.t_x, "t_o": pc.t_o}}
+        if cats is not None:
+            row["measured_categories_s"] = cats
+            row["predicted_layers"] = pc.rows
+        rows.append(row)
+    return {"ranks": P, "model": args.model, "image_size": args.image_size, "batch": args.batch,
+            "dtype": args.dtype, "machine": args.machine, "profiled": not args.no_profile,
+            "blas_threads": info.blas_threads, "cores": info.cores,
+            "load_average": list(os.getloadavg()), "profile": profile, "rows": rows}
+
+
+# ---- report ----------------------------------------------------------------------------------
+def summary(results, key="error") -> dict:
+    """Median and largest |error| over the rows (``key``: 'error' for the
+    prediction with this run's figures, 'error_file' for the machine file's)."""
+    import numpy as np
+    errs = [abs(r[key]) for res in results for r in res["rows"]]
+    return {"rows": len(errs), "median_abs_error": float(np.median(errs)) if errs else None,
+            "max_abs_error": float(max(errs)) if errs else None,
+            "within_15": sum(e <= 0.15 for e in errs), "within_10": sum(e <= 0.10 for e in errs)}
+
+
+def plan_label(r) -> str:
+    return ", ".join(r["plans"]) if len(r["plans"]) < 3 else "every plan (one program at 1 rank)"
+
+
+def format_table(results) -> str:
+    profiled = any(res.get("profiled") for res in results)
+    if profiled:
+        lines = ["| ranks | plan | predicted | measured | error | predicted from the machine file alone | error |",
+                 "|---|---|---|---|---|---|---|"]
+    else:
+        lines = ["| ranks | plan | predicted (machine file) | measured | error |", "|---|---|---|---|---|"]
+    for res in results:
+        for r in res["rows"]:
+            cells = [str(res["ranks"]), plan_label(r)]
+            if profiled:
+                cells += [f"{r['predicted_s'] * 1e3:.1f} ms", f"{r['measured_s'] * 1e3:.1f} ms",
+                          f"{r['error'] * 100:+.1f}%", f"{r['predicted_file_s'] * 1e3:.1f} ms",
+                          f"{r['error_file'] * 100:+.1f}%"]
+            else:
+                cells += [f"{r['predicted_file_s'] * 1e3:.1f} ms", f"{r['measured_s'] * 1e3:.1f} ms",
+                          f"{r['error_file'] * 100:+.1f}%"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    keys = ([("error", "predicted")] if profiled else []) + [("error_file", "machine file alone")]
+    for key, what in keys:
+        sm = summary(results, key)
+        if sm["rows"]:
+            lines.append(f"{what}: |error| median {sm['median_abs_error'] * 100:.1f}%, max "
+                         f"{sm['max_abs_error'] * 100:.1f}%; {sm['within_10']} of {sm['rows']} within 10%, "
+                         f"{sm['within_15']} within 15%")
+    return "\n".join(lines)
+
+
+def format_detail(results) -> str:
+    lines = ["| ranks | plan | compute predicted / traced | exchanges | synchronisation | executor |",
+             "|---|---|---|---|---|---|"]
+    for res in results:
+        for r in res["rows"]:
+            if "measured_categories_s" not in r:
+                continue
+            m = r["measured_categories_s"]
+            p = r["predicted_parts_s"]
+            # the traced forward includes the batch-norm reductions it waits in
+            fb = m.get("forward", 0) + m.get("backward", 0) - m.get("batchnorm", 0)
+            ex = m.get("halo", 0) + m.get("redistribution", 0)
+            sy = m.get("allreduce", 0) + m.get("batchnorm", 0)
+            lines.append(f"| {res['ranks']} | {plan_label(r)} | {p['t_c'] * 1e3:.1f} / {fb * 1e3:.1f} ms | "
+                         f"{p['t_x'] * 1e3:.1f} / {ex * 1e3:.1f} ms | {p['t_s'] * 1e3:.1f} / {sy * 1e3:.1f} ms | "
+                         f"{p['t_o'] * 1e3:.1f} ms / - |")
+    return "\n".join(lines)
+
+
+def _report(results, args) -> None:
+    head = results[0] if results else {}
+    print(f"## Predicted against measured iteration time: {head.get('model')} "
+          f"{head.get('image_size')}px, batch {head.get('batch')}, {head.get('dtype')}, "
+          f"machine file {head.get('machine')}")
+    print()
+    print(format_table(results))
+    if args.detail:
+        print()
+        print("Per category, predicted / traced by the executor (mean over ranks; waiting is "
+              "traced where it happens, mostly in exchanges and reductions):")
+        print()
+        print(format_detail(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "summary": summary(results),
+                       "summary_machine_file": summary(results, "error_file")}, f, indent=1)

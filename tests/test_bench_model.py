@@ -1,0 +1,79 @@
+"""hpcnn bench model: its plans, and the fit of the runtime figures (pure
+parts, no MPI; the benchmark itself is run by hand, see
+docs/performance.md "Cost model accuracy")."""
+import math
+
+import numpy as np
+import pytest
+
+from hpcnn.bench.model import PLAN_NAMES, make_plans
+from hpcnn.bench.runtime_profile import PARAMS, _features, _figures, _nnls, _synthetic, fit_samples, plan_tile_jobs
+from hpcnn.models import build_model
+from hpcnn.strategy.machine import RuntimeFigures, load_machine
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_the_benchmark_has_at_least_six_different_valid_plans(P):
+    g = build_model("resnet_small", batch=32, image_size=32)
+    plans = make_plans(g, P, load_machine("paper_p100_cluster"))
+    assert list(plans) == list(PLAN_NAMES)
+    for name, plan in plans.items():
+        plan.validate(g, P)
+    distinct = {str(sorted(p.configs.items())) for p in plans.values()}
+    assert len(distinct) >= 6
+    conv = "layer1.0.conv1"
+    assert plans["spatial-h"].config(conv) == {"n": 1, "h": P}
+    assert plans["model-parallel"].config(conv).get("c") == P
+    assert plans["data-parallel"].config(conv) == {"n": P}
+    assert plans["owt"].config("fc").get("c") == P
+    hw = plans["spatial-hw"].config(conv)
+    assert hw.get("w", 1) > 1 and hw.get("h", 1) * hw.get("w", 1) == P
+
+
+def test_nnls_keeps_coefficients_non_negative():
+    rng = np.random.default_rng(0)
+    A = rng.random((12, 4))
+    x = np.array([1.0, 0.0, 2.0, 0.5])
+    assert np.allclose(_nnls(A, A @ x), x)
+    y = A @ np.array([1.0, -3.0, 2.0, 0.5])
+    got = _nnls(A, y)
+    assert (got >= 0).all() and got[1] == 0
+
+
+@pytest.mark.parametrize("P", [1, 2])
+def test_the_fit_recovers_figures_that_made_the_steps(P):
+    """Synthetic steps priced by the cost model with known figures (and a
+    known saturation of the skew) are fitted back to those figures."""
+    machine = load_machine("paper_p100_cluster")
+    cases = _synthetic(P)
+    rng = np.random.default_rng(P)
+    ops = {}
+    for _, g, plan in cases:
+        for k in plan_tile_jobs(g, [plan], "float32"):
+            ops.setdefault(k, float(rng.uniform(2e-5, 3e-3)))
+    base = RuntimeFigures(ranks=P, ops=ops, copy_bandwidth=8e9)
+    truth = {"node_overhead_s": 2e-5, "step_overhead_s": 1.5e-4, "exchange_latency_s": 3e-4,
+             "exchange_s_per_byte": 1e-9, "allreduce_latency_s": 6e-4, "allreduce_s_per_byte": 2e-9,
+             "skew": 0.4}
+    if P == 1:                      # nothing to exchange or reduce
+        for k in ("exchange_latency_s", "exchange_s_per_byte", "allreduce_latency_s", "allreduce_s_per_byte"):
+            truth[k] = 0.0
+    theta = np.array([truth[k] for k in PARAMS])
+    sat = 1e-3
+    steps = {}
+    for name, g, plan in cases:
+        c0, cols = _features(machine, base, g, plan, "float32", [sat])
+        steps[name] = [c0 + float(cols[sat] @ theta)]
+    samples = {"ranks": P, "ops": {k: [v] for k, v in ops.items()}, "copy_bandwidth": [8e9],
+               "networks": steps}
+    rf, details = fit_samples(machine, samples)
+    assert details["params"]["skew_saturation_s"] == sat
+    for k in PARAMS:
+        assert details["params"][k] == pytest.approx(truth[k], rel=1e-6, abs=1e-12), k
+    assert rf.skew_cap_s == pytest.approx(0.4 * sat)
+    for net in details["networks"]:
+        assert net["fitted_s"] == pytest.approx(net["measured_s"], rel=1e-9)
+    # the figures a fit gives are the ones a machine file stores
+    again = RuntimeFigures.from_dict(rf.to_dict())
+    assert again.to_dict() == rf.to_dict() and math.isfinite(again.skew_cap_s)
+    assert _figures(base, theta, math.inf).skew_cap_s == math.inf
