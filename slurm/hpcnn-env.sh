@@ -138,7 +138,7 @@ hpcnn_launch() {
     esac
 
     hpcnn_log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) run $((${SLURM_RESTART_COUNT:-0} + 1)) on ${SLURM_JOB_NUM_NODES:-1} node(s) [$SLURM_JOB_NODELIST], $SLURM_NTASKS ranks, launcher $HPCNN_LAUNCHER"
-    hpcnn_log "checkpoints in $ckpt"
+    hpcnn_log "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}; checkpoints in $ckpt"
     hpcnn_log "running: ${cmd[*]}"
 
     hpcnn_signalled=0 hpcnn_at_limit=0 hpcnn_terminated=0

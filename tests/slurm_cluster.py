@@ -105,16 +105,19 @@ class SlurmCluster:
     Slurm client commands and jobs."""
 
     def __init__(self, cpus: int | None = None, gpus: int = GPUS, kill_wait: int = 15,
-                 start_timeout: float = 60):
+                 start_timeout: float = 60, extra_conf: str = ""):
         self.cpus = cpus or os.cpu_count() or 1
         self.gpus = gpus
         self.kill_wait = kill_wait
         self.start_timeout = start_timeout
+        self.extra_conf = extra_conf
         self.dir: Path | None = None
         self.procs: dict[str, subprocess.Popen] = {}
         self.node = socket.gethostname().split(".")[0]
         self.partition = "hpcnn"
-        self.env = dict(os.environ)
+        # a clean client environment, even when the tests run inside a Slurm job
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))}
         self.env["PATH"] = self.env.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
         self.installed = ""
 
@@ -222,6 +225,7 @@ MinJobAge=600
 GresTypes=gpu
 NodeName={self.node} NodeAddr=127.0.0.1 {self._hardware()} RealMemory={mem_mib} {f'Gres=gpu:{self.gpus} ' if self.gpus else ''}State=UNKNOWN
 PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+{self.extra_conf}
 """
         (d / "slurm.conf").write_text(conf)
         gres = f"AutoDetect=off\n"
@@ -351,12 +355,16 @@ if __name__ == "__main__":
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    with SlurmCluster() as c:
-        print(f"{c.installed}; cluster up in {c.dir}")
-        print(f"export SLURM_CONF={c.env['SLURM_CONF']}")
-        print("Ctrl-C stops it")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+    c = SlurmCluster()
+    try:
+        with c:
+            print(f"{c.installed}; cluster up in {c.dir}")
+            print(f"export SLURM_CONF={c.env['SLURM_CONF']}")
+            print("Ctrl-C stops it")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        c.cleanup()
