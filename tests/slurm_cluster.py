@@ -1,4 +1,4 @@
-"""A real one-node Slurm cluster on this machine, for tests of slurm/.
+"""A real Slurm cluster on this one machine, for tests of slurm/.
 
 ``SlurmCluster`` installs Debian's Slurm and MUNGE packages when they are
 missing, writes a MUNGE key, ``slurm.conf`` and ``gres.conf`` into a private
@@ -6,14 +6,19 @@ temporary directory (clients and daemons find it through ``SLURM_CONF``; the
 MUNGE socket, state, spool, pid and log files all live there too, and the
 ports are free ones picked at start), runs ``munged``, ``slurmctld`` and
 ``slurmd`` in the foreground as children of this process, and waits until
-``sinfo`` shows the node idle.  Leaving the ``with`` block (also after an
+``sinfo`` shows the nodes idle.  With ``nodes=N > 1`` it runs N slurmd
+daemons on this machine (Debian's Slurm is built with multiple-slurmd
+support), each a node of its own name and port, so that multi-node job
+scripts run for real: each node offers all of this machine's cores and
+``gpus`` GPUs.  Leaving the ``with`` block (also after an
 error) cancels every job of the cluster, waits for them to go, and stops the
 three daemons it started.  Nothing outside the temporary directory is
 touched except the package installation.
 
-The node offers ``GPUS`` GPUs as a count-only generic resource (no device
-files), so ``--gpus-per-node`` headers are accepted on a machine without
-GPUs; Slurm then sets no ``CUDA_VISIBLE_DEVICES``.
+Each node offers ``GPUS`` GPUs whose device files are links to harmless
+character devices (/dev/null, /dev/zero): Slurm only needs files to hand out,
+so ``--gpus-per-node`` works and sets ``CUDA_VISIBLE_DEVICES`` on a machine
+without GPUs.
 
 Needs root (to install packages and to run slurmd, which starts jobs as their
 users): ``skip_reason()`` says why the cluster cannot run here, and a test
@@ -22,7 +27,7 @@ skips with that reason.  Anything else that goes wrong raises
 
 Run by hand to get a cluster to play with::
 
-    sudo python tests/slurm_cluster.py      # prints the SLURM_CONF to export
+    sudo python tests/slurm_cluster.py [NODES]   # prints the SLURM_CONF to export
 """
 from __future__ import annotations
 
@@ -100,11 +105,12 @@ def ensure_packages(timeout: float = 300) -> str:
 
 
 class SlurmCluster:
-    """A one-node Slurm cluster in a temporary directory (see the module
-    docstring).  Use as a context manager; ``env`` is the environment for
-    Slurm client commands and jobs."""
+    """A Slurm cluster of ``nodes`` nodes on this machine, configured in a
+    temporary directory (see the module docstring).  Use as a context
+    manager; ``env`` is the environment for Slurm client commands and jobs,
+    ``nodes`` the node names."""
 
-    def __init__(self, cpus: int | None = None, gpus: int = GPUS, kill_wait: int = 15,
+    def __init__(self, nodes: int = 1, cpus: int | None = None, gpus: int = GPUS, kill_wait: int = 15,
                  start_timeout: float = 60, extra_conf: str = ""):
         self.cpus = cpus or os.cpu_count() or 1
         self.gpus = gpus
@@ -113,7 +119,10 @@ class SlurmCluster:
         self.extra_conf = extra_conf
         self.dir: Path | None = None
         self.procs: dict[str, subprocess.Popen] = {}
-        self.node = socket.gethostname().split(".")[0]
+        host = socket.gethostname().split(".")[0]
+        # one node: this machine's name; several: node1..nodeN, all on this machine
+        self.nodes = [host] if nodes == 1 else [f"node{i}" for i in range(1, nodes + 1)]
+        self.host = host
         self.partition = "hpcnn"
         # a clean client environment, even when the tests run inside a Slurm job
         self.env = {k: v for k, v in os.environ.items()
@@ -156,8 +165,9 @@ class SlurmCluster:
         self._start("slurmctld", ["slurmctld", "-D", "-c", "-f", self.env["SLURM_CONF"]])
         self._wait_for(lambda: self.run(["scontrol", "ping"], check=False).stdout.find("UP") >= 0,
                        "slurmctld to answer `scontrol ping`")
-        self._start("slurmd", ["slurmd", "-D", "-N", self.node, "-f", self.env["SLURM_CONF"]])
-        self._wait_for(self._node_idle, f"node {self.node} to be idle in sinfo")
+        for node in self.nodes:
+            self._start(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", self.env["SLURM_CONF"]])
+        self._wait_for(self._nodes_idle, f"nodes {','.join(self.nodes)} to be idle in sinfo")
 
     @property
     def munge_socket(self) -> str:
@@ -188,23 +198,23 @@ class SlurmCluster:
             raise SlurmClusterError(f"gpus={self.gpus}: the test cluster can fake at most {len(devices)} GPUs")
         for i in range(self.gpus):
             (d / "dev" / f"fakegpu{i}").symlink_to(devices[i])
+        multi = len(self.nodes) > 1
         conf = f"""\
-# one-node test cluster written by tests/slurm_cluster.py
+# test cluster of {len(self.nodes)} node(s) on one machine, written by tests/slurm_cluster.py
 ClusterName=hpcnntest
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={self.munge_socket}
 CredType=cred/munge
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/run/slurmctld.pid
-SlurmdPidFile={d}/run/slurmd.pid
+SlurmdPidFile={d}/run/slurmd-%n.pid
 SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
+SlurmdLogFile={d}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig={d}/plugstack.conf
@@ -223,15 +233,21 @@ JobRequeue=1
 KillWait={self.kill_wait}
 MinJobAge=600
 GresTypes=gpu
-NodeName={self.node} NodeAddr=127.0.0.1 {self._hardware()} RealMemory={mem_mib} {f'Gres=gpu:{self.gpus} ' if self.gpus else ''}State=UNKNOWN
-PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
-{self.extra_conf}
 """
+        hardware = self._hardware()
+        gres = f"Gres=gpu:{self.gpus} " if self.gpus else ""
+        for node in self.nodes:
+            # several slurmd on one machine: same address, a port each
+            where = f"NodeHostname={self.host} " if multi else ""
+            conf += (f"NodeName={node} {where}NodeAddr=127.0.0.1 Port={_free_port()} {hardware} "
+                     f"RealMemory={mem_mib} {gres}State=UNKNOWN\n")
+        conf += (f"PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES "
+                 f"MaxTime=INFINITE State=UP\n{self.extra_conf}\n")
         (d / "slurm.conf").write_text(conf)
-        gres = f"AutoDetect=off\n"
+        gres_conf = "AutoDetect=off\n"
         if self.gpus:
-            gres += f"NodeName={self.node} Name=gpu File={d}/dev/fakegpu[0-{self.gpus - 1}]\n"
-        (d / "gres.conf").write_text(gres)
+            gres_conf += f"NodeName={','.join(self.nodes)} Name=gpu File={d}/dev/fakegpu[0-{self.gpus - 1}]\n"
+        (d / "gres.conf").write_text(gres_conf)
         (d / "plugstack.conf").write_text("")
 
     def _start(self, name: str, cmd: list[str]):
@@ -258,9 +274,10 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
             time.sleep(0.5)
         raise SlurmClusterError(f"timed out after {self.start_timeout:.0f} s waiting for {what}\n{self.logs()}")
 
-    def _node_idle(self) -> bool:
-        r = self.run(["sinfo", "-h", "-N", "-n", self.node, "-o", "%t"], check=False)
-        return r.returncode == 0 and r.stdout.strip() == "idle"
+    def _nodes_idle(self) -> bool:
+        r = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False)
+        state = dict(line.split() for line in r.stdout.splitlines() if len(line.split()) == 2)
+        return r.returncode == 0 and all(state.get(n) == "idle" for n in self.nodes)
 
     # ------------------------------------------------------------- commands
     def run(self, cmd: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
@@ -325,7 +342,7 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
                 if r.returncode != 0 or not set(r.stdout.split()) - FINAL_STATES:
                     break
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [f"slurmd-{n}" for n in self.nodes] + ["slurmctld", "munged"]:
             p = self.procs.pop(name, None)
             if p is None or p.poll() is not None:
                 continue
@@ -355,7 +372,7 @@ if __name__ == "__main__":
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    c = SlurmCluster()
+    c = SlurmCluster(nodes=int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     try:
         with c:
             print(f"{c.installed}; cluster up in {c.dir}")

@@ -1,14 +1,16 @@
-"""The sbatch scripts in slurm/, run for real on a one-node Slurm cluster
-started on this machine (tests/slurm_cluster.py).
+"""The sbatch scripts in slurm/, run for real on a Slurm cluster of two
+nodes (two slurmd daemons) started on this machine (tests/slurm_cluster.py).
 
-- a short training job through slurm/hpcnn-one-node.sbatch (srun, 2 ranks):
-  loss lines, a clean end, a checkpoint that h5py reads;
-- preemption: ``scontrol requeue`` of a running job; the ranks checkpoint on
-  SIGTERM, Slurm starts the job again and it resumes from that checkpoint;
+- a short training job with srun, through slurm/hpcnn-one-node.sbatch (2
+  ranks on one node) and slurm/hpcnn-multi-node.sbatch (2 nodes, 1 rank
+  each): loss lines, a clean end, a checkpoint that h5py reads;
+- preemption: ``scontrol requeue`` of a running one-node job; the ranks
+  checkpoint on SIGTERM, Slurm starts the job again and it resumes from that
+  checkpoint;
 - the time-limit warning (``--signal=B:USR1@...``, sent here at once with
-  ``scancel --batch --signal=USR1``) through slurm/hpcnn-multi-node.sbatch on
-  one node with the mpiexec launcher: the ranks checkpoint and stop, the script
-  requeues the job, and it resumes and finishes.
+  ``scancel --batch --signal=USR1``) to a two-node job with the mpiexec
+  launcher: the ranks checkpoint and stop, the script requeues the job, and
+  it resumes and finishes.
 
 Skipped (with the reason) only when not root; a failure to install or start
 Slurm fails with the daemons' logs.
@@ -29,10 +31,14 @@ from slurm_cluster import SlurmCluster, SlurmClusterError, skip_reason
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SLURM_DIR = ROOT / "slurm"
+NODES = 2
 RANKS = 2
-# the test cluster's node has 2 cores: one rank per core, one fake GPU per rank
-JOB_OPTIONS = [f"--ntasks-per-node={RANKS}", f"--gpus-per-node={RANKS}", "--cpus-per-task=1",
-               "--time=10"]
+# this machine has 2 cores: 2 ranks in all, one core and one (fake) GPU each
+LAYOUTS = {
+    "hpcnn-one-node.sbatch": ["--nodes=1", f"--ntasks-per-node={RANKS}", f"--gpus-per-node={RANKS}"],
+    "hpcnn-multi-node.sbatch": [f"--nodes={NODES}", "--ntasks-per-node=1", "--gpus-per-node=1"],
+}
+COMMON_OPTIONS = ["--cpus-per-task=1", "--time=10"]
 
 # --- stand-in for `hpcnn train`, used until it lands on main ---------------
 STANDIN = '''
@@ -109,7 +115,7 @@ def cluster():
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    c = SlurmCluster()
+    c = SlurmCluster(nodes=NODES)
     try:
         c.start()          # a failure here is a test error with the daemons' logs
         yield c
@@ -143,10 +149,10 @@ def job_env(workdir: Path, launcher: str) -> dict:
     return env
 
 
-def submit(cluster, workdir, script, name, launcher, *sets, options=()):
+def submit(cluster, workdir, script, name, launcher, *sets):
     job_id = cluster.sbatch(SLURM_DIR / script, "digits.toml", *[a for s in sets for a in ("--set", s)],
                             cwd=workdir, env=job_env(workdir, launcher),
-                            options=["-J", name, *JOB_OPTIONS, *options])
+                            options=["-J", name, *LAYOUTS[script], *COMMON_OPTIONS])
     return job_id, workdir / f"hpcnn-{name}-{job_id}.out", workdir / "runs" / name
 
 
@@ -192,6 +198,13 @@ def wait_for_checkpoint(cluster, job_id, ckpt_dir, output, timeout=120) -> int:
     pytest.fail(f"no checkpoint in {ckpt_dir} after {timeout} s:\n{read(output)}\n{cluster.logs()}")
 
 
+def wait_done(cluster, job_id, output, timeout=120) -> dict:
+    try:
+        return cluster.wait_job(job_id, timeout)
+    except SlurmClusterError as exc:
+        pytest.fail(f"{exc}\n--- job output ---\n{read(output)}")
+
+
 def wait_through_requeue(cluster, job_id, output, timeout=180):
     """Wait until the job ran again after a requeue and ended.  Slurm holds a
     requeued job for about two minutes (Reason=BeginTime); the test releases
@@ -212,23 +225,27 @@ def assert_completed(info, output):
         f"job ended {info.get('JobState')} with exit code {info.get('ExitCode')}:\n{read(output)}"
 
 
-def assert_ranks(text):
+def assert_ranks(text, script):
     """Every rank ran, each with its own node-local rank (its GPU)."""
+    nodes = NODES if script == "hpcnn-multi-node.sbatch" else 1
     local = sorted(int(m) for m in re.findall(r"local rank (\d+)", text))
-    assert local == list(range(RANKS)), f"node-local ranks {local}, expected 0..{RANKS - 1}:\n{text}"
+    expected = sorted(list(range(RANKS // nodes)) * nodes)
+    assert local == expected, f"node-local ranks {local}, expected {expected}:\n{text}"
 
 
-def test_one_node_job_trains_and_checkpoints(cluster, workdir):
+@pytest.mark.parametrize("script", ["hpcnn-one-node.sbatch", "hpcnn-multi-node.sbatch"])
+def test_job_trains_and_checkpoints(cluster, workdir, script):
     steps = 12
-    job_id, output, ckpt_dir = submit(cluster, workdir, "hpcnn-one-node.sbatch", "short", "srun",
-                                      f"train.max_steps={steps}")
-    info = cluster.wait_job(job_id, timeout=120)
+    name = script.split(".")[0]
+    job_id, output, ckpt_dir = submit(cluster, workdir, script, name, "srun", f"train.max_steps={steps}")
+    info = wait_done(cluster, job_id, output)
     text = read(output)
     assert_completed(info, output)
-    assert "launcher srun" in text, text
+    nodes = NODES if script == "hpcnn-multi-node.sbatch" else 1
+    assert f"on {nodes} node(s)" in text and f"{RANKS} ranks, launcher srun" in text, text
     # --gpus-per-node took effect: the node's (fake) GPUs are visible to the job
-    assert f"CUDA_VISIBLE_DEVICES={','.join(map(str, range(RANKS)))};" in text, text
-    assert_ranks(text)
+    assert re.search(r"CUDA_VISIBLE_DEVICES=0(,\d)*;", text), text
+    assert_ranks(text, script)
     assert re.search(r"(?m)^.*\bloss\b.*\d", text), f"no loss lines:\n{text}"
     assert re.search(r"(?i)accuracy|finished", text), f"no completion line:\n{text}"
     assert "Traceback" not in text, text
@@ -261,7 +278,7 @@ def test_requeue_resumes_from_checkpoint(cluster, workdir):
 def test_time_limit_signal_checkpoints_and_requeues(cluster, workdir):
     steps = 60
     job_id, output, ckpt_dir = submit(cluster, workdir, "hpcnn-multi-node.sbatch", "timelimit", "mpiexec",
-                                      f"train.max_steps={steps}", options=["--nodes=1"])
+                                      f"train.max_steps={steps}")
     first_ckpt = wait_for_checkpoint(cluster, job_id, ckpt_dir, output)
     # what `#SBATCH --signal=B:USR1@180` sends 3 minutes before the limit
     cluster.run(["scancel", "--batch", "--signal=USR1", str(job_id)])
@@ -271,8 +288,8 @@ def test_time_limit_signal_checkpoints_and_requeues(cluster, workdir):
     runs = runs_of(text)
     assert len(runs) == 2, f"expected 2 runs of job {job_id} (Restarts={info.get('Restarts')}):\n{text}"
     first, second = runs
-    assert "launcher mpiexec" in first, text
-    assert_ranks(first)
+    assert f"on {NODES} node(s)" in first and "launcher mpiexec" in first, text
+    assert_ranks(first, "hpcnn-multi-node.sbatch")
     assert "stopped by SIGTERM" in first and "requeueing job" in first, text
     step = resumed_step(second)
     assert step is not None and first_ckpt <= step < steps, \
@@ -282,10 +299,12 @@ def test_time_limit_signal_checkpoints_and_requeues(cluster, workdir):
 
 
 def test_bad_job_file_fails_with_a_message(cluster, workdir):
-    job_id = cluster.sbatch(SLURM_DIR / "hpcnn-one-node.sbatch", "no-such-job.toml", cwd=workdir,
-                            env=job_env(workdir, "srun"), options=["-J", "nojob", *JOB_OPTIONS])
-    info = cluster.wait_job(job_id, timeout=60)
-    text = read(workdir / f"hpcnn-nojob-{job_id}.out")
+    script = "hpcnn-one-node.sbatch"
+    job_id = cluster.sbatch(SLURM_DIR / script, "no-such-job.toml", cwd=workdir, env=job_env(workdir, "srun"),
+                            options=["-J", "nojob", *LAYOUTS[script], *COMMON_OPTIONS])
+    output = workdir / f"hpcnn-nojob-{job_id}.out"
+    info = wait_done(cluster, job_id, output, timeout=60)
+    text = read(output)
     assert info.get("JobState") == "FAILED" and info.get("ExitCode") == "2:0", f"{info}\n{text}"
     assert "job file 'no-such-job.toml' not found" in text, text
 
