@@ -21,10 +21,13 @@
 #   HPCNN_SRUN_ARGS      more srun options (word-split), e.g. "--cpu-bind=cores"
 #   HPCNN_MPIEXEC        the mpiexec to use (default: mpiexec on PATH)
 #   HPCNN_MPIEXEC_ARGS   more mpiexec options (word-split)
-#   HPCNN_CHECKPOINT_DIR checkpoint directory; it must survive a requeue, so it lies
-#                        under the submit directory: default
+#   HPCNN_RUN_DIR        directory of this training run; it must survive a requeue, so
+#                        by default it lies under the submit directory:
 #                        $SLURM_SUBMIT_DIR/runs/$SLURM_JOB_NAME (one per job name: give
-#                        each training run its own name with `sbatch -J NAME`)
+#                        each training run its own name with `sbatch -J NAME`).  The
+#                        checkpoints go to RUN_DIR/checkpoints (checkpoint.dir) and the
+#                        metrics to RUN_DIR/metrics.jsonl (log.metrics), the layout
+#                        of the job files in jobs/
 #   HPCNN_REQUEUE_AT_LIMIT  1 (default): after the ranks stopped cleanly on the
 #                        time-limit warning (SIGUSR1, see --signal), put the job back in
 #                        the queue so it resumes; 0: just end
@@ -102,14 +105,16 @@ hpcnn_launch() {
     hpcnn_setup_env
 
     HPCNN_LAUNCHER=${HPCNN_LAUNCHER:-srun}
-    local ckpt=${HPCNN_CHECKPOINT_DIR:-$SLURM_SUBMIT_DIR/runs/$SLURM_JOB_NAME}
-    mkdir -p "$ckpt" || hpcnn_die "cannot create the checkpoint directory $ckpt"
-    # a TOML literal string, so that any path stays a string; the user's --set
-    # options come after ours and win
+    local run_dir=${HPCNN_RUN_DIR:-$SLURM_SUBMIT_DIR/runs/$SLURM_JOB_NAME}
+    local ckpt=$run_dir/checkpoints
+    mkdir -p "$ckpt" || hpcnn_die "cannot create the checkpoint directory $ckpt (HPCNN_RUN_DIR)"
     local -a hpcnn
     # shellcheck disable=SC2206
     if [ -n "${HPCNN_COMMAND:-}" ]; then hpcnn=($HPCNN_COMMAND); else hpcnn=("$HPCNN_PYTHON" -m hpcnn); fi
-    local -a train=("${hpcnn[@]}" train "$job" --set "checkpoint.dir='$ckpt'" "$@")
+    # paths as TOML literal strings, so that they stay strings; the user's
+    # --set options come after ours and win
+    local -a train=("${hpcnn[@]}" train "$job" --set "checkpoint.dir='$ckpt'"
+                    --set "log.metrics='$run_dir/metrics.jsonl'" "$@")
     local -a cmd
     case "$HPCNN_LAUNCHER" in
         srun)
@@ -138,7 +143,7 @@ hpcnn_launch() {
     esac
 
     hpcnn_log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) run $((${SLURM_RESTART_COUNT:-0} + 1)) on ${SLURM_JOB_NUM_NODES:-1} node(s) [$SLURM_JOB_NODELIST], $SLURM_NTASKS ranks, launcher $HPCNN_LAUNCHER"
-    hpcnn_log "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}; checkpoints in $ckpt"
+    hpcnn_log "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}; run directory $run_dir"
     hpcnn_log "running: ${cmd[*]}"
 
     hpcnn_signalled=0 hpcnn_at_limit=0 hpcnn_terminated=0

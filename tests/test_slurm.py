@@ -153,7 +153,7 @@ def submit(cluster, workdir, script, name, launcher, *sets):
     job_id = cluster.sbatch(SLURM_DIR / script, "digits.toml", *[a for s in sets for a in ("--set", s)],
                             cwd=workdir, env=job_env(workdir, launcher),
                             options=["-J", name, *LAYOUTS[script], *COMMON_OPTIONS])
-    return job_id, workdir / f"hpcnn-{name}-{job_id}.out", workdir / "runs" / name
+    return job_id, workdir / f"hpcnn-{name}-{job_id}.out", workdir / "runs" / name / "checkpoints"
 
 
 def read(path: Path) -> str:
