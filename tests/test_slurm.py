@@ -42,12 +42,11 @@ COMMON_OPTIONS = ["--cpus-per-task=1", "--time=10"]
 
 # --- stand-in for `hpcnn train`, used until it lands on main ---------------
 STANDIN = '''
-import argparse, os, socket, sys, time
+import argparse, os, sys, time
 import h5py
 from mpi4py import MPI
 from hpcnn.job import Job
 from hpcnn.failsafe import StopSignals
-from hpcnn.backend import local_rank_from_env
 from hpcnn.checkpoint import latest_checkpoint, checkpoint_name
 
 p = argparse.ArgumentParser()
@@ -68,7 +67,6 @@ if ck["dir"] and ck["resume"]:
             step = int(f.attrs["step"])
         if rank == 0:
             print(f"resumed from {last} at step {step}", flush=True)
-print(f"rank {rank} of {size} on {socket.gethostname()} local rank {local_rank_from_env()}", flush=True)
 total = job["train"]["max_steps"]
 
 def save(step):
@@ -94,6 +92,17 @@ while step < total:
         sys.exit(0)
 if rank == 0:
     print(f"finished {step} steps, accuracy 0.9", flush=True)
+'''
+
+# What each rank sees of the launch: its rank, node, node-local rank as hpcnn
+# reads it (the GPU it will use) and the GPUs Slurm made visible.
+PROBE = '''
+import os
+from mpi4py import MPI
+from hpcnn.backend import local_rank_from_env
+c = MPI.COMM_WORLD
+print(f"probe: rank {c.rank} of {c.size} node {os.environ.get('SLURMD_NODENAME')} "
+      f"local rank {local_rank_from_env()} gpus {os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
 '''
 
 JOB_TOML = '''
@@ -130,10 +139,11 @@ def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm-submit")
     (d / "digits.toml").write_text(JOB_TOML)
     (d / "standin_train.py").write_text(STANDIN)
+    (d / "probe_launch.py").write_text(PROBE)
     return d
 
 
-def job_env(workdir: Path, launcher: str) -> dict:
+def job_env(workdir: Path, launcher: str, command: str | None = None) -> dict:
     """Environment exported to the job (sbatch passes the submitter's)."""
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "HPCNN_LAUNCHER": launcher}
@@ -145,13 +155,13 @@ def job_env(workdir: Path, launcher: str) -> dict:
         env["HPCNN_SRUN_MPI"] = "pmi2"      # Slurm's PMI-2 server speaks to MPICH's PMI client
     else:
         env["HPCNN_MPIEXEC"] = mpiexec()
-    env["HPCNN_COMMAND"] = f"python {workdir / 'standin_train.py'}"
+    env["HPCNN_COMMAND"] = command or f"python {workdir / 'standin_train.py'}"
     return env
 
 
-def submit(cluster, workdir, script, name, launcher, *sets):
+def submit(cluster, workdir, script, name, launcher, *sets, command=None):
     job_id = cluster.sbatch(SLURM_DIR / script, "digits.toml", *[a for s in sets for a in ("--set", s)],
-                            cwd=workdir, env=job_env(workdir, launcher),
+                            cwd=workdir, env=job_env(workdir, launcher, command),
                             options=["-J", name, *LAYOUTS[script], *COMMON_OPTIONS])
     return job_id, workdir / f"hpcnn-{name}-{job_id}.out", workdir / "runs" / name / "checkpoints"
 
@@ -225,12 +235,30 @@ def assert_completed(info, output):
         f"job ended {info.get('JobState')} with exit code {info.get('ExitCode')}:\n{read(output)}"
 
 
-def assert_ranks(text, script):
-    """Every rank ran, each with its own node-local rank (its GPU)."""
+@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
+@pytest.mark.parametrize("script", ["hpcnn-one-node.sbatch", "hpcnn-multi-node.sbatch"])
+def test_each_rank_gets_its_own_gpu(cluster, workdir, script, launcher):
+    """The launch as the ranks see it: every rank of one MPI world, spread
+    over the nodes, each with its own node-local rank -- the GPU that hpcnn
+    selects -- and the node's GPUs visible."""
+    name = f"probe-{script.split('.')[0]}-{launcher}"
+    job_id, output, _ = submit(cluster, workdir, script, name, launcher,
+                               command=f"python {workdir / 'probe_launch.py'}")
+    info = wait_done(cluster, job_id, output)
+    text = read(output)
+    assert_completed(info, output)
+    found = re.findall(r"probe: rank (\d+) of (\d+) node (\S+) local rank (\d+) gpus (\S+)", text)
+    assert sorted(int(r) for r, *_ in found) == list(range(RANKS)), text
+    assert {int(size) for _, size, *_ in found} == {RANKS}, f"not one MPI world:\n{text}"
     nodes = NODES if script == "hpcnn-multi-node.sbatch" else 1
-    local = sorted(int(m) for m in re.findall(r"local rank (\d+)", text))
-    expected = sorted(list(range(RANKS // nodes)) * nodes)
-    assert local == expected, f"node-local ranks {local}, expected {expected}:\n{text}"
+    per_node: dict = {}
+    for _, _, node, local, gpus in found:
+        per_node.setdefault(node, []).append(int(local))
+        assert re.fullmatch(r"0(,\d)*", gpus), f"no GPUs visible to the rank:\n{text}"
+    assert len(per_node) == nodes, f"ranks on {sorted(per_node)}, expected {nodes} nodes:\n{text}"
+    for node, local in per_node.items():
+        assert sorted(local) == list(range(RANKS // nodes)), \
+            f"node-local ranks {sorted(local)} on {node} (two ranks would share a GPU):\n{text}"
 
 
 @pytest.mark.parametrize("script", ["hpcnn-one-node.sbatch", "hpcnn-multi-node.sbatch"])
@@ -245,7 +273,6 @@ def test_job_trains_and_checkpoints(cluster, workdir, script):
     assert f"on {nodes} node(s)" in text and f"{RANKS} ranks, launcher srun" in text, text
     # --gpus-per-node took effect: the node's (fake) GPUs are visible to the job
     assert re.search(r"CUDA_VISIBLE_DEVICES=0(,\d)*;", text), text
-    assert_ranks(text, script)
     assert re.search(r"(?m)^.*\bloss\b.*\d", text), f"no loss lines:\n{text}"
     assert re.search(r"(?i)accuracy|finished", text), f"no completion line:\n{text}"
     assert "Traceback" not in text, text
@@ -289,7 +316,6 @@ def test_time_limit_signal_checkpoints_and_requeues(cluster, workdir):
     assert len(runs) == 2, f"expected 2 runs of job {job_id} (Restarts={info.get('Restarts')}):\n{text}"
     first, second = runs
     assert f"on {NODES} node(s)" in first and "launcher mpiexec" in first, text
-    assert_ranks(first, "hpcnn-multi-node.sbatch")
     assert "stopped by SIGTERM" in first and "requeueing job" in first, text
     step = resumed_step(second)
     assert step is not None and first_ckpt <= step < steps, \
