@@ -176,20 +176,64 @@ def limit_blas_threads(n: int):
     return n
 
 
+# Launcher variables that would make a child process join the parent's MPI
+# job instead of starting as an MPI singleton.
+_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "HYDI_", "MPI_LOCAL", "MPIEXEC_", "OMPI_",
+                      "SLURM_", "PALS_", "I_MPI_HYDRA", "MPICH_INTERFACE")
+
+_CHILD_PROBE = r"""
+import sys
+import cupy as cp
+from mpi4py import MPI
+cp.cuda.Device(int(sys.argv[1])).use()
+c = MPI.COMM_SELF
+a = cp.arange(1, 9, dtype=cp.float64)
+b = cp.zeros(8, dtype=cp.float64)
+o = cp.zeros(8, dtype=cp.float64)
+cp.cuda.get_current_stream().synchronize()
+c.Sendrecv(a, dest=0, recvbuf=b, source=0)
+c.Allreduce(a, o)
+print("DEVICE-BUFFERS-OK" if bool(cp.all(b == a)) and bool(cp.all(o == a)) else "DEVICE-BUFFERS-WRONG")
+"""
+
+
+def _device_buffers_survive_in_child(device: int, timeout: float = 120.0) -> bool:
+    """Hand CuPy buffers to MPI in a child process (an MPI singleton).  An
+    MPI that is not CUDA-aware usually crashes (reads device memory as host
+    memory) rather than failing cleanly, so this must not happen in the
+    ranks themselves.  True when the child got the right values."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+    try:
+        r = subprocess.run([sys.executable, "-c", _CHILD_PROBE, str(int(device))], env=env,
+                           capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and "DEVICE-BUFFERS-OK" in r.stdout
+
+
 def probe_cuda_aware(comm, backend: Backend | None = None) -> bool:
     """Whether MPI on ``comm`` accepts device (CuPy) buffers.
 
-    HPCNN_CUDA_AWARE=0|1 decides without probing.  Otherwise every rank
-    checks a Send/Recv ring and an Allreduce on a small CuPy array; the answer
-    is True only when every rank got the right values (agreed by a host
-    Allreduce), so all ranks take the same path.  On NumPy the answer is
-    False (nothing to stage)."""
+    HPCNN_CUDA_AWARE=0|1 decides without probing.  Otherwise each rank first
+    hands small CuPy buffers to MPI in a child process (a non-CUDA-aware MPI
+    crashes there, not here); only when every rank's child succeeded does
+    every rank check a Send/Recv ring and an Allreduce on a small CuPy array
+    itself.  The answer is True only when every rank got the right values
+    (agreed by host Allreduces), so all ranks take the same path.  On NumPy
+    the answer is False (nothing to stage)."""
     backend = backend or get_backend()
     forced = os.environ.get("HPCNN_CUDA_AWARE")
     if forced is not None and forced.strip() in ("0", "1"):
         backend.cuda_aware = backend.is_gpu and forced.strip() == "1"
         return backend.cuda_aware
     if not backend.is_gpu:
+        backend.cuda_aware = False
+        return False
+    from mpi4py import MPI  # only here: backend itself does not need MPI
+    child_ok = int(_device_buffers_survive_in_child(backend.device_id or 0))
+    if not comm.allreduce(child_ok, op=MPI.MIN):
         backend.cuda_aware = False
         return False
     cp = backend.xp
@@ -208,7 +252,6 @@ def probe_cuda_aware(comm, backend: Backend | None = None) -> bool:
         ok &= int(bool(cp.all(out == size * (size + 1) / 2)))
     except Exception:
         ok = 0
-    from mpi4py import MPI  # only here: backend itself does not need MPI
     agreed = comm.allreduce(ok, op=MPI.MIN)
     backend.cuda_aware = bool(agreed)
     return backend.cuda_aware

@@ -118,11 +118,17 @@ class Layout:
     def _bounds(self):
         return [split_bounds(s, d) for s, d in zip(self.shape, self.degrees)]
 
+    @cached_property
+    def _boxes(self) -> dict:
+        out = {}
+        for i, r in enumerate(self.ranks):
+            c = np.unravel_index(i, self.degrees)
+            out[r] = Box(self._bounds[a][int(c[a])] for a in range(self.ndim))
+        return out
+
     def box(self, rank) -> Box | None:
-        c = self.coords(rank)
-        if c is None:
-            return None
-        return Box(self._bounds[a][c[a]] for a in range(self.ndim))
+        """The box of ``rank``'s tile, or None when it holds no tile."""
+        return self._boxes.get(rank)
 
     def boxes(self) -> dict[int, Box]:
         return {r: self.box(r) for r in self.ranks}

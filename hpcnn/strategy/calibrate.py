@@ -1,0 +1,389 @@
+"""``hpcnn calibrate``: measure this machine for the cost model.
+
+1. Ops: every tile shape that the searched configurations of the given
+   models produce at the given rank counts is run through the op API
+   (forward then backward, random arrays, the parameter shard of the tile),
+   and the median of several runs is stored under the tile's key -- the same
+   key the cost model looks up (``cost_model.tile_key``).  Largest tiles
+   first, within a time budget.
+2. Roofline of this machine for tiles that were not measured: a single-thread
+   GEMM gives the peak rate, a large copy the memory bandwidth, the smallest
+   op call the fixed overhead; each op kind's efficiency and the memory
+   efficiency are then fitted (median) to the measured tiles.
+3. MPI: latency and bandwidth by ping-pong between two ranks (``mpiexec -n
+   2`` is spawned).  Only inside this node: the inter-node figures of the
+   file are copies of the intra-node ones and are marked as not measured --
+   measure them on a cluster with the two ranks on two nodes.
+
+Everything is written as a machine description (``hpcnn/machines/local.json``
+or the path given with -o).  Ranks are assumed to use one BLAS thread each
+(the measurements do); ``slots_per_node`` is this machine's core count, so
+that the cost model slows compute down when more ranks than cores share it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODELS = ["digits_cnn", "resnet_small", "inception_small", "lenet5"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", nargs="+", default=DEFAULT_MODELS, metavar="M",
+                   help=f"models whose tile shapes are measured (default: {' '.join(DEFAULT_MODELS)})")
+    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4], metavar="P",
+                   help="rank counts whose configurations are measured (default: 1 2 4)")
+    p.add_argument("--batch", type=int, default=64, metavar="B",
+                   help="global mini-batch the tiles are cut from (default 64); plans searched for "
+                        "another batch fall back to the fitted roofline")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--repeats", type=int, default=5, help="runs per tile (median)")
+    p.add_argument("--budget", type=float, default=300.0, metavar="S",
+                   help="seconds to spend measuring op tiles (largest first)")
+    p.add_argument("--max-kinds", type=int, default=2, choices=[1, 2, 3])
+    p.add_argument("--no-mpi", action="store_true", help="skip the MPI ping-pong")
+    p.add_argument("--name", default="local")
+    p.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="where to write the machine file (default: hpcnn/machines/<name>.json)")
+
+
+# ---- op tiles ---------------------------------------------------------------------
+def tile_jobs(model_names, ranks_list, batch, dtype, max_kinds=2):
+    """{key: (node, degrees, flops)} of every tile the searched configurations
+    produce (the representative tile the cost model prices)."""
+    from hpcnn.models import build_model
+    from hpcnn.strategy.config_space import SpaceOptions
+    from hpcnn.strategy.cost_model import CostModel, tile_key
+    from hpcnn.strategy.machine import load_machine
+    mach = load_machine("paper_p100_cluster")      # any machine: only geometry is used
+    jobs = {}
+    for name in model_names:
+        g = build_model(name, batch=batch)
+        for P in ranks_list:
+            cm = CostModel(g, P, mach, dtype=dtype, opts=SpaceOptions(max_kinds=max_kinds))
+            for gi, grp in enumerate(cm.space.groups):
+                for mname in grp.members:
+                    node = g[mname]
+                    if node.kind == "input":
+                        continue
+                    geom = cm.geometry(mname)
+                    for row in cm.space.configs[gi]:
+                        ins, out, obox = geom.tile(row)
+                        key = tile_key(node, ins, out, cm.dtype)
+                        if key not in jobs:
+                            fl = float(node.op.flops(ins, out))
+                            jobs[key] = (node, tuple(int(x) for x in row), obox, ins, out, fl)
+    return jobs
+
+
+def run_tile(node, obox, ins, dtype, repeats, rng):
+    """Median seconds of forward + backward of ``node`` on one tile."""
+    from hpcnn.ops import TileContext, clip_box
+    op = node.op
+    dt = np.dtype(dtype)
+    in_boxes = [op.input_box(i, obox, node.in_shapes) for i in range(len(node.inputs))]
+    xs = [rng.standard_normal(s).astype(dt) for s in ins]
+    c0, c1 = obox[1] if len(obox) > 1 else (0, 1)
+    params = {}
+    for k, sp in node.param_specs().items():
+        params[k] = (rng.standard_normal((c1 - c0,) + tuple(sp.shape[1:])) * 0.1).astype(dt)
+    buffers = {k: np.abs(rng.standard_normal((c1 - c0,) + tuple(sp.shape[1:]))).astype(dt) + 0.5
+               for k, sp in node.buffer_specs().items()}
+    labels = None
+    if node.kind == "softmax_xent":
+        labels = rng.integers(0, node.in_shapes[0][1], obox[0][1] - obox[0][0])
+    ctx = TileContext(out_box=tuple(obox), in_boxes=in_boxes, in_shapes=list(node.in_shapes),
+                      out_shape=tuple(node.shape), training=True, labels=labels)
+    times = []
+    for r in range(repeats + 1):                      # the first run warms up
+        t = time.perf_counter()
+        y, saved = op.forward(xs, params, buffers, ctx)
+        dy = np.ones_like(y)
+        op.backward(dy, saved, params, ctx)
+        if r:
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+# ---- roofline probes -----------------------------------------------------------------
+def probe_peak(dtype, seconds=1.0) -> float:
+    n = 768
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(dtype)
+    b = a.copy()
+    a @ b
+    best = np.inf
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def probe_bandwidth(seconds=1.0) -> float:
+    x = np.ones(1 << 23, dtype=np.float64)          # 64 MiB
+    y = np.empty_like(x)
+    best = np.inf
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        np.copyto(y, x)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * x.nbytes / best
+
+
+def probe_overhead(dtype, repeats=200) -> float:
+    from hpcnn.graph import Graph
+    g = Graph("tiny")
+    x = g.input((1, 1))
+    r = g.relu(x)
+    node = g[r]
+    rng = np.random.default_rng(0)
+    return run_tile(node, ((0, 1), (0, 1)), [(1, 1)], dtype, repeats, rng)
+
+
+# ---- MPI ping-pong ---------------------------------------------------------------------
+PINGPONG_SIZES = [8, 64, 512, 4096, 32768, 262144, 1 << 21, 1 << 23]
+
+
+def _pingpong_worker(out_path: str) -> None:
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    res = {}
+    for size in PINGPONG_SIZES:
+        buf = np.zeros(size, dtype=np.uint8)
+        reps = max(5, min(1000, (1 << 24) // max(size, 1)))
+        comm.Barrier()
+        best = np.inf
+        for _ in range(3):
+            t = MPI.Wtime()
+            for _ in range(reps):
+                if rank == 0:
+                    comm.Send([buf, MPI.BYTE], dest=1, tag=7)
+                    comm.Recv([buf, MPI.BYTE], source=1, tag=7)
+                elif rank == 1:
+                    comm.Recv([buf, MPI.BYTE], source=0, tag=7)
+                    comm.Send([buf, MPI.BYTE], dest=0, tag=7)
+            best = min(best, (MPI.Wtime() - t) / reps / 2.0)    # one way
+        res[size] = best
+    if rank == 0:
+        Path(out_path).write_text(json.dumps({str(k): v for k, v in res.items()}))
+
+
+def _mpiexec() -> str | None:
+    here = Path(sys.executable).parent / "mpiexec"
+    if here.exists():
+        return str(here)
+    from shutil import which
+    return which("mpiexec")
+
+
+def measure_mpi(timeout=300) -> dict:
+    """One-way time per message size between two ranks of this node."""
+    exe = _mpiexec()
+    if exe is None:
+        raise RuntimeError("mpiexec not found: install an MPI (pip install mpich) or pass --no-mpi")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "pingpong.json"
+        r = subprocess.run([exe, "-n", "2", sys.executable, "-m", "hpcnn.strategy.calibrate",
+                            "--pingpong-worker", str(out)], env=env, capture_output=True, text=True,
+                           timeout=timeout)
+        if r.returncode != 0 or not out.exists():
+            raise RuntimeError(f"the MPI ping-pong failed (exit {r.returncode}): {r.stderr[-2000:]}")
+        return {int(k): v for k, v in json.loads(out.read_text()).items()}
+
+
+def fit_link(times: dict) -> tuple[float, float]:
+    """(bandwidth bytes/s, latency s) from one-way times: latency from the
+    smallest message, bandwidth from the largest ones."""
+    sizes = sorted(times)
+    lat = times[sizes[0]]
+    big = [s for s in sizes if s >= (1 << 20)] or sizes[-2:]
+    bw = float(np.median([s / max(times[s] - lat, 1e-12) for s in big]))
+    return bw, float(lat)
+
+
+# ---- the command -------------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _mem_bytes() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def run(args) -> int:
+    from hpcnn.backend import limit_blas_threads
+    from hpcnn.models import ModelError
+    from hpcnn.strategy.cost_model import BACKWARD_FLOPS, ITEMSIZE
+    from hpcnn.strategy.machine import MACHINES_DIR, Machine
+
+    out_path = Path(args.output) if args.output else MACHINES_DIR / f"{args.name}.json"
+    limit_blas_threads(1)
+    dtype = args.dtype
+    host = socket.gethostname()
+    when = datetime.datetime.now().isoformat(timespec="seconds")
+    src = f"measured by hpcnn calibrate on {host} at {when}"
+    try:
+        slots = len(os.sched_getaffinity(0))
+    except AttributeError:
+        slots = os.cpu_count() or 1
+
+    print("probing the roofline (single-thread GEMM, 64 MiB copy, smallest op call) ...", flush=True)
+    peak = probe_peak(dtype)
+    bw = probe_bandwidth()
+    overhead = probe_overhead(dtype)
+    print(f"  peak {peak / 1e9:.2f} GFLOP/s, memory {bw / 1e9:.2f} GB/s, op overhead {overhead * 1e6:.1f} us")
+
+    try:
+        jobs = tile_jobs(args.model, args.ranks, args.batch, dtype, args.max_kinds)
+    except ModelError as exc:
+        print(f"hpcnn calibrate: error: {exc}", file=sys.stderr)
+        return 2
+    order = sorted(jobs, key=lambda k: -jobs[k][5])
+    print(f"measuring {len(order)} op tiles of {', '.join(args.model)} at ranks {args.ranks} "
+          f"(batch {args.batch}, {dtype}, {args.repeats} runs each, budget {args.budget:.0f} s) ...",
+          flush=True)
+    rng = np.random.default_rng(0)
+    measured, fits = {}, {}
+    t_end = time.perf_counter() + args.budget
+    isz = ITEMSIZE[dtype]
+    for n_done, key in enumerate(order):
+        if time.perf_counter() > t_end:
+            break
+        node, row, obox, ins, out, fl = jobs[key]
+        t = run_tile(node, obox, ins, dtype, args.repeats, rng)
+        measured[key] = t
+        flops = fl * (1.0 + BACKWARD_FLOPS.get(node.kind, 1.0))
+        shard = sum(sp.size // max(1, sp.shape[0]) * (obox[1][1] - obox[1][0] if len(obox) > 1 else 1)
+                    for sp in node.param_specs().values())
+        nbytes = 3.0 * (sum(int(np.prod(s)) for s in ins) + int(np.prod(out)) + shard) * isz
+        fits.setdefault(node.kind, []).append((flops, nbytes, t))
+    skipped = len(order) - len(measured)
+    print(f"  measured {len(measured)} tiles" + (f", {skipped} left to the roofline (budget)" if skipped else ""))
+
+    # fit each kind's compute efficiency and the memory efficiency
+    kind_eff, mem_effs = {}, []
+    for kind, rows in fits.items():
+        eff_c = [f / (peak * max(t - overhead, 1e-9)) for f, b, t in rows if f > 0]
+        eff_m = [b / (bw * max(t - overhead, 1e-9)) for f, b, t in rows]
+        if kind in BACKWARD_FLOPS and eff_c:
+            kind_eff[kind] = float(np.clip(np.median(eff_c), 0.01, 1.0))
+        else:
+            mem_effs.extend(eff_m)
+            if eff_c:
+                kind_eff[kind] = float(np.clip(np.median(eff_c), 0.001, 1.0))
+    mem_eff = float(np.clip(np.median(mem_effs), 0.01, 1.0)) if mem_effs else 0.5
+    # how well the fitted roofline alone predicts the measured tiles
+    errs = []
+    for kind, rows in fits.items():
+        eff = kind_eff.get(kind, 1.0)
+        for f, b, t in rows:
+            pred = max(f / (peak * eff), b / (bw * mem_eff)) + overhead
+            errs.append(abs(pred - t) / t)
+    if errs:
+        print(f"  fitted roofline vs measured tiles: median error {np.median(errs) * 100:.0f}%, "
+              f"90th percentile {np.percentile(errs, 90) * 100:.0f}% (measured tiles use their "
+              f"measured time; the roofline prices the others)")
+
+    figures = [
+        {"figure": "device.peak_flops", "value": peak, "assumed": False,
+         "source": f"{src}: best single-thread {dtype} GEMM 768x768x768"},
+        {"figure": "device.memory_bandwidth", "value": bw, "assumed": False,
+         "source": f"{src}: best single-thread copy of 64 MiB (read + write)"},
+        {"figure": "device.op_overhead_s", "value": overhead, "assumed": False,
+         "source": f"{src}: median forward + backward of a 1-element ReLU through the op API"},
+        {"figure": "device.kind_efficiency", "value": kind_eff, "assumed": False,
+         "source": f"{src}: median of flops / (peak x time) over the measured tiles of each op kind"},
+        {"figure": "roofline_fit_error", "value": {"median": float(np.median(errs)) if errs else None,
+                                                   "p90": float(np.percentile(errs, 90)) if errs else None},
+         "assumed": False, "source": f"{src}: relative error of the fitted roofline on the measured tiles"},
+        {"figure": "device.memory_efficiency", "value": mem_eff, "assumed": False,
+         "source": f"{src}: median of bytes / (bandwidth x time) over measured memory-bound tiles"},
+        {"figure": "slots_per_node", "value": slots, "assumed": False,
+         "source": f"{src}: CPUs this process may run on; ranks beyond it share cores"},
+        {"figure": "ranks_per_node", "value": 256, "assumed": True,
+         "source": "every rank of a local run is on this node"},
+    ]
+    intra = {"bandwidth": 5e9, "latency": 2e-6}
+    if not args.no_mpi:
+        print("MPI ping-pong between 2 ranks of this node ...", flush=True)
+        try:
+            times = measure_mpi()
+            b, lat = fit_link(times)
+            intra = {"bandwidth": b, "latency": lat}
+            print(f"  latency {lat * 1e6:.2f} us, bandwidth {b / 1e9:.2f} GB/s")
+            figures += [
+                {"figure": "links.intra_node.latency", "value": lat, "assumed": False,
+                 "source": f"{src}: one-way time of an 8-byte message, MPI ping-pong (Send/Recv)"},
+                {"figure": "links.intra_node.bandwidth", "value": b, "assumed": False,
+                 "source": f"{src}: MPI ping-pong of 2-8 MiB messages, one way"},
+                {"figure": "pingpong_one_way_s", "value": {str(k): v for k, v in times.items()},
+                 "assumed": False, "source": src}]
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"hpcnn calibrate: error: {exc}", file=sys.stderr)
+            return 1
+    else:
+        figures.append({"figure": "links.intra_node", "value": intra, "assumed": True,
+                        "source": "assumed (--no-mpi): typical shared-memory MPI"})
+    figures.append({"figure": "links.inter_node", "value": intra, "assumed": True,
+                    "source": "NOT MEASURED: a copy of the intra-node figures. Measure on a cluster with "
+                              "the ping-pong ranks on two nodes (mpiexec -n 2 -ppn 1)"})
+
+    m = Machine(
+        name=args.name, ranks_per_node=256, nodes=1, slots_per_node=slots,
+        description=(f"This machine ({host}, {_cpu_name()}, {slots} CPUs), calibrated {when} with "
+                     f"numpy {np.__version__}, one BLAS thread per rank. Op tiles of "
+                     f"{', '.join(args.model)} at ranks {args.ranks}, global batch {args.batch}."),
+        device={"kind": "cpu", "name": _cpu_name(), "peak_flops": peak, "memory_bandwidth": bw,
+                "memory_bytes": _mem_bytes(), "compute_efficiency": 1.0, "kind_efficiency": kind_eff,
+                "memory_efficiency": mem_eff, "op_overhead_s": overhead},
+        intra=_link(intra), inter=_link(intra), figures=figures,
+        measured={"dtype": dtype, "blas_threads": 1, "models": list(args.model), "ranks": list(args.ranks),
+                  "batch": args.batch, "repeats": args.repeats, "ops": measured})
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    m.save(out_path)
+    print(f"machine written to {out_path}")
+    return 0
+
+
+def _link(d):
+    from hpcnn.strategy.machine import Link
+    return Link(float(d["bandwidth"]), float(d["latency"]))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--pingpong-worker":
+        _pingpong_worker(sys.argv[2])
+    else:
+        print("usage: hpcnn calibrate [options]  (this module's own entry is the MPI ping-pong worker)",
+              file=sys.stderr)
+        sys.exit(2)

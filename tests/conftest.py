@@ -1,0 +1,19 @@
+"""Test-suite configuration.
+
+tests/mpi/ holds tests that need several MPI ranks; tests/test_mpi_suite.py
+runs them under mpiexec with --with-mpi.  A plain pytest run does not collect
+them itself (they would only be skipped)."""
+from pathlib import Path
+
+_MPI_DIR = Path(__file__).parent / "mpi"
+
+
+def pytest_ignore_collect(collection_path, config):
+    try:
+        with_mpi = config.getoption("--with-mpi")
+    except ValueError:
+        with_mpi = False
+    p = Path(collection_path)
+    if not with_mpi and (p == _MPI_DIR or _MPI_DIR in p.parents):
+        return True
+    return None

@@ -1,0 +1,292 @@
+"""The cost model: exchange-byte tables equal the box computation (and the
+runtime's ExchangePlan) exactly; node costs, memory, machines, the memory
+limit, and the search over real cost tables equal brute force."""
+import copy
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from hpcnn.graph import Graph
+from hpcnn.models import build_model
+from hpcnn.parallel.layout import Layout
+from hpcnn.strategy.baselines import data_parallel, model_parallel, owt
+from hpcnn.strategy.config_space import SpaceOptions, enumerate_configs
+from hpcnn.strategy.cost_model import CostModel, CostModelError, tile_key
+from hpcnn.strategy.exchange_bytes import InputGeometry, exchange_tables, reference_exchange
+from hpcnn.strategy.machine import Link, Machine, MachineError, allreduce_time, load_machine
+from hpcnn.strategy.plan import Plan, PlanError
+from hpcnn.strategy.planner import MemoryLimitError, search_plan
+from hpcnn.strategy.search import brute_force, solve
+
+
+def every_op_graph(batch=8):
+    """One of each op kind, with stride, padding, dilation, odd sizes,
+    a channel concat, a residual add, flatten and global pooling."""
+    g = Graph("every_op")
+    x = g.input((batch, 3, 13, 11))
+    c1 = g.conv(x, 6, 3, stride=2, padding=1)
+    r1 = g.relu(c1)
+    c2 = g.conv(r1, 5, (3, 1), padding=(1, 0), dilation=2)
+    c3 = g.conv(r1, 4, (3, 1))
+    cat = g.concat([c3, c2])
+    a = g.add_([cat, cat])
+    p = g.maxpool(a, 3, stride=2, padding=1)
+    q = g.avgpool(a, 2)
+    gp = g.global_avgpool(q)
+    f = g.flatten(p)
+    l1 = g.linear(f, 7)
+    b = g.bn(l1)
+    cat2 = g.concat([b, gp])
+    l2 = g.linear(cat2, 5)
+    g.loss(l2)
+    return g
+
+
+def _node_port(ref):
+    nodes = set(ref["node_in"]) | set(ref["node_out"])
+    return max((max(ref["node_in"].get(m, 0), ref["node_out"].get(m, 0)) for m in nodes), default=0)
+
+
+def _check_edges(g, P, R, pairs_per_edge, seed):
+    rng = np.random.default_rng(seed)
+    checked = 0
+    for node in g:
+        for i, src in enumerate(node.inputs):
+            T = g[src].shape
+            A = enumerate_configs(T, g[src].op.splittable, P, SpaceOptions(max_kinds=3))
+            B = enumerate_configs(node.shape, node.op.splittable, P, SpaceOptions(max_kinds=3))
+            geom = InputGeometry(node.op, i, node.in_shapes, node.shape)
+            tab = exchange_tables(geom, A, B, P, R, want_total=True)
+            pairs = list(itertools.product(range(len(A)), range(len(B))))
+            if pairs_per_edge is not None and len(pairs) > pairs_per_edge:
+                pairs = [pairs[k] for k in rng.choice(len(pairs), pairs_per_edge, replace=False)]
+            for a, b in pairs:
+                ref = reference_exchange(Layout(T, A[a]), Layout(node.shape, B[b]), node.op, i,
+                                         node.in_shapes, R)
+                where = f"{node.name} input {i}: {tuple(A[a])} -> {tuple(B[b])} at P={P} R={R}"
+                assert tab.max_rank[a, b] == ref["max_rank"], where
+                assert tab.total[a, b] == ref["total"], where
+                assert tab.node_inter[a, b] == (_node_port(ref) if P > R else 0), where
+                assert (tab.peers[a, b] > 0) == (ref["max_rank"] > 0), where
+                checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("P,R", [(4, 2), (8, 4), (6, 4), (12, 4), (3, 1)])
+def test_fast_tables_equal_the_box_reference(P, R):
+    """Sampled pairs on every edge of a graph with every op kind, for
+    power-of-two and other rank counts (node blocks that are not products of
+    intervals take the rank-by-rank path)."""
+    assert _check_edges(every_op_graph(), P, R, pairs_per_edge=25, seed=P * 10 + R) > 300
+
+
+def test_fast_tables_equal_the_box_reference_on_every_pair():
+    assert _check_edges(every_op_graph(batch=6), 6, 4, pairs_per_edge=None, seed=0) > 5000
+
+
+def test_tables_equal_the_runtime_exchange_plan():
+    xp = pytest.importorskip("hpcnn.parallel.exchange_plan")
+    g = every_op_graph()
+    rng = np.random.default_rng(7)
+    P, itemsize = 4, 4
+    for node in g:
+        for i, src in enumerate(node.inputs):
+            T = g[src].shape
+            A = enumerate_configs(T, g[src].op.splittable, P)
+            B = enumerate_configs(node.shape, node.op.splittable, P)
+            tab = exchange_tables(InputGeometry(node.op, i, node.in_shapes, node.shape), A, B, P, P,
+                                  want_total=True)
+            for _ in range(15):
+                a, b = int(rng.integers(len(A))), int(rng.integers(len(B)))
+                out = Layout(node.shape, B[b])
+                plan = xp.ExchangePlan.compile(Layout(T, A[a]),
+                                               xp.needed_boxes(node.op, i, out, node.in_shapes), itemsize)
+                assert tab.max_rank[a, b] * itemsize == plan.max_rank_bytes()
+                assert tab.total[a, b] * itemsize == plan.total_bytes()
+
+
+def test_identity_edges_move_nothing_and_redistributions_do():
+    g = every_op_graph()
+    m = CostModel(g, 4, load_machine("paper_p100_cluster"))
+    cf = np.array([[2, 1, 2, 1]])
+    same = m.edge_cost("conv2d_1", "relu_1", 0, cf, cf)
+    assert same.t_x[0, 0] == 0 and same.tables.max_rank[0, 0] == 0
+    other = m.edge_cost("conv2d_1", "relu_1", 0, cf, np.array([[1, 2, 1, 2]]))
+    assert other.t_x[0, 0] > 0
+
+
+def test_node_costs_behave():
+    g = every_op_graph(batch=16)
+    mach = load_machine("paper_p100_cluster")
+    m = CostModel(g, 4, mach)
+    cf = np.array([[1, 1, 1, 1], [2, 1, 1, 1], [4, 1, 1, 1], [1, 2, 1, 1], [1, 1, 2, 2]])
+    c = m.node_cost("conv2d_1", cf)
+    # smaller tiles compute faster; one rank and channel splits never allreduce
+    assert c.t_c[0] > c.t_c[1] > c.t_c[2]
+    assert c.t_s[0] == 0 and c.t_s[3] == 0 and c.t_s[1] > 0 and c.t_s[4] > 0
+    # memory: a channel split shards the parameters, a sample split does not
+    w = g["conv2d_1"].param_specs()
+    params = sum(s.size for s in w.values())
+    assert c.mem[0] >= 3 * params * 4
+    assert c.mem[3] < c.mem[0]
+    assert all(c.mem > 0)
+
+
+def test_allreduce_model():
+    link = Link(10e9, 1e-6)
+    assert allreduce_time(1e6, 1, link) == 0
+    t2, t4 = allreduce_time(1e6, 2, link), allreduce_time(1e6, 4, link)
+    assert t2 == pytest.approx(1e6 / 10e9 + 2e-6)
+    assert t4 == pytest.approx(1.5e6 / 10e9 + 4e-6)
+
+
+def test_inter_node_exchange_uses_the_slower_port():
+    g = every_op_graph(batch=16)
+    mach = load_machine("paper_p100_cluster")          # 4 ranks per node
+    m = CostModel(g, 8, mach)
+    n8 = np.array([[8, 1, 1, 1]])
+    c8 = np.array([[1, 2, 1, 4]])
+    tab = m.edge_tables("conv2d_1", "relu_1", 0, n8, c8)
+    assert tab.node_inter[0, 0] > 0
+    inside = m.edge_tables("conv2d_1", "relu_1", 0, np.array([[2, 1, 2, 1]]), np.array([[2, 1, 1, 2]]))
+    assert inside.node_inter[0, 0] == 0 and inside.max_rank[0, 0] > 0
+
+
+def test_measured_table_is_preferred():
+    g = every_op_graph(batch=16)
+    mach = copy.deepcopy(load_machine("paper_p100_cluster"))
+    m0 = CostModel(g, 2, mach)
+    cf = np.array([[2, 1, 1, 1]])
+    geom = m0.geometry("conv2d_1")
+    ins, out, _ = geom.tile(cf[0])
+    mach.measured = {"dtype": "float32", "ops": {tile_key(g["conv2d_1"], ins, out, "float32"): 0.125}}
+    m1 = CostModel(g, 2, mach)
+    c0, c1 = m0.node_cost("conv2d_1", cf), m1.node_cost("conv2d_1", cf)
+    assert c1.measured[0] and not c0.measured[0]
+    # measured compute, plus the same optimiser update as the roofline case
+    w = g["conv2d_1"].param_specs()
+    update = 5.0 * sum(s.size for s in w.values()) * 4 / (mach.memory_bandwidth * 0.7)
+    assert c1.t_c[0] == pytest.approx(0.125 + update)
+
+
+@pytest.mark.parametrize("model,P", [("lenet5", 2), ("resnet_small", 2), ("inception_small", 2)])
+def test_search_on_real_tables_equals_brute_force(model, P):
+    g = build_model(model, batch=8)
+    m = CostModel(g, P, load_machine("paper_p100_cluster"), opts=SpaceOptions(max_kinds=1))
+    vecs, edges, _ = m.problem()
+    res = solve(vecs, edges)
+    sizes = [len(v) for v in vecs]
+    if np.prod(sizes, dtype=float) <= 2e6:
+        best, _ = brute_force(vecs, edges)
+        assert res.cost == pytest.approx(best, rel=1e-12)
+    plan = Plan(g.name, P, g.batch, m.space.plan_configs(res.choice))
+    plan.validate(g, P)
+    assert m.evaluate(plan).total == pytest.approx(res.cost, rel=1e-12)
+
+
+def test_search_plan_report_and_baselines():
+    g = build_model("alexnet", batch=64)
+    plan, rep = search_plan(g, 4, "paper_p100_cluster")
+    plan.validate(g, 4)
+    assert rep["status"] == "exact" and rep.layers and rep.layers[0]["node"] == "input"
+    t = rep["predicted"]["total_s"]
+    for name in ("data-parallel", "model-parallel", "owt"):
+        assert t <= rep["baselines"][name]["total_s"] * (1 + 1e-12)
+    json.dumps(rep)                        # the report is JSON-able
+    assert plan.meta["predicted_s"] == pytest.approx(t)
+
+
+def test_memory_limit_excludes_binds_and_reports():
+    g = build_model("alexnet", batch=64)
+    mach = load_machine("paper_p100_cluster")
+    free, rep = search_plan(g, 4, mach, with_baselines=False)
+    used = rep["predicted"]["memory_bytes"] / 2 ** 30
+    # a limit above the plan's memory changes nothing
+    same, rep2 = search_plan(g, 4, mach, memory=used * 1.01, with_baselines=False)
+    assert same.configs == free.configs and "optimal" in rep2["memory"]["status"]
+    # a binding limit yields a plan that fits, with a stated lower bound
+    least = rep2["memory"]["least_bytes"] / 2 ** 30
+    binding = 0
+    for frac in (0.3, 0.5, 0.9):
+        lim = least + frac * (used - least)
+        tight, rep3 = search_plan(g, 4, mach, memory=lim, with_baselines=False)
+        assert rep3["predicted"]["memory_bytes"] <= lim * 2 ** 30
+        assert rep3["predicted"]["total_s"] >= rep["predicted"]["total_s"]
+        if "lower_bound_s" in rep3["memory"]:
+            binding += 1
+            assert rep3["memory"]["lower_bound_s"] <= rep3["predicted"]["total_s"] + 1e-12
+            assert rep3["memory"]["lower_bound_s"] >= rep["predicted"]["total_s"] - 1e-12
+    assert binding >= 1
+    # below the least possible memory: a clear error
+    with pytest.raises(MemoryLimitError, match="no plan fits"):
+        search_plan(g, 4, mach, memory=least * 0.5, with_baselines=False)
+    with pytest.raises(PlanError, match="positive"):
+        search_plan(g, 4, mach, memory=-1)
+
+
+def test_evaluate_prices_any_plan_and_rejects_bad_ones():
+    g = build_model("lenet5", batch=8)
+    m = CostModel(g, 2, load_machine("paper_p100_cluster"))
+    for plan in (data_parallel(g, 2), model_parallel(g, 2), owt(g, 2)):
+        pc = m.evaluate(plan)
+        assert pc.total > 0 and len(pc.rows) == len(g)
+    with pytest.raises(CostModelError, match="ranks"):
+        m.evaluate(data_parallel(g, 4))
+
+
+def test_machine_files_state_their_figures():
+    m = load_machine("paper_p100_cluster")
+    assert m.ranks_per_node == 4 and m.peak_flops == 10.6e12
+    named = {f["figure"] for f in m.figures}
+    for fig in ("device.peak_flops", "device.memory_bandwidth", "links.intra_node.bandwidth",
+                "links.inter_node.bandwidth", "links.intra_node.latency", "links.inter_node.latency",
+                "device.compute_efficiency", "device.memory_efficiency", "ranks_per_node"):
+        assert fig in named
+    assert all(f["source"] for f in m.figures)
+
+
+def test_machine_errors_are_named(tmp_path):
+    with pytest.raises(MachineError, match="neither a file nor a known machine"):
+        load_machine("no_such_machine")
+    bad = tmp_path / "m.json"
+    bad.write_text("{")
+    with pytest.raises(MachineError, match="not valid JSON"):
+        load_machine(bad)
+    d = load_machine("paper_p100_cluster").to_dict()
+    del d["links"]
+    bad.write_text(json.dumps(d))
+    with pytest.raises(MachineError, match="missing the key 'links'"):
+        load_machine(bad)
+    d = load_machine("paper_p100_cluster").to_dict()
+    d["device"]["peak_flops"] = 0
+    bad.write_text(json.dumps(d))
+    with pytest.raises(MachineError, match="peak_flops"):
+        load_machine(bad)
+    ok = tmp_path / "ok.json"
+    load_machine("paper_p100_cluster").save(ok)
+    assert load_machine(ok).to_dict()["device"] == load_machine("paper_p100_cluster").device
+
+
+def test_calibrate_writes_a_machine_the_cost_model_uses(tmp_path, capsys):
+    from hpcnn.cli import main
+    from hpcnn.strategy.calibrate import fit_link
+    out = tmp_path / "local.json"
+    rc = main(["calibrate", "--model", "lenet5", "--ranks", "1", "2", "--batch", "4", "--repeats", "1",
+               "--budget", "20", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    m = load_machine(out)
+    assert m.measured["ops"] and m.measured["batch"] == 4 and m.slots_per_node >= 1
+    assert m.intra.bandwidth > 0 and m.intra.latency > 0          # from the MPI ping-pong
+    assert any("NOT MEASURED" in f["source"] for f in m.figures)  # inter-node figures are flagged
+    # a search on that machine prices every measured tile from the table
+    g = build_model("lenet5", batch=4)
+    plan, rep = search_plan(g, 2, m, with_baselines=False)
+    rows = [r for r in rep.layers if r["op"] != "input"]
+    assert rows and all(r["measured"] for r in rows)
+    # the latency/bandwidth fit on exact data
+    times = {s: 1e-6 + s / 5e9 for s in (8, 1 << 20, 1 << 22)}
+    bw, lat = fit_link(times)
+    assert bw == pytest.approx(5e9, rel=1e-3) and lat == pytest.approx(1e-6 + 8 / 5e9)
