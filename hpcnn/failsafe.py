@@ -61,7 +61,10 @@ class StopSignals:
                 pass
 
     def _handler(self, signum, frame):
-        self.requested = signal.Signals(signum).name
+        # the first signal is the reason; later ones (a batch script passing
+        # the stop on to the ranks that Slurm signalled already) change nothing
+        if self.requested is None:
+            self.requested = signal.Signals(signum).name
 
     def restore(self):
         for s, h in self._old.items():

@@ -34,8 +34,8 @@
 #
 # Signals (see docs/slurm.md):
 #   USR1  sent to this batch shell by `#SBATCH --signal=B:USR1@SECONDS` before the
-#         time limit: the ranks are told to stop (SIGTERM), they checkpoint and exit
-#         0, and the job is requeued.
+#         time limit: the ranks are told to stop (SIGUSR1 through srun, SIGTERM
+#         through mpiexec), they checkpoint and exit 0, and the job is requeued.
 #   TERM  scancel, preemption, `scontrol requeue`, node shutdown: the ranks are told
 #         to stop (Slurm signals them too), and the shell waits for them to finish
 #         their checkpoint (Slurm's KillWait bounds how long that may take).
@@ -73,10 +73,12 @@ hpcnn_setup_env() {
 hpcnn_stop_ranks() {
     # Ask every rank to stop at its next step boundary (hpcnn then writes a
     # checkpoint and exits 0).  srun turns a SIGTERM it receives into SIGKILL
-    # for its tasks, so srun is not signalled: scancel signals the job's steps
-    # (not this batch shell).  Hydra's mpiexec passes SIGTERM on to its ranks.
+    # for its tasks, but forwards SIGUSR1 to them as it is, and hpcnn treats
+    # SIGUSR1 like SIGTERM.  Hydra's mpiexec passes SIGTERM on to its ranks.
+    # (Not `scancel --signal=TERM`: while Slurm is ending the job it keeps
+    # retrying, and it would stop the next run of a requeued job.)
     case "$HPCNN_LAUNCHER" in
-        srun) scancel --signal=TERM "$SLURM_JOB_ID" ;;
+        srun) kill -USR1 "$hpcnn_pid" 2>/dev/null ;;
         mpiexec) kill -TERM "$hpcnn_pid" 2>/dev/null ;;
     esac
 }
