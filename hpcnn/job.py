@@ -145,6 +145,9 @@ class Job:
         for section, key in REQUIRED:
             if out[section][key] in (None, ""):
                 raise JobError(f"{section}.{key} is required")
+        if out["optimizer"]["nesterov"] and not out["optimizer"]["momentum"]:
+            raise JobError("optimizer.nesterov = true needs optimizer.momentum > 0 "
+                           f"(it is {out['optimizer']['momentum']})")
         return out
 
     @classmethod
