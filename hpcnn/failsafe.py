@@ -156,6 +156,12 @@ class StallWatchdog:
         self.stream.write(f"[hpcnn watchdog] {msg}\n")
         self.stream.flush()
 
+    def abandon(self):
+        """Stop the thread without communicating (error paths)."""
+        if self.enabled and self.rank == 0:
+            self._stop.set()
+        self.enabled = False
+
     def close(self):
         """Stop the thread and receive every heartbeat still in flight
         (collective)."""
