@@ -14,7 +14,7 @@ class ReLU(Op):
 
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
-        self.check_dtype(x)
+        self.check_inputs(xs, ctx)
         xp = xp_of(x)
         y = xp.maximum(x, 0)
         return y, y

@@ -55,7 +55,7 @@ class BatchNorm(Op):
 
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
-        self.check_dtype(x)
+        self.check_inputs(xs, ctx, params)
         xp = xp_of(x)
         axes, bs = self._axes(x), self._bshape(x)
         gamma, beta = params["weight"], params["bias"]

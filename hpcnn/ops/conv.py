@@ -101,7 +101,7 @@ class Conv2d(_Window):
 
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
-        self.check_dtype(x)
+        self.check_inputs(xs, ctx, params)
         pads = ctx.pads(0)
         y, saved = K.conv2d_forward(x, params["weight"], params.get("bias"), self.stride,
                                     (pads[2], pads[3]), self.dilation)

@@ -34,6 +34,7 @@ class Concat(Op):
         return (tuple(out_box[0]), (lo, hi)) + tuple(tuple(b) for b in out_box[2:])
 
     def forward(self, xs, params, buffers, ctx):
+        self.check_inputs(xs, ctx)
         xp = xp_of(xs[0])
         parts = [x for x in xs if x.shape[1] > 0]
         return xp.concatenate(parts, axis=1), [x.shape[1] for x in xs]
@@ -61,6 +62,7 @@ class Add(Op):
         return first
 
     def forward(self, xs, params, buffers, ctx):
+        self.check_inputs(xs, ctx)
         if len(xs) == 1:
             return xs[0].copy(), 1
         y = xs[0] + xs[1]

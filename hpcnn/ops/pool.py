@@ -40,7 +40,7 @@ class MaxPool2d(_Pool2d):
     kind = "maxpool2d"
 
     def forward(self, xs, params, buffers, ctx):
-        self.check_dtype(xs[0])
+        self.check_inputs(xs, ctx)
         p = ctx.pads(0)
         return K.maxpool2d_forward(xs[0], self.kernel_size, self.stride, (p[2], p[3]), self.dilation)
 
@@ -63,7 +63,7 @@ class AvgPool2d(_Pool2d):
         return a
 
     def forward(self, xs, params, buffers, ctx):
-        self.check_dtype(xs[0])
+        self.check_inputs(xs, ctx)
         p = ctx.pads(0)
         return K.avgpool2d_forward(xs[0], self.kernel_size, self.stride, (p[2], p[3]))
 
@@ -88,7 +88,7 @@ class GlobalAvgPool(Op):
 
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
-        self.check_dtype(x)
+        self.check_inputs(xs, ctx)
         return x.mean(axis=(2, 3)), x.shape
 
     def backward(self, dy, saved, params, ctx):
