@@ -23,7 +23,7 @@ import zlib
 import numpy as np
 import pytest
 
-from hpcnn.ops import TileContext, clip_box, full_box, make_op
+from hpcnn.ops import TileContext, clip_box, full_box, kernel_set, make_op
 from hpcnn.parallel.layout import split_bounds
 
 DIMS = ("n", "c", "h", "w")
@@ -61,7 +61,18 @@ CASES = [
     ("flatten", "flatten", {}, [(3, 2, 3, 4)], False),
     ("loss", "softmax_xent", {}, [(7, 6)], False),
 ]
-IDS = [c[0] for c in CASES]
+# sliding-window ops run with both kernel sets (fast channels-last GEMM
+# kernels and the reference fallback); the others have one implementation
+WINDOW_KINDS = ("conv2d", "maxpool2d", "avgpool2d")
+CASES = [c + (k,) for c in CASES for k in (("fast", "reference") if c[1] in WINDOW_KINDS else ("fast",))]
+IDS = [c[0] + ("-ref" if c[-1] == "reference" else "") for c in CASES]
+
+
+@pytest.fixture
+def kernels(request):
+    before = kernel_set()
+    yield kernel_set
+    kernel_set(before)
 
 
 def make_case(kind, attrs, shapes, has_params, rng):
@@ -150,8 +161,10 @@ def close(a, b, tol=1e-12):
     assert err <= tol, f"relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("name,kind,attrs,shapes,has_params", CASES, ids=IDS)
-def test_random_output_box_reads_only_its_input_box(name, kind, attrs, shapes, has_params):
+@pytest.mark.parametrize("name,kind,attrs,shapes,has_params,impl", CASES, ids=IDS)
+def test_random_output_box_reads_only_its_input_box(name, kind, attrs, shapes, has_params, impl,
+                                                    kernels):
+    kernels(impl)
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     op, xs, params, buffers, labels = make_case(kind, attrs, shapes, has_params, rng)
     # batch norm: a single box is not a partition, so no statistics to sum:
@@ -214,8 +227,10 @@ def run_partition(op, xs, params, buffers, degrees, training, labels, dy):
     return boxes, results
 
 
-@pytest.mark.parametrize("name,kind,attrs,shapes,has_params", CASES, ids=IDS)
-def test_tile_backward_over_a_partition_sums_to_the_whole(name, kind, attrs, shapes, has_params):
+@pytest.mark.parametrize("name,kind,attrs,shapes,has_params,impl", CASES, ids=IDS)
+def test_tile_backward_over_a_partition_sums_to_the_whole(name, kind, attrs, shapes, has_params,
+                                                          impl, kernels):
+    kernels(impl)
     rng = np.random.default_rng(zlib.crc32((name + "bw").encode()))
     op, xs, params, buffers, labels = make_case(kind, attrs, shapes, has_params, rng)
     out_shape = op.infer_shape(shapes)

@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from hpcnn.ops import TileContext, clip_box, full_box, make_op  # noqa: E402
+from hpcnn.ops import TileContext, clip_box, full_box, kernel_set, make_op  # noqa: E402
 
 TOL = {np.float64: 1e-10, np.float32: 2e-4}
 
@@ -118,6 +118,16 @@ def check(op, fn, xs, params, dtype, layout="contig", rng=None, **kw):
 
 
 DTYPES = [np.float64, np.float32]
+
+
+@pytest.fixture(params=["fast", "reference"])
+def kernels(request):
+    """Run a sliding-window test with each kernel set (the fast
+    channels-last GEMM kernels and the reference fallback)."""
+    before = kernel_set()
+    kernel_set(request.param)
+    yield request.param
+    kernel_set(before)
 LAYOUTS = ["contig", "nhwc", "sliced"]
 
 # ---------------------------------------------------------------- conv2d
@@ -161,7 +171,7 @@ def conv_data(case, rng):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])
-def test_conv2d(case, dtype):
+def test_conv2d(case, dtype, kernels):
     rng = np.random.default_rng(1)
     n, cin, h, w, cout, k, s, p, d, b = case
     op = make_op("conv2d", "conv", out_channels=cout, kernel_size=k, stride=s, padding=p,
@@ -173,7 +183,7 @@ def test_conv2d(case, dtype):
 @pytest.mark.parametrize("layout", ["nhwc", "sliced"])
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[4], CONV_CASES[5]],
                          ids=["3x3", "s2d2", "1x1", "1x1s2"])
-def test_conv2d_any_memory_layout(case, layout):
+def test_conv2d_any_memory_layout(case, layout, kernels):
     rng = np.random.default_rng(2)
     n, cin, h, w, cout, k, s, p, d, b = case
     op = make_op("conv2d", "conv", out_channels=cout, kernel_size=k, stride=s, padding=p,
@@ -218,7 +228,7 @@ def _pads(p):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES, ids=[str(c) for c in POOL_CASES])
-def test_maxpool2d(case, dtype):
+def test_maxpool2d(case, dtype, kernels):
     rng = np.random.default_rng(4)
     n, c, h, w, k, s, p, d = case
     op = make_op("maxpool2d", "pool", kernel_size=k, stride=s, padding=p, dilation=d)
@@ -231,7 +241,7 @@ def test_maxpool2d(case, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [c for c in POOL_CASES if c[7] == 1], ids=str)
-def test_avgpool2d_counts_padding(case, dtype):
+def test_avgpool2d_counts_padding(case, dtype, kernels):
     rng = np.random.default_rng(5)
     n, c, h, w, k, s, p, d = case
     op = make_op("avgpool2d", "pool", kernel_size=k, stride=s, padding=p)
@@ -247,7 +257,7 @@ def test_avgpool2d_counts_padding(case, dtype):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_pools_any_memory_layout(layout):
+def test_pools_any_memory_layout(layout, kernels):
     rng = np.random.default_rng(6)
     x = rng.standard_normal((2, 3, 9, 11))
     op = make_op("maxpool2d", "pool", kernel_size=3, stride=2, padding=1)

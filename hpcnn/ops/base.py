@@ -116,6 +116,9 @@ class TileContext:
     allreduce : sums an array over the tiles that share this tile's channel
                 range (batch-norm statistics); identity in one process
     labels    : integer labels of the tile's samples (loss only)
+    input_grads: per input, whether its gradient is wanted (None: all are);
+                an op may return None for an input marked False (the
+                network's input needs none) and skip that work
     """
     out_box: tuple
     in_boxes: list
@@ -126,6 +129,7 @@ class TileContext:
     step: int = 0
     allreduce: Callable = _identity
     labels: object = None
+    input_grads: tuple | None = None
 
     @classmethod
     def whole(cls, op: "Op", in_shapes, **kw) -> "TileContext":
@@ -135,6 +139,9 @@ class TileContext:
         return cls(out_box=ob,
                    in_boxes=[op.input_box(i, ob, in_shapes) for i in range(len(in_shapes))],
                    in_shapes=list(in_shapes), out_shape=tuple(out_shape), **kw)
+
+    def needs_input_grad(self, i: int = 0) -> bool:
+        return self.input_grads is None or bool(self.input_grads[i])
 
     def pads(self, i: int = 0) -> tuple:
         return box_pads(self.in_boxes[i], self.in_shapes[i])

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcnn.ops import conv_kernels as K
 from hpcnn.ops.base import Op, register, xp_of
 from hpcnn.ops.conv import _Window
+from hpcnn.ops.kernel_set import window_kernels
 
 
 class _Pool2d(_Window):
@@ -42,9 +42,13 @@ class MaxPool2d(_Pool2d):
     def forward(self, xs, params, buffers, ctx):
         self.check_inputs(xs, ctx)
         p = ctx.pads(0)
-        return K.maxpool2d_forward(xs[0], self.kernel_size, self.stride, (p[2], p[3]), self.dilation)
+        K = window_kernels()
+        y, saved = K.maxpool2d_forward(xs[0], self.kernel_size, self.stride, (p[2], p[3]),
+                                       self.dilation)
+        return y, (K, saved)
 
     def backward(self, dy, saved, params, ctx):
+        K, saved = saved
         return [K.maxpool2d_backward(dy, saved)], {}
 
 
@@ -65,9 +69,12 @@ class AvgPool2d(_Pool2d):
     def forward(self, xs, params, buffers, ctx):
         self.check_inputs(xs, ctx)
         p = ctx.pads(0)
-        return K.avgpool2d_forward(xs[0], self.kernel_size, self.stride, (p[2], p[3]))
+        K = window_kernels()
+        y, saved = K.avgpool2d_forward(xs[0], self.kernel_size, self.stride, (p[2], p[3]))
+        return y, (K, saved)
 
     def backward(self, dy, saved, params, ctx):
+        K, saved = saved
         return [K.avgpool2d_backward(dy, saved)], {}
 
 
