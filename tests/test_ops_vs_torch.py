@@ -217,6 +217,7 @@ POOL_CASES = [
     (2, 3, 10, 9, 3, 2, 1, 2),                     # dilation 2
     (2, 5, 3, 3, 3, 1, 0, 1),                      # 1x1 output
     (1, 3, 6, 5, 3, 3, 1, 1),                      # stride 3
+    (2, 2, 9, 8, 5, 2, 2, 1),                      # 25 taps (the fast max-pool's general path)
 ]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcnn.ops.base import Op, ParamSpec, register, xp_of
+from hpcnn.ops.nhwc_kernels import nchw_view, nhwc, rows2d
 
 
 @register
@@ -41,58 +42,92 @@ class BatchNorm(Op):
         return {"running_mean": ParamSpec((c,), "zeros", trainable=False),
                 "running_var": ParamSpec((c,), "ones", trainable=False)}
 
-    @staticmethod
-    def _axes(x):
-        return (0, 2, 3) if x.ndim == 4 else (0,)
-
-    @staticmethod
-    def _bshape(x):
-        return (1, -1, 1, 1) if x.ndim == 4 else (1, -1)
-
     def _count(self, ctx):
         s = ctx.in_shapes[0]
         return int(np.prod(s)) // int(s[1])
+
+    @staticmethod
+    def _rows(x):
+        """(M, C) matrix of the input, channels the unit-stride dimension:
+        a view for channels-last 4-D input and for (N, C) input."""
+        if x.ndim == 2:
+            return x if x.strides[1] == x.itemsize else xp_of(x).ascontiguousarray(x)
+        return rows2d(nhwc(x))
+
+    @staticmethod
+    def _like_input(y2, x):
+        """The (M, C) result viewed in the input's logical shape."""
+        if x.ndim == 2:
+            return y2
+        n, c, h, w = x.shape
+        return nchw_view(y2.reshape(n, h, w, c))
 
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
         self.check_inputs(xs, ctx, params)
         xp = xp_of(x)
-        axes, bs = self._axes(x), self._bshape(x)
+        x2 = self._rows(x)
         gamma, beta = params["weight"], params["bias"]
         if ctx.training:
             m = self._count(ctx)
-            mean = ctx.allreduce(x.sum(axis=axes)) / m
-            xc = x - mean.reshape(bs)
-            var = ctx.allreduce((xc * xc).sum(axis=axes)) / m
+            mean = ctx.allreduce(x2.sum(axis=0)) / m
+            xc = x2 - mean
+            var = ctx.allreduce(_colsumsq(xp, xc)) / m
             if buffers:
                 mom = self.momentum
                 unbiased = var * (m / max(m - 1, 1))
-                buffers["running_mean"][...] = (1 - mom) * buffers["running_mean"] + mom * mean
-                buffers["running_var"][...] = (1 - mom) * buffers["running_var"] + mom * unbiased
-        else:
-            mean, var = buffers["running_mean"], buffers["running_var"]
-            xc = x - mean.reshape(bs)
+                rm, rv = buffers["running_mean"], buffers["running_var"]
+                rm *= 1 - mom
+                rm += mom * mean
+                rv *= 1 - mom
+                rv += mom * unbiased
+            inv = 1.0 / xp.sqrt(var + self.eps)
+            y2 = xc * (gamma * inv)
+            y2 += beta
+            return self._like_input(y2, x), (True, xc, inv, x.shape)
+        mean, var = buffers["running_mean"], buffers["running_var"]
         inv = 1.0 / xp.sqrt(var + self.eps)
-        xhat = xc * inv.reshape(bs)
-        y = xhat * gamma.reshape(bs) + beta.reshape(bs)
-        return y, (xhat, inv)
+        scale = gamma * inv
+        y2 = x2 * scale
+        y2 += beta - mean * scale
+        return self._like_input(y2, x), (False, x2, inv, mean)
 
     def backward(self, dy, saved, params, ctx):
-        xhat, inv = saved
-        axes, bs = self._axes(dy), self._bshape(dy)
-        dbeta_loc = dy.sum(axis=axes)
-        dgamma_loc = (dy * xhat).sum(axis=axes)
+        """Consumes ``saved`` (its centred input is reused as scratch)."""
+        training, a2, inv, extra = saved
+        xp = xp_of(dy)
+        dy2 = self._rows(dy)
         gamma = params["weight"]
-        if ctx.training:
+        dbeta = dy2.sum(axis=0)
+        if training:
+            xc = a2
+            dgamma = _coldot(xp, dy2, xc) * inv          # sum(dy * xhat)
             m = self._count(ctx)
-            xp = xp_of(dy)
-            both = ctx.allreduce(xp.stack([dbeta_loc, dgamma_loc]))
-            dbeta_all, dgamma_all = both[0], both[1]
-            dx = (gamma * inv).reshape(bs) * (
-                dy - dbeta_all.reshape(bs) / m - xhat * (dgamma_all / m).reshape(bs))
+            both = ctx.allreduce(xp.stack([dbeta, dgamma]))
+            k = gamma * inv
+            # dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the global batch
+            dx2 = dy2 * k
+            xc *= k * inv * (both[1] / m)
+            dx2 -= xc
+            dx2 -= k * (both[0] / m)
         else:
-            dx = dy * (gamma * inv).reshape(bs)
-        return [dx], {"weight": dgamma_loc, "bias": dbeta_loc}
+            x2, mean = a2, extra
+            dgamma = (_coldot(xp, dy2, x2) - mean * dbeta) * inv
+            dx2 = dy2 * (gamma * inv)
+        if dy.ndim == 4:
+            n, c, h, w = dy.shape
+            return [nchw_view(dx2.reshape(n, h, w, c))], {"weight": dgamma, "bias": dbeta}
+        return [dx2], {"weight": dgamma, "bias": dbeta}
 
     def flops(self, in_shapes, out_shape):
         return int(4 * np.prod(out_shape))
+
+
+def _colsumsq(xp, a):
+    """Per-column sum of squares of a (M, C) matrix without a temporary."""
+    return xp.einsum("ij,ij->j", a, a)
+
+
+def _coldot(xp, a, b):
+    """Per-column dot product of two (M, C) matrices."""
+    return xp.einsum("ij,ij->j", a, b)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from hpcnn.ops.base import Op, register, xp_of
+from hpcnn.ops.nhwc_kernels import nchw_view
 
 
 @register
@@ -36,8 +37,16 @@ class Concat(Op):
     def forward(self, xs, params, buffers, ctx):
         self.check_inputs(xs, ctx)
         xp = xp_of(xs[0])
-        parts = [x for x in xs if x.shape[1] > 0]
-        return xp.concatenate(parts, axis=1), [x.shape[1] for x in xs]
+        widths = [x.shape[1] for x in xs]
+        if xs[0].ndim != 4:
+            return xp.concatenate([x for x in xs if x.shape[1] > 0], axis=1), widths
+        n, _, h, w = xs[0].shape
+        out = xp.empty((n, h, w, sum(widths)), dtype=xs[0].dtype)   # channels-last
+        off = 0
+        for x, c in zip(xs, widths):
+            out[..., off:off + c] = x.transpose(0, 2, 3, 1)
+            off += c
+        return nchw_view(out), widths
 
     def backward(self, dy, widths, params, ctx):
         out, off = [], 0

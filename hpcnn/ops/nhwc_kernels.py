@@ -87,6 +87,24 @@ def _tap(a, i, j, ho, wo, s, d):
              j * d[1]: j * d[1] + s[1] * (wo - 1) + 1: s[1], :]
 
 
+def _add_into(xp, dst, src):
+    """dst += src for a view dst (``a[idx] += b`` would also copy the
+    region back onto itself)."""
+    xp.add(dst, src, out=dst)
+
+
+def _unroll(xp, tp, ho, wo, k, s, d):
+    """Column matrix (N*Ho*Wo, kh*kw*C) of padded channels-last ``tp``: one
+    strided copy whose rows hold, per output pixel, its kh x kw x C window."""
+    n, _, _, c = tp.shape
+    sn, sh, sw, sc = tp.strides
+    win = _as_strided(xp, tp, (n, ho, wo, k[0], k[1], c),
+                      (sn, sh * s[0], sw * s[1], sh * d[0], sw * d[1], sc))
+    cols = xp.empty((n, ho, wo, k[0], k[1], c), dtype=tp.dtype)
+    cols[...] = win
+    return cols.reshape(n * ho * wo, k[0] * k[1] * c)
+
+
 # ------------------------------------------------------------------ conv2d
 def conv2d_forward(x, w, b, stride, pads, dilation):
     xp = array_module(x)
@@ -103,33 +121,31 @@ def conv2d_forward(x, w, b, stride, pads, dilation):
                                               :stride[1] * (wo - 1) + 1:stride[1], :]
         cols = xp.ascontiguousarray(src).reshape(m, c)
     else:
-        tp = _padded(xp, t, pads, 0)
-        sn, sh, sw, sc = tp.strides
-        win = _as_strided(xp, tp, (n, ho, wo, kh, kw, c),
-                          (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], sc))
-        cols = xp.empty((n, ho, wo, kh, kw, c), dtype=x.dtype)
-        cols[...] = win
-        cols = cols.reshape(m, kh * kw * c)
-    w2 = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, cout)       # (kh kw cin, cout)
-    y2 = cols @ w2
+        cols = _unroll(xp, _padded(xp, t, pads, 0), ho, wo, (kh, kw), stride, dilation)
+    # weights as (cout, kh kw cin): a per-output-channel reorder (cheap, unlike
+    # a full transpose to (kh kw cin, cout)); the GEMM reads it transposed
+    wk = w.reshape(cout, c) if kh == kw == 1 else \
+        xp.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(cout, kh * kw * c)
+    y2 = cols @ wk.T
     if b is not None:
         y2 += b
-    saved = (cols, w2, (n, c, h, wd), (ho, wo), (kh, kw), stride, pads, dilation, pointwise)
+    saved = (cols, wk, (n, c, h, wd), (ho, wo), (kh, kw), stride, pads, dilation, pointwise)
     return nchw_view(y2.reshape(n, ho, wo, cout)), saved
 
 
 def conv2d_backward(dy, saved, w, has_bias, need_input_grad=True):
     xp = array_module(dy)
-    cols, w2, (n, c, h, wd), (ho, wo), (kh, kw), stride, pads, dilation, pointwise = saved
+    cols, wk, (n, c, h, wd), (ho, wo), (kh, kw), stride, pads, dilation, pointwise = saved
     cout = w.shape[0]
     dy2 = rows2d(nhwc(dy))                                         # (M, cout)
-    dw2 = cols.T @ dy2                                             # (kh kw cin, cout)
-    dw = xp.ascontiguousarray(dw2.reshape(kh, kw, c, cout).transpose(3, 2, 0, 1))
+    dwk = dy2.T @ cols                                             # (cout, kh kw cin)
+    dw = dwk.reshape(cout, c, 1, 1) if kh == kw == 1 else \
+        xp.ascontiguousarray(dwk.reshape(cout, kh, kw, c).transpose(0, 3, 1, 2))
     db = dy2.sum(axis=0) if has_bias else None
     if not need_input_grad:
         return None, dw, db
-    dcols = dy2 @ w2.T                                             # (M, kh kw cin)
     if pointwise:
+        dcols = dy2 @ wk                                           # (M, cin)
         if stride == (1, 1):
             return nchw_view(dcols.reshape(n, h, wd, c)), dw, db
         dt = xp.zeros((n, h, wd, c), dtype=dy.dtype)
@@ -137,13 +153,25 @@ def conv2d_backward(dy, saved, w, has_bias, need_input_grad=True):
             dcols.reshape(n, ho, wo, c)
         return nchw_view(dt), dw, db
     (pt, pb), (pl, pr) = pads
+    eh, ew = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+    m = n * ho * wo
+    if stride == (1, 1) and eh >= max(pt, pb) and ew >= max(pl, pr) and m >= 4 * cout:
+        # dX is the full correlation of dY with the flipped kernel: unroll
+        # dY padded by (extent - padding) and one GEMM writes dX directly.
+        # Worth it when the activations outweigh the weights (the flipped
+        # weights cost a reorder; col2im costs kh*kw passes over dX)
+        gp = _padded(xp, dy2.reshape(n, ho, wo, cout), ((eh - pt, eh - pb), (ew - pl, ew - pr)), 0)
+        gcols = _unroll(xp, gp, h, wd, (kh, kw), (1, 1), dilation)   # (N H W, kh kw cout)
+        wf = xp.ascontiguousarray(wk.reshape(cout, kh, kw, c)[:, ::-1, ::-1, :].transpose(1, 2, 0, 3))
+        return nchw_view((gcols @ wf.reshape(kh * kw * cout, c)).reshape(n, h, wd, c)), dw, db
+    # otherwise col2im: the kh*kw shifted slices of dcols summed into dX
+    dcols = dy2 @ wk                                               # (M, kh kw cin)
     dtp = xp.zeros((n, h + pt + pb, wd + pl + pr, c), dtype=dy.dtype)
     d6 = dcols.reshape(n, ho, wo, kh, kw, c)
     for i in range(kh):
         for j in range(kw):
-            _tap(dtp, i, j, ho, wo, stride, dilation)[...] += d6[:, :, :, i, j, :]
-    dt = dtp[:, pt:pt + h, pl:pl + wd, :]
-    return nchw_view(dt), dw, db
+            _add_into(xp, _tap(dtp, i, j, ho, wo, stride, dilation), d6[:, :, :, i, j, :])
+    return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :]), dw, db
 
 
 # ------------------------------------------------------------------ pooling
@@ -165,6 +193,47 @@ def maxpool2d_forward(x, k, stride, pads, dilation):
     return nchw_view(y), (tp, y, (h, wd), k, stride, pads, dilation)
 
 
+def _scatter_add(xp, target, index, values):
+    """target[index] += values with repeated indices accumulated (1-D)."""
+    if xp is np:
+        np.add.at(target, index, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+
+
+_OFFSETS: dict = {}
+
+
+def _window_offsets(xp, pshape, oshape, k, stride, dilation):
+    """Flat-index helpers of max-pool windows over a contiguous padded
+    channels-last array of shape ``pshape``, for output shape ``oshape``:
+    (table, corner) where table[code] is the offset inside the window of
+    the first tap whose bit is set in ``code``, and corner[n, ho, wo, c] is
+    the flat index of the window's first tap.  Cached per geometry."""
+    key = (xp.__name__, tuple(pshape), tuple(oshape), tuple(k), tuple(stride), tuple(dilation))
+    hit = _OFFSETS.get(key)
+    if hit is not None:
+        return hit
+    _, hp, wp, c = pshape
+    n, ho, wo, _ = oshape
+    ntaps = k[0] * k[1]
+    taps = np.array([(i * dilation[0] * wp + j * dilation[1]) * c
+                     for i in range(k[0]) for j in range(k[1])], dtype=np.int64)
+    codes = np.arange(1 << ntaps)
+    low = codes & -codes
+    first = np.zeros(1 << ntaps, dtype=np.int64)
+    first[1:] = np.log2(low[1:]).round().astype(np.int64)
+    corner = ((np.arange(n, dtype=np.int64) * (hp * wp * c))[:, None, None, None]
+              + (np.arange(ho, dtype=np.int64) * (stride[0] * wp * c))[None, :, None, None]
+              + (np.arange(wo, dtype=np.int64) * (stride[1] * c))[None, None, :, None]
+              + np.arange(c, dtype=np.int64))
+    if len(_OFFSETS) >= 16:
+        _OFFSETS.clear()
+    _OFFSETS[key] = (xp.asarray(taps[first]), xp.asarray(corner))
+    return _OFFSETS[key]
+
+
 def maxpool2d_backward(dy, saved):
     """The gradient goes to the FIRST maximum of each window in row-major
     tap order (as PyTorch does)."""
@@ -173,6 +242,24 @@ def maxpool2d_backward(dy, saved):
     n, ho, wo, c = y.shape
     g = nhwc(dy)
     dtp = xp.zeros(tp.shape, dtype=dy.dtype)
+    (pt, pb), (pl, pr) = pads
+    ntaps = k[0] * k[1]
+    if ntaps <= 16:
+        # bit t of each window's code: tap t attains the maximum; the first
+        # such tap takes the gradient, scattered by flat index
+        code = xp.zeros(y.shape, dtype=np.uint16)
+        bit = xp.empty(y.shape, dtype=np.uint16)
+        for t in range(ntaps):
+            i, j = divmod(t, k[1])
+            bit[...] = _tap(tp, i, j, ho, wo, stride, dilation) == y
+            if t:
+                xp.left_shift(bit, t, out=bit)
+            xp.bitwise_or(code, bit, out=code)
+        table, corner = _window_offsets(xp, tp.shape, y.shape, k, stride, dilation)
+        first = xp.take(table, code)
+        first += corner
+        _scatter_add(xp, dtp.reshape(-1), first.reshape(-1), g.reshape(-1))
+        return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :])
     free = None                       # windows whose maximum is not yet found
     for i in range(k[0]):
         for j in range(k[1]):
@@ -182,8 +269,7 @@ def maxpool2d_backward(dy, saved):
             else:
                 hit &= free
                 free &= ~hit
-            _tap(dtp, i, j, ho, wo, stride, dilation)[...] += xp.where(hit, g, 0)
-    (pt, pb), (pl, pr) = pads
+            _add_into(xp, _tap(dtp, i, j, ho, wo, stride, dilation), xp.where(hit, g, 0))
     return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :])
 
 
@@ -213,6 +299,6 @@ def avgpool2d_backward(dy, saved):
     dtp = xp.zeros(pshape, dtype=dy.dtype)
     for i in range(k[0]):
         for j in range(k[1]):
-            _tap(dtp, i, j, ho, wo, stride, (1, 1))[...] += g
+            _add_into(xp, _tap(dtp, i, j, ho, wo, stride, (1, 1)), g)
     (pt, pb), (pl, pr) = pads
     return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :])

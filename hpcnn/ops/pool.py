@@ -6,6 +6,7 @@ import numpy as np
 from hpcnn.ops.base import Op, register, xp_of
 from hpcnn.ops.conv import _Window
 from hpcnn.ops.kernel_set import window_kernels
+from hpcnn.ops.nhwc_kernels import nchw_view, nhwc
 
 
 class _Pool2d(_Window):
@@ -96,14 +97,16 @@ class GlobalAvgPool(Op):
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
         self.check_inputs(xs, ctx)
-        return x.mean(axis=(2, 3)), x.shape
+        n, c, h, w = x.shape
+        t = nhwc(x)
+        return t.reshape(n, h * w, c).mean(axis=1), x.shape
 
     def backward(self, dy, saved, params, ctx):
         n, c, h, w = saved
         xp = xp_of(dy)
-        dx = xp.empty(saved, dtype=dy.dtype)
-        dx[...] = (dy / (h * w))[:, :, None, None]
-        return [dx], {}
+        dt = xp.empty((n, h, w, c), dtype=dy.dtype)        # channels-last
+        dt[...] = (dy * (1.0 / (h * w)))[:, None, None, :]
+        return [nchw_view(dt)], {}
 
     def flops(self, in_shapes, out_shape):
         return int(np.prod(in_shapes[0]))
