@@ -73,23 +73,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------- networks
-def resnet18_graph(batch, image_size, classes):
-    """ResNet-18 as an hpcnn Graph: the model zoo's when it is there, else
-    the same torchvision structure built here."""
-    try:
-        from hpcnn.models import build_model
-    except ImportError:
-        build_model = None
+def resnet18_graph(batch, image_size, classes, width=64):
+    """ResNet-18 as an hpcnn Graph: the model zoo's when it is there (at the
+    standard width 64), else the same torchvision structure built here,
+    with stage widths width*(1, 2, 4, 8)."""
+    build_model = None
+    if width == 64:
+        try:
+            from hpcnn.models import build_model
+        except ImportError:
+            pass
     if build_model is not None:
         return build_model("resnet18", batch=batch, image_size=image_size, num_classes=classes)
     from hpcnn.graph import Graph
     g = Graph("resnet18")
     x = g.input((batch, 3, image_size, image_size))
-    x = g.conv(x, 64, 7, stride=2, padding=3, bias=False, name="conv1")
+    x = g.conv(x, width, 7, stride=2, padding=3, bias=False, name="conv1")
     x = g.relu(g.bn(x, name="bn1"), name="relu")
     x = g.maxpool(x, 3, stride=2, padding=1, name="maxpool")
-    cin = 64
-    for stage, cout in enumerate((64, 128, 256, 512), 1):
+    cin = width
+    for stage, cout in enumerate((width, 2 * width, 4 * width, 8 * width), 1):
         for blk in range(2):
             stride = 2 if (stage > 1 and blk == 0) else 1
             p = f"layer{stage}.{blk}"
@@ -108,7 +111,7 @@ def resnet18_graph(batch, image_size, classes):
     return g
 
 
-def torch_resnet18(torch, classes):
+def torch_resnet18(torch, classes, width=64):
     """The same network with torch.nn (torchvision's ResNet-18 structure)."""
     nn = torch.nn
 
@@ -132,16 +135,16 @@ def torch_resnet18(torch, classes):
     class ResNet18(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
-            cin, layers = 64, []
-            for stage, cout in enumerate((64, 128, 256, 512), 1):
+            cin, layers = width, []
+            for stage, cout in enumerate((width, 2 * width, 4 * width, 8 * width), 1):
                 stride = 1 if stage == 1 else 2
                 layers.append(nn.Sequential(Block(cin, cout, stride), Block(cout, cout, 1)))
                 cin = cout
             self.layer1, self.layer2, self.layer3, self.layer4 = layers
-            self.fc = nn.Linear(512, classes)
+            self.fc = nn.Linear(8 * width, classes)
 
         def forward(self, x):
             x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcnn.ops.base import Op, ParamSpec, register, xp_of
-from hpcnn.ops.nhwc_kernels import nchw_view, nhwc, rows2d
+from hpcnn.ops.nhwc_kernels import colsum, nchw_view, nhwc, rows2d
 
 
 @register
@@ -70,7 +70,7 @@ class BatchNorm(Op):
         gamma, beta = params["weight"], params["bias"]
         if ctx.training:
             m = self._count(ctx)
-            mean = ctx.allreduce(x2.sum(axis=0)) / m
+            mean = ctx.allreduce(colsum(x2)) / m
             xc = x2 - mean
             var = ctx.allreduce(_colsumsq(xp, xc)) / m
             if buffers:
@@ -98,7 +98,7 @@ class BatchNorm(Op):
         xp = xp_of(dy)
         dy2 = self._rows(dy)
         gamma = params["weight"]
-        dbeta = dy2.sum(axis=0)
+        dbeta = colsum(dy2)
         if training:
             xc = a2
             dgamma = _coldot(xp, dy2, xc) * inv          # sum(dy * xhat)

@@ -57,6 +57,13 @@ def rows2d(t):
     return t.reshape(-1, t.shape[3])
 
 
+def colsum(a):
+    """Column sums of a (M, C) matrix as one matrix-vector product (BLAS):
+    several times faster than ``a.sum(axis=0)``, which adds row by row."""
+    xp = array_module(a)
+    return xp.ones(a.shape[0], dtype=a.dtype) @ a
+
+
 def _out_size(size, k, s, plo, phi, d):
     return (size + plo + phi - d * (k - 1) - 1) // s + 1
 
@@ -141,7 +148,7 @@ def conv2d_backward(dy, saved, w, has_bias, need_input_grad=True):
     dwk = dy2.T @ cols                                             # (cout, kh kw cin)
     dw = dwk.reshape(cout, c, 1, 1) if kh == kw == 1 else \
         xp.ascontiguousarray(dwk.reshape(cout, kh, kw, c).transpose(0, 3, 1, 2))
-    db = dy2.sum(axis=0) if has_bias else None
+    db = colsum(dy2) if has_bias else None
     if not need_input_grad:
         return None, dw, db
     if pointwise:
