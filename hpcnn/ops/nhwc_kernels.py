@@ -202,10 +202,10 @@ def maxpool2d_forward(x, k, stride, pads, dilation):
 
 def _scatter_add(xp, target, index, values):
     """target[index] += values with repeated indices accumulated (1-D)."""
-    if xp is np:
-        np.add.at(target, index, values)
-    else:
-        import cupyx
+    try:
+        xp.add.at(target, index, values)            # NumPy; CuPy 13 and later
+    except (AttributeError, NotImplementedError):
+        import cupyx                                # older CuPy
         cupyx.scatter_add(target, index, values)
 
 
