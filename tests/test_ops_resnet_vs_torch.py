@@ -30,16 +30,21 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
-@pytest.mark.parametrize("impl", ["fast", "reference"])
-def test_resnet18_training_steps_equal_torch(impl):
-    before, threads = kernel_set(), torch.get_num_threads()
-    kernel_set(impl)
+@pytest.mark.parametrize("impl", ["fast", "reference", "fast-threads"])
+def test_resnet18_training_steps_equal_torch(impl, monkeypatch):
+    from hpcnn.ops import host_threads
+    before, threads, hthreads = kernel_set(), torch.get_num_threads(), host_threads.host_threads()
+    kernel_set(impl.split("-")[0])
+    if impl.endswith("threads"):       # every array split over 3 host threads
+        monkeypatch.setattr(host_threads, "MIN_ELEMENTS", 1)
+        host_threads.set_host_threads(3)
     torch.set_num_threads(1)     # tiny tensors: threads only add overhead
     try:
         _check(batch=3, image=33, classes=7, width=8)
     finally:
         kernel_set(before)
         torch.set_num_threads(threads)
+        host_threads.set_host_threads(hthreads)
 
 
 def _check(batch, image, classes, width):

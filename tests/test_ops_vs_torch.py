@@ -442,3 +442,44 @@ def test_dropout_2d():
     x = np.random.default_rng(19).standard_normal((7, 300))
     y, _, _ = run_whole(_dropout(0.5), [x], seed=1)
     assert 0.4 < (y != 0).mean() < 0.6
+
+
+# ---------------------------------------------------------------- host threads
+@pytest.fixture
+def host_threads_3(monkeypatch):
+    """Three host threads, and every array big enough to be split."""
+    from hpcnn.ops import host_threads
+    monkeypatch.setattr(host_threads, "MIN_ELEMENTS", 1)
+    before = host_threads.host_threads()
+    host_threads.set_host_threads(3)
+    yield
+    host_threads.set_host_threads(before)
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[2], CONV_CASES[5],
+                                  CONV_CASES[6], (4, 8, 6, 6, 40, 3, 1, 1, 1, True)],
+                         ids=["3x3", "asym", "s2d2", "1x1s2", "7x7s2", "col2im"])
+def test_conv2d_split_over_host_threads(case, host_threads_3):
+    rng = np.random.default_rng(20)
+    n, cin, h, w, cout, k, s, p, d, b = case
+    op = make_op("conv2d", "conv", out_channels=cout, kernel_size=k, stride=s, padding=p,
+                 dilation=d, bias=b)
+    x, params = conv_data(case, rng)
+    check(op, conv_torch(case), [x], params, np.float64, rng=rng)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_other_ops_split_over_host_threads(training, host_threads_3):
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((5, 3, 9, 7))
+    check(make_op("maxpool2d", "p", kernel_size=3, stride=2, padding=1),
+          lambda x: F.max_pool2d(x, 3, 2, 1), [x], {}, np.float64, "nhwc", rng)
+    check(make_op("relu", "r"), F.relu, [x], {}, np.float64, "nhwc", rng)
+    check(make_op("add", "a"), lambda a, b: a + b, [x, x[::-1].copy()], {}, np.float64, "nhwc", rng)
+    rm, rv = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
+    trm, trv = torch.tensor(rm), torch.tensor(rv)
+    params = {"weight": rng.standard_normal(3), "bias": rng.standard_normal(3)}
+    check(make_op("batchnorm", "bn"),
+          lambda x, weight, bias: F.batch_norm(x, trm, trv, weight, bias, training=training),
+          [x], params, np.float64, "nhwc", rng,
+          buffers={"running_mean": rm.copy(), "running_var": rv.copy()}, training=training)

@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--part", choices=["all", "conv", "step"], default="all",
                    help="what to time (default: all)")
     p.add_argument("--threads", type=int, default=2,
-                   help="threads for both (torch.set_num_threads and the BLAS pool; default 2)")
+                   help="threads for both (torch.set_num_threads; hpcnn's BLAS pool and host "
+                        "threads for copies and elementwise work; default 2)")
     p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--image-size", type=int, default=64,
                    help="ResNet-18 step image size (default 64)")
@@ -295,8 +296,10 @@ def run(args) -> int:
     import torch   # the peer: only here
     from hpcnn.backend import limit_blas_threads
     from hpcnn.ops import kernel_set
+    from hpcnn.ops.host_threads import set_host_threads
     kernel_set(args.kernels)
     limit_blas_threads(args.threads)
+    set_host_threads(args.threads)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = {"machine": machine_info(args.threads), "torch": torch.__version__,

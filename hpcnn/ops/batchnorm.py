@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcnn.ops.base import Op, ParamSpec, register, xp_of
+from hpcnn.ops.host_threads import split
 from hpcnn.ops.nhwc_kernels import colsum, nchw_view, nhwc, rows2d
 
 
@@ -67,12 +68,21 @@ class BatchNorm(Op):
         self.check_inputs(xs, ctx, params)
         xp = xp_of(x)
         x2 = self._rows(x)
+        rows, grain = x2.shape[0], _grain(x2)
         gamma, beta = params["weight"], params["bias"]
+        y2 = xp.empty(x2.shape, dtype=x2.dtype)
         if ctx.training:
             m = self._count(ctx)
             mean = ctx.allreduce(colsum(x2)) / m
-            xc = x2 - mean
-            var = ctx.allreduce(_colsumsq(xp, xc)) / m
+            xc = xp.empty(x2.shape, dtype=x2.dtype)
+            parts = {}
+
+            def centre(a, b):
+                xa = xc[a:b]
+                xp.subtract(x2[a:b], mean, out=xa)
+                parts[a] = _colsumsq(xp, xa)
+            split(rows, centre, 2 * x2.size, xp, grain)
+            var = ctx.allreduce(_ordered_sum(parts)) / m
             if buffers:
                 mom = self.momentum
                 unbiased = var * (m / max(m - 1, 1))
@@ -82,45 +92,78 @@ class BatchNorm(Op):
                 rv *= 1 - mom
                 rv += mom * unbiased
             inv = 1.0 / xp.sqrt(var + self.eps)
-            y2 = xc * (gamma * inv)
-            y2 += beta
-            return self._like_input(y2, x), (True, xc, inv, x.shape)
-        mean, var = buffers["running_mean"], buffers["running_var"]
-        inv = 1.0 / xp.sqrt(var + self.eps)
-        scale = gamma * inv
-        y2 = x2 * scale
-        y2 += beta - mean * scale
-        return self._like_input(y2, x), (False, x2, inv, mean)
+            scale, shift, src = gamma * inv, beta, xc
+            saved = (True, xc, inv, x.shape)
+        else:
+            mean, var = buffers["running_mean"], buffers["running_var"]
+            inv = 1.0 / xp.sqrt(var + self.eps)
+            scale = gamma * inv
+            shift, src = beta - mean * scale, x2
+            saved = (False, x2, inv, mean)
+
+        def affine(a, b):
+            ya = y2[a:b]
+            xp.multiply(src[a:b], scale, out=ya)
+            xp.add(ya, shift, out=ya)
+        split(rows, affine, 2 * x2.size, xp, grain)
+        return self._like_input(y2, x), saved
 
     def backward(self, dy, saved, params, ctx):
         """Consumes ``saved`` (its centred input is reused as scratch)."""
         training, a2, inv, extra = saved
         xp = xp_of(dy)
         dy2 = self._rows(dy)
+        rows, grain = dy2.shape[0], _grain(dy2)
         gamma = params["weight"]
         dbeta = colsum(dy2)
+        parts = {}
+
+        def dot(a, b):
+            parts[a] = _coldot(xp, dy2[a:b], a2[a:b])
+        split(rows, dot, 2 * dy2.size, xp, grain)
+        dx2 = xp.empty(dy2.shape, dtype=dy2.dtype)
+        k = gamma * inv
         if training:
             xc = a2
-            dgamma = _coldot(xp, dy2, xc) * inv          # sum(dy * xhat)
+            dgamma = _ordered_sum(parts) * inv                 # sum(dy * xhat)
             m = self._count(ctx)
             both = ctx.allreduce(xp.stack([dbeta, dgamma]))
-            k = gamma * inv
             # dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the global batch
-            dx2 = dy2 * k
-            xc *= k * inv * (both[1] / m)
-            dx2 -= xc
-            dx2 -= k * (both[0] / m)
+            coef, c0 = k * inv * (both[1] / m), k * (both[0] / m)
+
+            def grad(a, b):
+                d, xa = dx2[a:b], xc[a:b]
+                xp.multiply(dy2[a:b], k, out=d)
+                xp.multiply(xa, coef, out=xa)
+                xp.subtract(d, xa, out=d)
+                xp.subtract(d, c0, out=d)
+            split(rows, grad, 3 * dy2.size, xp, grain)
         else:
-            x2, mean = a2, extra
-            dgamma = (_coldot(xp, dy2, x2) - mean * dbeta) * inv
-            dx2 = dy2 * (gamma * inv)
-        if dy.ndim == 4:
-            n, c, h, w = dy.shape
-            return [nchw_view(dx2.reshape(n, h, w, c))], {"weight": dgamma, "bias": dbeta}
-        return [dx2], {"weight": dgamma, "bias": dbeta}
+            mean = extra
+            dgamma = (_ordered_sum(parts) - mean * dbeta) * inv
+
+            def grad(a, b):
+                xp.multiply(dy2[a:b], k, out=dx2[a:b])
+            split(rows, grad, dy2.size, xp, grain)
+        return [self._like_input(dx2, dy)], {"weight": dgamma, "bias": dbeta}
 
     def flops(self, in_shapes, out_shape):
         return int(4 * np.prod(out_shape))
+
+
+def _grain(a2):
+    """Rows per cache-sized chunk (about 256 KiB) of a (M, C) matrix."""
+    return max(1, (1 << 16) // max(1, a2.shape[1]))
+
+
+def _ordered_sum(parts: dict):
+    """Sum of per-chunk partial sums in chunk order (reproducible whatever
+    the threads' timing)."""
+    keys = sorted(parts)
+    total = parts[keys[0]].copy()
+    for key in keys[1:]:
+        total += parts[key]
+    return total
 
 
 def _colsumsq(xp, a):

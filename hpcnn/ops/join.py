@@ -1,7 +1,9 @@
 """Ops that join tensors: channel concatenation and elementwise addition."""
 from __future__ import annotations
 
+from hpcnn.ops.activation import sample_grain
 from hpcnn.ops.base import Op, register, xp_of
+from hpcnn.ops.host_threads import split
 from hpcnn.ops.nhwc_kernels import nchw_view
 
 
@@ -72,11 +74,18 @@ class Add(Op):
 
     def forward(self, xs, params, buffers, ctx):
         self.check_inputs(xs, ctx)
-        if len(xs) == 1:
-            return xs[0].copy(), 1
-        y = xs[0] + xs[1]
-        for x in xs[2:]:
-            y += x
+        xp = xp_of(xs[0])
+        y = xp.empty_like(xs[0])             # same memory layout as input 0
+
+        def part(a, b):
+            ya = y[a:b]
+            if len(xs) == 1:
+                ya[...] = xs[0][a:b]
+                return
+            xp.add(xs[0][a:b], xs[1][a:b], out=ya)
+            for x in xs[2:]:
+                xp.add(ya, x[a:b], out=ya)
+        split(y.shape[0], part, len(xs) * y.size, xp, sample_grain(y))
         return y, len(xs)
 
     def backward(self, dy, n, params, ctx):

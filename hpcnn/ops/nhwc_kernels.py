@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcnn.backend import array_module
+from hpcnn.ops.host_threads import split
 
 
 def _as_strided(xp, a, shape, strides):
@@ -35,7 +36,7 @@ def nhwc(x):
     when the channels are not already the unit-stride dimension."""
     t = x.transpose(0, 2, 3, 1)
     if t.strides[3] != t.itemsize or not _rows_ok(t):
-        t = array_module(x).ascontiguousarray(t)
+        t = copy_split(t)
     return t
 
 
@@ -57,6 +58,19 @@ def rows2d(t):
     return t.reshape(-1, t.shape[3])
 
 
+def copy_split(src, out=None):
+    """A C-contiguous copy of ``src`` (into ``out`` when given), split over
+    the host threads along axis 0."""
+    xp = array_module(src)
+    if out is None:
+        out = xp.empty(src.shape, dtype=src.dtype)
+
+    def part(a, b):
+        out[a:b] = src[a:b]
+    split(src.shape[0], part, src.size, xp)
+    return out
+
+
 def colsum(a):
     """Column sums of a (M, C) matrix as one matrix-vector product (BLAS):
     several times faster than ``a.sum(axis=0)``, which adds row by row."""
@@ -76,15 +90,19 @@ def _padded(xp, t, pads, value):
         return t
     n, h, w, c = t.shape
     out = xp.empty((n, h + pt + pb, w + pl + pr, c), dtype=t.dtype)
-    if pt:
-        out[:, :pt] = value
-    if pb:
-        out[:, pt + h:] = value
-    if pl:
-        out[:, pt:pt + h, :pl] = value
-    if pr:
-        out[:, pt:pt + h, pl + w:] = value
-    out[:, pt:pt + h, pl:pl + w] = t
+
+    def part(a, b):
+        o = out[a:b]
+        if pt:
+            o[:, :pt] = value
+        if pb:
+            o[:, pt + h:] = value
+        if pl:
+            o[:, pt:pt + h, :pl] = value
+        if pr:
+            o[:, pt:pt + h, pl + w:] = value
+        o[:, pt:pt + h, pl:pl + w] = t[a:b]
+    split(n, part, out.size, xp)
     return out
 
 
@@ -107,9 +125,24 @@ def _unroll(xp, tp, ho, wo, k, s, d):
     sn, sh, sw, sc = tp.strides
     win = _as_strided(xp, tp, (n, ho, wo, k[0], k[1], c),
                       (sn, sh * s[0], sw * s[1], sh * d[0], sw * d[1], sc))
-    cols = xp.empty((n, ho, wo, k[0], k[1], c), dtype=tp.dtype)
-    cols[...] = win
+    cols = copy_split(win)
     return cols.reshape(n * ho * wo, k[0] * k[1] * c)
+
+
+def _reordered(w, perm, split_axis=0):
+    """C-contiguous ``w.transpose(perm)``, split over the host threads
+    along output axis ``split_axis``."""
+    xp = array_module(w)
+    src = w.transpose(perm)
+    out = xp.empty(src.shape, dtype=w.dtype)
+    sl = [slice(None)] * out.ndim
+
+    def part(a, b):
+        sl[split_axis] = slice(a, b)
+        idx = tuple(sl)
+        out[idx] = src[idx]
+    split(out.shape[split_axis], part, out.size, xp)
+    return out
 
 
 # ------------------------------------------------------------------ conv2d
@@ -126,13 +159,12 @@ def conv2d_forward(x, w, b, stride, pads, dilation):
     if pointwise:
         src = t if stride == (1, 1) else t[:, :stride[0] * (ho - 1) + 1:stride[0],
                                               :stride[1] * (wo - 1) + 1:stride[1], :]
-        cols = xp.ascontiguousarray(src).reshape(m, c)
+        cols = (src if src.flags.c_contiguous else copy_split(src)).reshape(m, c)
     else:
         cols = _unroll(xp, _padded(xp, t, pads, 0), ho, wo, (kh, kw), stride, dilation)
     # weights as (cout, kh kw cin): a per-output-channel reorder (cheap, unlike
     # a full transpose to (kh kw cin, cout)); the GEMM reads it transposed
-    wk = w.reshape(cout, c) if kh == kw == 1 else \
-        xp.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(cout, kh * kw * c)
+    wk = w.reshape(cout, c) if kh == kw == 1 else _reordered(w, (0, 2, 3, 1)).reshape(cout, -1)
     y2 = cols @ wk.T
     if b is not None:
         y2 += b
@@ -147,7 +179,7 @@ def conv2d_backward(dy, saved, w, has_bias, need_input_grad=True):
     dy2 = rows2d(nhwc(dy))                                         # (M, cout)
     dwk = dy2.T @ cols                                             # (cout, kh kw cin)
     dw = dwk.reshape(cout, c, 1, 1) if kh == kw == 1 else \
-        xp.ascontiguousarray(dwk.reshape(cout, kh, kw, c).transpose(0, 3, 1, 2))
+        _reordered(dwk.reshape(cout, kh, kw, c), (0, 3, 1, 2))
     db = colsum(dy2) if has_bias else None
     if not need_input_grad:
         return None, dw, db
@@ -169,15 +201,18 @@ def conv2d_backward(dy, saved, w, has_bias, need_input_grad=True):
         # weights cost a reorder; col2im costs kh*kw passes over dX)
         gp = _padded(xp, dy2.reshape(n, ho, wo, cout), ((eh - pt, eh - pb), (ew - pl, ew - pr)), 0)
         gcols = _unroll(xp, gp, h, wd, (kh, kw), (1, 1), dilation)   # (N H W, kh kw cout)
-        wf = xp.ascontiguousarray(wk.reshape(cout, kh, kw, c)[:, ::-1, ::-1, :].transpose(1, 2, 0, 3))
+        wf = _reordered(wk.reshape(cout, kh, kw, c)[:, ::-1, ::-1, :], (1, 2, 0, 3), 2)
         return nchw_view((gcols @ wf.reshape(kh * kw * cout, c)).reshape(n, h, wd, c)), dw, db
     # otherwise col2im: the kh*kw shifted slices of dcols summed into dX
     dcols = dy2 @ wk                                               # (M, kh kw cin)
     dtp = xp.zeros((n, h + pt + pb, wd + pl + pr, c), dtype=dy.dtype)
     d6 = dcols.reshape(n, ho, wo, kh, kw, c)
-    for i in range(kh):
-        for j in range(kw):
-            _add_into(xp, _tap(dtp, i, j, ho, wo, stride, dilation), d6[:, :, :, i, j, :])
+
+    def part(a, b):
+        for i in range(kh):
+            for j in range(kw):
+                _add_into(xp, _tap(dtp[a:b], i, j, ho, wo, stride, dilation), d6[a:b, :, :, i, j, :])
+    split(n, part, dcols.size, xp)
     return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :]), dw, db
 
 
@@ -189,14 +224,18 @@ def maxpool2d_forward(x, k, stride, pads, dilation):
     ho = _out_size(h, k[0], stride[0], pt, pb, dilation[0])
     wo = _out_size(wd, k[1], stride[1], pl, pr, dilation[1])
     tp = _padded(xp, nhwc(x), pads, -np.inf)
-    y = None
-    for i in range(k[0]):
-        for j in range(k[1]):
-            v = _tap(tp, i, j, ho, wo, stride, dilation)
-            if y is None:
-                y = xp.ascontiguousarray(v)
-            else:
-                xp.maximum(y, v, out=y)
+    y = xp.empty((n, ho, wo, c), dtype=x.dtype)
+
+    def part(a, b):
+        ya, ta = y[a:b], tp[a:b]
+        for i in range(k[0]):
+            for j in range(k[1]):
+                v = _tap(ta, i, j, ho, wo, stride, dilation)
+                if i == j == 0:
+                    ya[...] = v
+                else:
+                    xp.maximum(ya, v, out=ya)
+    split(n, part, y.size * k[0] * k[1], xp)
     return nchw_view(y), (tp, y, (h, wd), k, stride, pads, dilation)
 
 
@@ -254,18 +293,23 @@ def maxpool2d_backward(dy, saved):
     if ntaps <= 16:
         # bit t of each window's code: tap t attains the maximum; the first
         # such tap takes the gradient, scattered by flat index
-        code = xp.zeros(y.shape, dtype=np.uint16)
-        bit = xp.empty(y.shape, dtype=np.uint16)
-        for t in range(ntaps):
-            i, j = divmod(t, k[1])
-            bit[...] = _tap(tp, i, j, ho, wo, stride, dilation) == y
-            if t:
-                xp.left_shift(bit, t, out=bit)
-            xp.bitwise_or(code, bit, out=code)
         table, corner = _window_offsets(xp, tp.shape, y.shape, k, stride, dilation)
-        first = xp.take(table, code)
-        first += corner
-        _scatter_add(xp, dtp.reshape(-1), first.reshape(-1), g.reshape(-1))
+        flat = dtp.reshape(-1)
+
+        def part(a, b):
+            ya, ta = y[a:b], tp[a:b]
+            code = xp.zeros(ya.shape, dtype=np.uint16)
+            bit = xp.empty(ya.shape, dtype=np.uint16)
+            for t in range(ntaps):
+                i, j = divmod(t, k[1])
+                bit[...] = _tap(ta, i, j, ho, wo, stride, dilation) == ya
+                if t:
+                    xp.left_shift(bit, t, out=bit)
+                xp.bitwise_or(code, bit, out=code)
+            first = xp.take(table, code)
+            first += corner[a:b]
+            _scatter_add(xp, flat, first.reshape(-1), g[a:b].reshape(-1))
+        split(n, part, y.size * ntaps, xp)
         return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :])
     free = None                       # windows whose maximum is not yet found
     for i in range(k[0]):
