@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up repeats")
     p.add_argument("--kernels", choices=["fast", "reference"], default="fast",
                    help="hpcnn kernel set (the reference is the slow, simple fallback)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall-clock time (default), or this process's CPU time, which other "
+                        "processes' load disturbs far less; cpu is meaningful with --threads 1 only")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
 
@@ -174,18 +177,21 @@ def copy_weights_to_torch(torch, model, hmodel) -> int:
 
 
 # ----------------------------------------------------------------- timing
+_CLOCK = time.perf_counter
+
+
 def _median_pair(fa, fb, repeats, warmup):
-    """Alternate fa and fb; medians of their wall times (seconds)."""
+    """Alternate fa and fb; medians of their times (seconds)."""
     for _ in range(warmup):
         fa()
         fb()
     ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _CLOCK()
         fa()
-        t1 = time.perf_counter()
+        t1 = _CLOCK()
         fb()
-        t2 = time.perf_counter()
+        t2 = _CLOCK()
         ta.append(t1 - t0)
         tb.append(t2 - t1)
     return statistics.median(ta), statistics.median(tb), ta, tb
@@ -294,6 +300,11 @@ def machine_info(threads):
 
 def run(args) -> int:
     import torch   # the peer: only here
+    global _CLOCK
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("hpcnn bench kernels: --clock cpu needs --threads 1 (CPU time of several "
+                         "threads counts their waiting too)")
+    _CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     from hpcnn.backend import limit_blas_threads
     from hpcnn.ops import kernel_set
     from hpcnn.ops.host_threads import set_host_threads
@@ -303,9 +314,11 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = {"machine": machine_info(args.threads), "torch": torch.__version__,
-           "kernels": args.kernels, "repeats": args.repeats}
+           "kernels": args.kernels, "repeats": args.repeats, "clock": args.clock,
+           "load_average": os.getloadavg()}
     print(f"hpcnn bench kernels: {out['machine'].get('cpu', '?')}, {args.threads} threads "
-          f"(hpcnn BLAS and torch), median of {args.repeats} repeats, float32, kernels={args.kernels}")
+          f"(hpcnn and torch), median of {args.repeats} repeats, {args.clock} clock, float32, "
+          f"kernels={args.kernels}, load average {out['load_average'][0]:.1f}")
     if args.part in ("all", "conv"):
         sizes = "real 56/28/14/7" if args.conv_size == "real" else "64x64-scaled 16/8/4/2"
         print(f"\nResNet-50 conv layers, forward+backward (dx, dW), batch {args.batch}, {sizes} inputs")

@@ -6,6 +6,7 @@ import numpy as np
 
 from hpcnn.backend import get_backend
 from hpcnn.ops import TileContext, clip_box, full_box, init_param
+from hpcnn.ops.host_memory import retain_freed_memory
 
 
 class SequentialModel:
@@ -21,6 +22,8 @@ class SequentialModel:
         self.seed = seed
         self.backend = backend or get_backend()
         xp = self.backend.xp
+        if not self.backend.is_gpu:
+            retain_freed_memory()      # steps reuse the same large host blocks
         self.params, self.buffers = {}, {}
         for n in graph:
             self.params[n.name] = {k: self.backend.to_device(init_param(s, f"{n.name}.{k}", seed, self.dtype))
