@@ -7,6 +7,8 @@ Two parts:
         1x1 reduce, 3x3, 1x1 expand, the strided 3x3 and the strided 1x1
         projection), at batch 32, at the real ImageNet sizes (56/28/14/7,
         --conv-size real) or scaled to 64x64 images (16/8/4/2, the default).
+        The stem reads the network input, so as in training neither side
+        computes its input gradient.
   step  a whole ResNet-18 training step (forward, backward, SGD with
         momentum and weight decay) through hpcnn's SequentialModel, against
         the same network written with torch.nn and torch.optim.SGD; batch 32,
@@ -29,9 +31,9 @@ import time
 import numpy as np
 
 # ResNet-50 convolution layers: (name, Cin, Cout, kernel, stride, padding,
-# input size at 224x224 images)
+# input size at 224x224 images); the stem needs no input gradient
 RESNET50_CONVS = [
-    ("conv1 7x7/2", 3, 64, 7, 2, 3, 224),
+    ("conv1 7x7/2 (no dX)", 3, 64, 7, 2, 3, 224),
     ("s2 1x1 256>64", 256, 64, 1, 1, 0, 56),
     ("s2 3x3 64", 64, 64, 3, 1, 1, 56),
     ("s2 1x1 64>256", 64, 256, 1, 1, 0, 56),
@@ -212,15 +214,16 @@ def bench_convs(torch, args):
         shape = op.infer_shape([x.shape])
         dy = rng.standard_normal(shape).astype(np.float32)
         ob = full_box(shape)
+        need_dx = "no dX" not in name
         ctx = TileContext(out_box=ob, in_boxes=[op.input_box(0, ob, [x.shape])], in_shapes=[x.shape],
-                          out_shape=shape)
+                          out_shape=shape, input_grads=(need_dx,))
         xin = x[tuple(slice(a, b) for a, b in clip_box(ctx.in_boxes[0], x.shape))]
 
         def run_hpcnn():
             y, saved = op.forward([xin], {"weight": w}, {}, ctx)
             op.backward(dy, saved, {"weight": w}, ctx)
 
-        tx = torch.from_numpy(x).requires_grad_(True)
+        tx = torch.from_numpy(x).requires_grad_(need_dx)
         tw = torch.from_numpy(w.copy()).requires_grad_(True)
         tdy = torch.from_numpy(dy)
 
@@ -229,11 +232,11 @@ def bench_convs(torch, args):
             F.conv2d(tx, tw, None, s, p).backward(tdy)
 
         th, tt, _, _ = _median_pair(run_hpcnn, run_torch, args.repeats, args.warmup)
-        gflop = 3 * op.flops([x.shape], shape) / 1e9     # forward + 2 GEMMs backward
+        gflop = (3 if need_dx else 2) * op.flops([x.shape], shape) / 1e9   # fwd + dW (+ dX)
         rows.append(dict(layer=name, input=list(x.shape), output=list(shape), gflop=gflop,
                          hpcnn_ms=th * 1e3, torch_ms=tt * 1e3, hpcnn_gflops=gflop / th,
                          torch_gflops=gflop / tt, ratio=tt / th))
-        print(f"{name:20s} {str(tuple(x.shape)):20s} {gflop:7.2f} {th*1e3:9.1f} {tt*1e3:9.1f} "
+        print(f"{name:22s} {str(tuple(x.shape)):20s} {gflop:7.2f} {th*1e3:9.1f} {tt*1e3:9.1f} "
               f"{gflop/th:8.1f} {gflop/tt:8.1f} {tt/th:6.2f}", flush=True)
     return rows
 
@@ -322,13 +325,13 @@ def run(args) -> int:
     if args.part in ("all", "conv"):
         sizes = "real 56/28/14/7" if args.conv_size == "real" else "64x64-scaled 16/8/4/2"
         print(f"\nResNet-50 conv layers, forward+backward (dx, dW), batch {args.batch}, {sizes} inputs")
-        print(f"{'layer':20s} {'input':20s} {'GFLOP':>7s} {'hpcnn ms':>9s} {'torch ms':>9s} "
+        print(f"{'layer':22s} {'input':20s} {'GFLOP':>7s} {'hpcnn ms':>9s} {'torch ms':>9s} "
               f"{'hpcnn/s':>8s} {'torch/s':>8s} {'ratio':>6s}")
         rows = bench_convs(torch, args)
         out["conv"] = {"batch": args.batch, "sizes": args.conv_size, "rows": rows,
                        "ratio_median": statistics.median(r["ratio"] for r in rows),
                        "ratio_total": sum(r["torch_ms"] for r in rows) / sum(r["hpcnn_ms"] for r in rows)}
-        print(f"{'all conv layers':20s} ratio of total times {out['conv']['ratio_total']:.2f}, "
+        print(f"{'all conv layers':22s} ratio of total times {out['conv']['ratio_total']:.2f}, "
               f"median ratio {out['conv']['ratio_median']:.2f}")
     if args.part in ("all", "step"):
         print(f"\nResNet-18 training step: batch {args.batch}, {args.image_size}x{args.image_size} "

@@ -12,10 +12,19 @@ copied to NHWC once.
 Convolution is one GEMM: the input (padded once, if the tile needs
 padding) is unrolled by a single strided copy into a column matrix
 (N*Ho*Wo, kh*kw*Cin) whose rows hold kh runs of kw*Cin contiguous values, and
-multiplied by the weights reordered to (kh*kw*Cin, Cout).  A 1x1 convolution
-without padding needs no unrolling at all.  Backward: dW = cols^T dY and
-dcols = dY W^T are GEMMs, and dX is the sum of the kh*kw shifted slices of
-dcols (col2im).  The same code runs on NumPy and CuPy (array_module).
+multiplied by the weights reordered per output channel to (Cout, kh*kw*Cin)
+(read transposed by BLAS).  A 1x1 convolution without padding needs no
+unrolling at all.  Backward: dW = dY^T cols is one GEMM; dX is either the
+transposed convolution (for stride 1 when the activations outweigh the
+weights: dY padded and unrolled, one GEMM with the flipped weights writes dX
+directly) or dcols = dY W followed by col2im (the kh*kw shifted slices of
+dcols summed into dX).  Max pooling keeps the first maximum of each window
+for the gradient (PyTorch's choice) through a per-window bit code of the
+taps that attain it and one scatter-add.
+
+Memory-bound copies and loops are split over host threads (host_threads.py)
+on NumPy.  The same code runs on NumPy and CuPy (array_module); the only
+module-specific call (scatter-add) has a CuPy branch.
 """
 from __future__ import annotations
 
