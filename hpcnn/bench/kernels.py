@@ -160,22 +160,34 @@ def torch_resnet18(torch, classes, width=64):
     return ResNet18()
 
 
+def _hpcnn_names(torch_key):
+    """hpcnn node names a torch state key may have: the same
+    ('layer1.0.conv1.weight'), or the model zoo's spelling of the projection
+    ('layer2.0.downsample.conv.weight' for torchvision's 'downsample.0')."""
+    return (torch_key, torch_key.replace(".downsample.0.", ".downsample.conv."),
+            torch_key.replace(".downsample.1.", ".downsample.bn."))
+
+
 def copy_weights_to_torch(torch, model, hmodel) -> int:
-    """Copy hpcnn's parameters and buffers into the torch model by name
-    ('layer1.0.conv1' + '.weight'); returns how many tensors were copied,
-    0 when the names do not line up."""
+    """Copy hpcnn's parameters and buffers into the torch model by name;
+    returns how many tensors were copied, 0 when the names do not line up."""
     sd = model.state_dict()
     src = {}
     for node, ps in list(hmodel.params.items()) + list(hmodel.buffers.items()):
         for k, v in ps.items():
             src[f"{node}.{k}"] = v
-    wanted = [k for k in sd if not k.endswith("num_batches_tracked")]
-    if not all(k in src and tuple(src[k].shape) == tuple(sd[k].shape) for k in wanted):
-        return 0
+    pairs = {}
+    for k in sd:
+        if k.endswith("num_batches_tracked"):
+            continue
+        name = next((n for n in _hpcnn_names(k) if n in src), None)
+        if name is None or tuple(src[name].shape) != tuple(sd[k].shape):
+            return 0
+        pairs[k] = name
     with torch.no_grad():
-        for k in wanted:
-            sd[k].copy_(torch.from_numpy(np.ascontiguousarray(src[k])))
-    return len(wanted)
+        for k, name in pairs.items():
+            sd[k].copy_(torch.from_numpy(np.ascontiguousarray(src[name])))
+    return len(pairs)
 
 
 # ----------------------------------------------------------------- timing
