@@ -313,7 +313,7 @@ def maxpool2d_backward(dy, saved):
                 i, j = divmod(t, k[1])
                 bit[...] = _tap(ta, i, j, ho, wo, stride, dilation) == ya
                 if t:
-                    xp.left_shift(bit, t, out=bit)
+                    xp.left_shift(bit, np.uint16(t), out=bit)
                 xp.bitwise_or(code, bit, out=code)
             first = xp.take(table, code)
             first += corner[a:b]
