@@ -282,7 +282,8 @@ def bench_step(torch, args):
         losses["torch"].append(loss.item())
 
     th, tt, all_h, all_t = _median_pair(run_hpcnn, run_torch, args.repeats, args.warmup)
-    flops = 3 * g.forward_flops() - 2 * g["conv1"].flops() if "conv1" in g.nodes else 3 * g.forward_flops()
+    # forward, and backward about twice the forward; the stem skips its dX
+    flops = 3 * g.forward_flops() - (g["conv1"].flops() if "conv1" in g.nodes else 0)
     res = dict(model="resnet18", batch=args.batch, image_size=args.image_size, classes=args.classes,
                dtype="float32", hpcnn_s=th, torch_s=tt, hpcnn_img_s=args.batch / th,
                torch_img_s=args.batch / tt, ratio=tt / th, hpcnn_all_s=all_h, torch_all_s=all_t,
