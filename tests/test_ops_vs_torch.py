@@ -483,3 +483,36 @@ def test_other_ops_split_over_host_threads(training, host_threads_3):
           lambda x, weight, bias: F.batch_norm(x, trm, trv, weight, bias, training=training),
           [x], params, np.float64, "nhwc", rng,
           buffers={"running_mean": rm.copy(), "running_var": rv.copy()}, training=training)
+
+
+def test_pooled_buffers_are_never_shared(monkeypatch):
+    """The kernels' pooled temporaries: two forwards of one layer before
+    either backward (and repeated steps) still give the right gradients,
+    and the pool never holds an array a caller can see."""
+    from hpcnn.ops import host_memory
+    pool = host_memory.BufferPool(min_bytes=1)
+    monkeypatch.setattr(host_memory, "POOL", pool)
+    from hpcnn.ops import nhwc_kernels
+    monkeypatch.setattr(nhwc_kernels, "POOL", pool)
+    rng = np.random.default_rng(22)
+    case = CONV_CASES[0]
+    op = make_op("conv2d", "conv", out_channels=case[4], kernel_size=3, padding=1)
+    x1, params = conv_data(case, rng)
+    x2 = rng.standard_normal(x1.shape)
+    ctx = TileContext.whole(op, [x1.shape])
+    y1, s1 = op.forward([x1], params, {}, ctx)
+    y2, s2 = op.forward([x2], params, {}, ctx)        # before backward of the first
+    dy = rng.standard_normal(y1.shape)
+    for x, s in ((x1, s1), (x2, s2)):
+        (dx,), g = op.backward(dy, s, params, ctx)
+        _, (tdx,), tg = torch_vjp(conv_torch(case), [x], params, dy)
+        assert rel_err(dx, tdx) <= 1e-10 and rel_err(g["weight"], tg["weight"]) <= 1e-10
+        for a in (dx, g["weight"], g["bias"], y1, y2):
+            for free in pool._free.values():
+                assert all(not np.shares_memory(a, b) for b in free)
+    assert pool.held_bytes > 0            # the columns went back to the pool
+    for _ in range(2):                     # and are reused by later steps
+        y, s = op.forward([x1], params, {}, ctx)
+        (dx,), _ = op.backward(dy, s, params, ctx)
+        _, (tdx,), _ = torch_vjp(conv_torch(case), [x1], params, dy)
+        assert rel_err(y, y1) <= 1e-12 and rel_err(dx, tdx) <= 1e-10

@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcnn.backend import array_module
+from hpcnn.ops.host_memory import POOL
 from hpcnn.ops.host_threads import split
 
 
@@ -98,7 +99,7 @@ def _padded(xp, t, pads, value):
     if pt == pb == pl == pr == 0:
         return t
     n, h, w, c = t.shape
-    out = xp.empty((n, h + pt + pb, w + pl + pr, c), dtype=t.dtype)
+    out = POOL.take(xp, (n, h + pt + pb, w + pl + pr, c), t.dtype)
 
     def part(a, b):
         o = out[a:b]
@@ -134,7 +135,7 @@ def _unroll(xp, tp, ho, wo, k, s, d):
     sn, sh, sw, sc = tp.strides
     win = _as_strided(xp, tp, (n, ho, wo, k[0], k[1], c),
                       (sn, sh * s[0], sw * s[1], sh * d[0], sw * d[1], sc))
-    cols = copy_split(win)
+    cols = copy_split(win, POOL.take(xp, win.shape, tp.dtype))
     return cols.reshape(n * ho * wo, k[0] * k[1] * c)
 
 
@@ -168,9 +169,13 @@ def conv2d_forward(x, w, b, stride, pads, dilation):
     if pointwise:
         src = t if stride == (1, 1) else t[:, :stride[0] * (ho - 1) + 1:stride[0],
                                               :stride[1] * (wo - 1) + 1:stride[1], :]
-        cols = (src if src.flags.c_contiguous else copy_split(src)).reshape(m, c)
+        cols = (src if src.flags.c_contiguous else
+                copy_split(src, POOL.take(xp, src.shape, x.dtype))).reshape(m, c)
     else:
-        cols = _unroll(xp, _padded(xp, t, pads, 0), ho, wo, (kh, kw), stride, dilation)
+        tp = _padded(xp, t, pads, 0)
+        cols = _unroll(xp, tp, ho, wo, (kh, kw), stride, dilation)
+        if tp is not t:
+            POOL.give(tp)
     # weights as (cout, kh kw cin): a per-output-channel reorder (cheap, unlike
     # a full transpose to (kh kw cin, cout)); the GEMM reads it transposed
     wk = w.reshape(cout, c) if kh == kw == 1 else _reordered(w, (0, 2, 3, 1)).reshape(cout, -1)
@@ -182,11 +187,13 @@ def conv2d_forward(x, w, b, stride, pads, dilation):
 
 
 def conv2d_backward(dy, saved, w, has_bias, need_input_grad=True):
+    """Consumes ``saved``: its column buffer goes back to the pool."""
     xp = array_module(dy)
     cols, wk, (n, c, h, wd), (ho, wo), (kh, kw), stride, pads, dilation, pointwise = saved
     cout = w.shape[0]
     dy2 = rows2d(nhwc(dy))                                         # (M, cout)
     dwk = dy2.T @ cols                                             # (cout, kh kw cin)
+    POOL.give(cols)        # only ever pools the kernels' own buffers, never an input view
     dw = dwk.reshape(cout, c, 1, 1) if kh == kw == 1 else \
         _reordered(dwk.reshape(cout, kh, kw, c), (0, 3, 1, 2))
     db = colsum(dy2) if has_bias else None
@@ -210,10 +217,13 @@ def conv2d_backward(dy, saved, w, has_bias, need_input_grad=True):
         # weights cost a reorder; col2im costs kh*kw passes over dX)
         gp = _padded(xp, dy2.reshape(n, ho, wo, cout), ((eh - pt, eh - pb), (ew - pl, ew - pr)), 0)
         gcols = _unroll(xp, gp, h, wd, (kh, kw), (1, 1), dilation)   # (N H W, kh kw cout)
+        POOL.give(gp)
         wf = _reordered(wk.reshape(cout, kh, kw, c)[:, ::-1, ::-1, :], (1, 2, 0, 3), 2)
-        return nchw_view((gcols @ wf.reshape(kh * kw * cout, c)).reshape(n, h, wd, c)), dw, db
+        dx2 = gcols @ wf.reshape(kh * kw * cout, c)
+        POOL.give(gcols)
+        return nchw_view(dx2.reshape(n, h, wd, c)), dw, db
     # otherwise col2im: the kh*kw shifted slices of dcols summed into dX
-    dcols = dy2 @ wk                                               # (M, kh kw cin)
+    dcols = xp.matmul(dy2, wk, out=POOL.take(xp, (n * ho * wo, kh * kw * c), dy.dtype))
     dtp = xp.zeros((n, h + pt + pb, wd + pl + pr, c), dtype=dy.dtype)
     d6 = dcols.reshape(n, ho, wo, kh, kw, c)
 
@@ -222,6 +232,7 @@ def conv2d_backward(dy, saved, w, has_bias, need_input_grad=True):
             for j in range(kw):
                 _add_into(xp, _tap(dtp[a:b], i, j, ho, wo, stride, dilation), d6[a:b, :, :, i, j, :])
     split(n, part, dcols.size, xp)
+    POOL.give(dcols)
     return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :]), dw, db
 
 
@@ -291,7 +302,8 @@ def _window_offsets(xp, pshape, oshape, k, stride, dilation):
 
 def maxpool2d_backward(dy, saved):
     """The gradient goes to the FIRST maximum of each window in row-major
-    tap order (as PyTorch does)."""
+    tap order (as PyTorch does).  Consumes ``saved`` (its padded copy goes
+    back to the pool)."""
     xp = array_module(dy)
     tp, y, (h, wd), k, stride, pads, dilation = saved
     n, ho, wo, c = y.shape
@@ -319,6 +331,7 @@ def maxpool2d_backward(dy, saved):
             first += corner[a:b]
             _scatter_add(xp, flat, first.reshape(-1), g[a:b].reshape(-1))
         split(n, part, y.size * ntaps, xp)
+        POOL.give(tp)      # the padded copy; an unpadded input view is not pooled
         return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :])
     free = None                       # windows whose maximum is not yet found
     for i in range(k[0]):
@@ -330,6 +343,7 @@ def maxpool2d_backward(dy, saved):
                 hit &= free
                 free &= ~hit
             _add_into(xp, _tap(dtp, i, j, ho, wo, stride, dilation), xp.where(hit, g, 0))
+    POOL.give(tp)
     return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :])
 
 
@@ -349,6 +363,7 @@ def avgpool2d_forward(x, k, stride, pads):
             else:
                 y += v
     y *= 1.0 / (k[0] * k[1])
+    POOL.give(tp)
     return nchw_view(y), (tp.shape, (h, wd), (ho, wo), k, stride, pads)
 
 
