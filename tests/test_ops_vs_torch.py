@@ -468,6 +468,20 @@ def test_conv2d_split_over_host_threads(case, host_threads_3):
     check(op, conv_torch(case), [x], params, np.float64, rng=rng)
 
 
+def test_split_reorders_and_copies_cover_every_block(host_threads_3):
+    """The threaded reorders and copies write every block exactly (run
+    many times: a race between threads would leave a block unwritten)."""
+    from hpcnn.ops import nhwc_kernels as K
+    rng = np.random.default_rng(23)
+    w = rng.standard_normal((37, 11, 3, 3))
+    for _ in range(30):
+        assert np.array_equal(K._reordered(w, (0, 2, 3, 1)), w.transpose(0, 2, 3, 1))
+        assert np.array_equal(K._reordered(w[:, :, ::-1, ::-1], (2, 3, 0, 1), 2),
+                              w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1))
+        t = w.transpose(0, 2, 3, 1)[:, ::2]
+        assert np.array_equal(K.copy_split(t), t)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_other_ops_split_over_host_threads(training, host_threads_3):
     rng = np.random.default_rng(21)

@@ -145,11 +145,10 @@ def _reordered(w, perm, split_axis=0):
     xp = array_module(w)
     src = w.transpose(perm)
     out = xp.empty(src.shape, dtype=w.dtype)
-    sl = [slice(None)] * out.ndim
+    before = (slice(None),) * split_axis
 
-    def part(a, b):
-        sl[split_axis] = slice(a, b)
-        idx = tuple(sl)
+    def part(a, b):                    # runs on several threads: no shared state
+        idx = before + (slice(a, b),)
         out[idx] = src[idx]
     split(out.shape[split_axis], part, out.size, xp)
     return out
