@@ -416,3 +416,27 @@ def test_gradient_sync_follows_the_runtime_buckets():
         want = sum(1e-3 + 2 * (2 - 1) / 2 * b / 2e9 for b in buckets)
         assert t == pytest.approx(want)
         assert (len(buckets) == 1) == (bucket == 1 << 30)
+
+
+def test_waits_follow_the_stretches_between_synchronisations():
+    """evaluate() charges min(skew * stretch, cap) after every stretch of
+    compute that ends in a synchronisation: data parallel LeNet-5 (no batch
+    norm, no exchange that moves data) has two stretches, forward and
+    backward; splitting the first convolution over height adds the exchanges
+    into and out of it."""
+    g = build_model("lenet5", batch=8)
+    cap = 1e-9
+    m, rf = _machine_with_runtime(2, skew=1.0, skew_cap_s=cap)
+    cm = CostModel(g, 2, m)
+    no_wait = copy.deepcopy(m)
+    no_wait.runtime[2].skew = 0.0
+    cm0 = CostModel(g, 2, no_wait)
+    dp = data_parallel(g, 2)
+    assert cm.evaluate(dp).t_c - cm0.evaluate(dp).t_c == pytest.approx(2 * cap, rel=1e-6)
+    configs = {n: dict(c) for n, c in dp.configs.items()}
+    configs["conv1"] = {"n": 1, "h": 2}
+    mixed = Plan(g.name, 2, g.batch, configs)
+    # forward: conv1 -> relu moves data and ends conv1's stretch (input ->
+    # conv1 moves data too, but no compute precedes it: nothing to wait for);
+    # backward: the adjoint of conv1 -> relu ends a stretch (none into the input)
+    assert cm.evaluate(mixed).t_c - cm0.evaluate(mixed).t_c == pytest.approx(4 * cap, rel=1e-6)

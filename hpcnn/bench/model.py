@@ -18,8 +18,8 @@ Run it alone (it launches ``mpiexec -n P`` for every P of ``--ranks``) or
 under your own launcher (``mpiexec -n 4 hpcnn bench model``: that world size
 only).
 
-Measured: every plan runs ``--warmup`` untimed training steps, then
-``--rounds`` rounds of ``--iters`` timed steps.  A step's time is the
+Measured: every plan runs ``--warmup`` untimed training steps, then the
+plans take turns, ``--rounds`` rounds of ``--iters`` timed steps each.  A step's time is the
 slowest rank's, from a barrier to the end of its optimiser update; the
 measured figure is the median over all timed steps.
 
@@ -28,11 +28,11 @@ machine's figures for jobs of P ranks (``RuntimeFigures``: op tiles timed
 with all ranks computing, and the executor, exchange and allreduce figures
 fitted to synthetic networks, see hpcnn/bench/runtime_profile.py).  By
 default they are measured in this run, as the paper profiles each layer on
-the device before predicting: every round interleaves the calibration's
-pieces (tiles of this run's plans, steps of the synthetic networks) with
-the plans' timed steps, so that the machine's load -- shared with other work
--- is the same for calibration and measurement; the pooled measurements
-(medians) are fitted once at the end.  The synthetic networks are not the
+the device before predicting: ``--calibration-rounds`` rounds of the
+calibration's pieces (tiles of this run's plans, steps of the synthetic
+networks) are spread evenly between the plans' timed steps, so that the
+machine's load -- shared with other work -- is the same for calibration and
+measurement; the pooled measurements (medians) are fitted once at the end.  The synthetic networks are not the
 benchmarked model, and no measured step of a benchmarked plan enters the
 prediction.  ``--no-profile`` predicts from ``--machine`` alone (its
 ``hpcnn calibrate`` figures, taken at another time and load); the table
@@ -66,8 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="machine file the predictions use (default: local, the calibrated file)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per plan (default 3)")
-    p.add_argument("--iters", type=int, default=3, help="timed steps per plan and round (default 3)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds over the plans (default 5)")
+    p.add_argument("--iters", type=int, default=2, help="timed steps per plan and round (default 2)")
+    p.add_argument("--rounds", type=int, default=10, help="rounds over the plans (default 10)")
+    p.add_argument("--calibration-rounds", type=int, default=4,
+                   help="rounds of the calibration's measurements spread over the run (default 4)")
     p.add_argument("--no-profile", action="store_true",
                    help="predict from the machine file alone; by default the run also measures this "
                         "machine's figures for P ranks (op tiles of the plans, synthetic networks; "
@@ -112,7 +114,8 @@ def _mpiexec() -> str:
 def _passthrough(args) -> list:
     out = ["--model", args.model, "--image-size", str(args.image_size), "--batch", str(args.batch),
            "--machine", args.machine, "--dtype", args.dtype, "--warmup", str(args.warmup),
-           "--iters", str(args.iters), "--rounds", str(args.rounds), "--plans"] + list(args.plans)
+           "--iters", str(args.iters), "--rounds", str(args.rounds),
+           "--calibration-rounds", str(args.calibration_rounds), "--plans"] + list(args.plans)
     if args.detail:
         out.append("--detail")
     if args.no_profile:
@@ -212,7 +215,7 @@ def _measure(args) -> dict:
     from mpi4py import MPI
 
     from hpcnn.backend import Backend
-    from hpcnn.bench.runtime_profile import Sampler, fit_samples, plan_tile_jobs
+    from hpcnn.bench.runtime_profile import Sampler, fit_samples, interleave, plan_tile_jobs
     from hpcnn.models import build_model
     from hpcnn.runtime.executor import DistributedModel
     from hpcnn.runtime.node_setup import setup_node
@@ -268,21 +271,13 @@ def _measure(args) -> dict:
                     cat[c] = cat.get(c, 0.0) + (tb - ta)
                 r["cats"].append(cat)
 
-    sampler = None if args.no_profile else Sampler(world, jobs, args.dtype)
-    for _ in range(args.rounds):
-        # the plans' steps interleaved with the calibration's pieces
-        mine = [lambda r=r: timed(r) for r in runs]
-        if sampler is None:
-            work = mine
-        else:
-            cal = sampler.items(chunks=len(mine))
-            work, k = [], -(-len(cal) // len(mine))
-            for i, m in enumerate(mine):
-                work.extend(cal[i * k:(i + 1) * k])
-                work.append(m)
-            work.extend(cal[len(mine) * k:])
-        for w in work:
-            w()
+    sampler = None if args.no_profile else Sampler(world, jobs, args.dtype, steps=2)
+    # the plans take turns, round after round; the calibration's pieces are
+    # spread evenly between them, so both sample the same stretch of time
+    mine = [lambda r=r: timed(r) for _ in range(args.rounds) for r in runs]
+    cal = sampler.work(args.calibration_rounds, chunks=8) if sampler is not None else []
+    for w in interleave(mine, cal):
+        w()
     samples = sampler.samples() if sampler is not None else None
     if sampler is not None:
         sampler.free()

@@ -25,17 +25,19 @@ or exchange costs scheduling time -- milliseconds rather than microseconds
 
        step - compute = a * layers + b + alpha_x * exchanges + bytes_x / beta_x
                         + alpha_ar * collectives + bytes_ar / beta_ar
-                        + skew * sum over layers of min(t_layer, s)
+                        + inflation * compute
+                        + skew * sum over stretches of min(stretch, s)
 
    a and b are the executor's time per layer and per step; alpha_x and
    beta_x the latency and bandwidth of an exchange (one direction);
    alpha_ar and beta_ar those of an allreduce over P ranks (smaller groups
-   scale with the number of steps, ceil(log2 group)); skew the share of a
-   layer's compute lost waiting for the slowest rank after it (and to colder
-   caches than a tile timed over and over), growing with the layer's length
-   up to s, then flat (about a scheduler time slice); s is chosen from a grid
-   by the least residual, and three sizes of convolutions tell the skew from
-   the latencies.
+   scale with the number of steps, ceil(log2 group)); inflation what a
+   layer loses inside a step against its tile timed over and over (colder
+   data, idler BLAS threads); skew the share of a stretch of compute (the
+   layers between two synchronisations) lost waiting for the slowest rank
+   at its end, growing with the stretch up to s, then flat (a few scheduler
+   time slices); s is chosen from a grid by the least residual, and three
+   sizes of convolutions tell the skew from the latencies.
    The exchange and collective figures therefore include the waiting that
    synchronising costs on this machine at this job size.
 
@@ -315,6 +317,10 @@ class Sampler:
         for item in self.items():
             item()
 
+    def work(self, rounds: int, chunks: int = 4) -> list:
+        """``rounds`` rounds of ``items`` in one list."""
+        return [it for _ in range(rounds) for it in self.items(chunks)]
+
     def samples(self) -> dict:
         """The pooled measurements (plain data, the same on every rank)."""
         return {"ranks": self.P, "blas_threads": self.info.blas_threads,
@@ -326,6 +332,16 @@ class Sampler:
     def free(self):
         for n in self.networks:
             n.free()
+
+
+def interleave(a: list, b: list) -> list:
+    """The items of ``a`` and ``b`` merged so that each list is spread
+    evenly over the result (each keeps its own order)."""
+    if not a or not b:
+        return list(a) + list(b)
+    keyed = [((i + 0.5) / len(a), 0, x) for i, x in enumerate(a)] + \
+            [((j + 0.5) / len(b), 1, x) for j, x in enumerate(b)]
+    return [x for _, _, x in sorted(keyed, key=lambda t: (t[0], t[1]))]
 
 
 def fit_samples(machine, samples: dict, dtype="float32", solo_ops: dict | None = None) -> tuple:
@@ -345,13 +361,16 @@ def fit_samples(machine, samples: dict, dtype="float32", solo_ops: dict | None =
     cases = _synthetic(P)
     measured = np.array([float(np.median(samples["networks"][name])) for name, _, _ in cases])
     t0 = time.perf_counter()
-    # relative errors matter: weigh every network by 1 / its step time
-    w = 1.0 / np.maximum(measured, 1e-6)
+    # weights between absolute and relative errors: the tiny networks
+    # (ReLU chains) are the noisiest in relative terms
+    w = 1.0 / np.sqrt(np.maximum(measured, 1e-6))
     feats = [_features(machine, base, g, plan, dtype, SATURATIONS) for _, g, plan in cases]
     consts = np.array([c0 for c0, _ in feats])
     best = None
     for sat in SATURATIONS:
         A = np.array([f[sat] for _, f in feats])
+        if P == 1:
+            A[:, -1] = 0.0              # one rank: no synchronisation to wait at
         y = measured - consts
         theta = _nnls(A * w[:, None], y * w)
         resid = float(np.sum(((A @ theta - y) * w) ** 2))
@@ -369,7 +388,7 @@ def fit_samples(machine, samples: dict, dtype="float32", solo_ops: dict | None =
 
 #: the fitted figures, in the order of the regression's columns
 PARAMS = ("node_overhead_s", "step_overhead_s", "exchange_latency_s", "exchange_s_per_byte",
-          "allreduce_latency_s", "allreduce_s_per_byte", "skew")
+          "allreduce_latency_s", "allreduce_s_per_byte", "tile_inflation", "skew")
 
 
 def _figures(base, theta, saturation=math.inf) -> object:
@@ -377,8 +396,9 @@ def _figures(base, theta, saturation=math.inf) -> object:
     the skew saturates for layers longer than ``saturation`` seconds."""
     from hpcnn.strategy.machine import Link
     rf = copy.copy(base)
-    a, b, ax, sx, aar, sar, skew = (float(v) for v in theta)
-    rf.node_overhead_s, rf.step_overhead_s, rf.skew = a, b, skew
+    a, b, ax, sx, aar, sar, infl, skew = (float(v) for v in theta)
+    rf.node_overhead_s, rf.step_overhead_s = a, b
+    rf.tile_inflation, rf.skew = infl, skew
     rf.skew_cap_s = skew * saturation if math.isfinite(saturation) else math.inf
     rf.exchange = Link(1.0 / sx if sx > 0 else 1e30, ax)
     rf.allreduce_latency = {base.ranks: aar} if base.ranks > 1 else {}
@@ -411,8 +431,10 @@ def _features(machine, base, g, plan, dtype, saturations):
     return c0, {sat: np.array(cols + [total(e, sat) - c0]) for sat in saturations}
 
 
-#: layer lengths (seconds) beyond which the skew stops growing, tried in the fit
-SATURATIONS = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, math.inf)
+#: stretch lengths (seconds) beyond which the skew stops growing, tried in the
+#: fit: from about a scheduler time slice up (below that the skew would only
+#: repeat the latencies per synchronisation)
+SATURATIONS = (2e-3, 4e-3, 8e-3, 16e-3, math.inf)
 
 
 def _nnls(A, y):

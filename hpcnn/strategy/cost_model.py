@@ -147,10 +147,21 @@ class NodeCost:
     t_s: np.ndarray
     mem: np.ndarray
     measured: np.ndarray      # bool: t_c from the measured table
+    tile: np.ndarray | None = None    # the op tile's time alone (in t_c)
+    skew: np.ndarray | None = None    # the per-layer skew (in t_c)
 
     def __add__(self, other):
+        def add(a, b):
+            return None if a is None or b is None else a + b
         return NodeCost(self.t_c + other.t_c, self.t_s + other.t_s, self.mem + other.mem,
-                        self.measured & other.measured)
+                        self.measured & other.measured, add(self.tile, other.tile),
+                        add(self.skew, other.skew))
+
+    def row(self, i: int) -> "NodeCost":
+        def cut(a):
+            return None if a is None else a[i:i + 1]
+        return NodeCost(self.t_c[i:i + 1], self.t_s[i:i + 1], self.mem[i:i + 1], self.measured[i:i + 1],
+                        cut(self.tile), cut(self.skew))
 
 
 @dataclass
@@ -363,6 +374,7 @@ class CostModel:
         measured = np.zeros(C, dtype=bool)
         if node.kind == "input":
             t_c = np.zeros(C)
+            tile, skew = np.zeros(C), np.zeros(C)
         else:
             # flops of each distinct tile (the op's own formula)
             uniq, inv = np.unique(shapes, axis=0, return_inverse=True)
@@ -399,7 +411,14 @@ class CostModel:
                         t_c[row] = float(self._measured[tk]) * factor
                         measured[row] = True
             if self.rt is not None:
-                t_c = t_c + np.minimum(self.rt.skew * t_c, self.rt.skew_cap_s)
+                t_c = t_c * (1.0 + self.rt.tile_inflation)
+            tile = t_c.copy()
+            skew = np.zeros(C)
+            if self.rt is not None:
+                # the search prices the wait after every layer; evaluate()
+                # after every stretch of compute that ends in a synchronisation
+                skew = np.minimum(self.rt.skew * t_c, self.rt.skew_cap_s)
+                t_c = t_c + skew
             mem_eff = m.memory_bandwidth * float(m.device.get("memory_efficiency", 1.0))
             t_c = t_c + 5.0 * shard * isz / mem_eff
         t_s = np.zeros(C)
@@ -426,7 +445,7 @@ class CostModel:
                         sum(self.allreduce_parts(2 * cs * isz, g, link))
                 t_s[row] = ts
         mem = (3 * shard + bshard + out_el + (in_el if with_inputs else 0)) * isz
-        res = NodeCost(t_c, t_s, mem, measured)
+        res = NodeCost(t_c, t_s, mem, measured, tile, skew)
         self._node_cache[key] = res
         self.stats["node_seconds"] += time.perf_counter() - t0
         return res
@@ -620,6 +639,45 @@ class CostModel:
                 per_rank_b[r] += sum(buckets)
         return float(per_rank_t.max(initial=0.0)), per_rank_b
 
+    def stretch_skew(self, tiles, sync_in, sync_back, reduces) -> float:
+        """The waits of a whole step (calibrated runtimes): the compute
+        between two synchronisations is a stretch; after each the ranks wait
+        min(skew * stretch, skew_cap_s) for the slowest.  Forward, a stretch
+        ends before a layer whose input exchange moves data and inside a
+        batch norm that reduces its statistics; backward, after such a batch
+        norm and before an adjoint exchange that moves data; the loss
+        reduction ends the forward and the step's end the backward.  A
+        layer's tile splits into forward and backward by their flops."""
+        rt = self.rt
+        if rt is None or rt.skew <= 0:
+            return 0.0
+        out = 0.0
+
+        def close(seg):
+            return min(rt.skew * seg, rt.skew_cap_s) if seg > 0 else 0.0
+        order = [n for n in self.graph]
+        fwd = {n.name: tiles.get(n.name, 0.0) / (1.0 + BACKWARD_FLOPS.get(n.kind, 1.0)) for n in order}
+        seg = 0.0
+        for n in order:
+            if sync_in.get(n.name):
+                out += close(seg)
+                seg = 0.0
+            seg += fwd[n.name]
+            if reduces.get(n.name):
+                out += close(seg)
+                seg = 0.0
+        out += close(seg)
+        seg = 0.0
+        for n in reversed(order):
+            if n.name not in self._live:
+                continue
+            seg += tiles.get(n.name, 0.0) - fwd[n.name]
+            if reduces.get(n.name) or sync_back.get(n.name):
+                out += close(seg)
+                seg = 0.0
+        out += close(seg)
+        return float(out)
+
     def overheads(self) -> float:
         """Seconds per step the executor spends beyond ops, exchanges and
         synchronisation: its time per layer and per step, and the loss's
@@ -656,6 +714,9 @@ class CostModel:
             where[n.name] = (gi, int(hit[0]) if len(hit) else None)
         rows, tc, ts, tx, memt, xbytes, abytes = [], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
         bn_sync = 0.0
+        # for the waits after stretches of compute: each layer's tile and
+        # where the ranks synchronise (exchanges that move data, reductions)
+        tiles, sync_in, sync_back, reduces, layer_skew = {}, {}, {}, {}, 0.0
         for n in g:
             d = deg[n.name]
             gi, ci = where[n.name]
@@ -663,8 +724,7 @@ class CostModel:
                       and layouts[n.inputs[0]] == layouts[n.name])
             if ci is not None:
                 full = self.node_cost(n.name, sp.configs[gi], with_inputs=not folded)
-                nc = NodeCost(full.t_c[ci:ci + 1], full.t_s[ci:ci + 1], full.mem[ci:ci + 1],
-                              full.measured[ci:ci + 1])
+                nc = full.row(ci)
             else:
                 nc = self.node_cost(n.name, d, with_inputs=not folded)
             ex_t, ex_b, ex_x = 0.0, 0.0, 0.0
@@ -688,6 +748,9 @@ class CostModel:
                         ec = self.edge_cost(src, n.name, i, deg[src], d, want_total=True)
                         a, b = 0, 0
                 ex_t += float(ec.t_x[a, b])
+                if ec.tables.max_rank[a, b] > 0:
+                    sync_in[n.name] = True
+                    sync_back[n.name] = sync_back.get(n.name, False) or dirs == 2
                 ex_b += float(ec.tables.max_rank[a, b]) * self.itemsize
                 ex_x += float(ec.tables.node_inter[a, b]) * self.itemsize
                 xbytes += dirs * float(ec.tables.total[a, b]) * self.itemsize
@@ -698,6 +761,9 @@ class CostModel:
             shard = sum(-(-s.shape[0] // pc) * int(np.prod(s.shape[1:]))
                         for s in n.param_specs().values() if s.trainable)
             grp = k // pc
+            tiles[n.name] = float(nc.tile[0]) if nc.tile is not None else 0.0
+            layer_skew += float(nc.skew[0]) if nc.skew is not None else 0.0
+            reduces[n.name] = n.kind == "batchnorm" and grp > 1
             if grp > 1:
                 moved = grp if self.machine.gradient_sync == "parameter_server" else grp - 1
                 abytes += 2.0 * moved * shard * self.itemsize * pc
@@ -720,6 +786,7 @@ class CostModel:
             memt += row["memory"]
         objective = tc + ts + tx
         grad_sync, _ = self.gradient_sync(layouts)
+        tc += self.stretch_skew(tiles, sync_in, sync_back, reduces) - layer_skew
         return PlanCost(rows, tc, grad_sync + bn_sync, tx, memt, xbytes, abytes, name or plan.name,
                         t_o=self.overheads(), objective=objective)
 

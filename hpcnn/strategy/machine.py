@@ -68,11 +68,14 @@ class RuntimeFigures:
                      computations; allreduce_bandwidth for its bytes
     node_overhead_s  executor time per layer and step beyond the op itself
     step_overhead_s  per step: loss reduction, optimiser, bookkeeping
-    skew, skew_cap_s a layer inside a step costs its tile's figure t plus
-                     min(skew * t, skew_cap_s): after each layer the ranks
-                     wait for the slowest (whose share of the cores varies
-                     by up to a scheduler time slice), and a layer's data is
-                     colder than in a tile timed over and over
+    tile_inflation   a layer inside a step costs (1 + tile_inflation) times
+                     its tile's figure: its data are colder, and BLAS threads
+                     idler, than in a tile timed over and over
+    skew, skew_cap_s after each stretch of compute that ends in a
+                     synchronisation (an exchange, a reduction), the ranks
+                     wait min(skew * stretch, skew_cap_s) for the slowest,
+                     whose share of the cores varies by up to a few
+                     scheduler time slices
     """
     ranks: int
     ops: dict = field(default_factory=dict)
@@ -83,6 +86,7 @@ class RuntimeFigures:
     allreduce_bandwidth: float | None = None
     node_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
+    tile_inflation: float = 0.0
     skew: float = 0.0
     skew_cap_s: float = math.inf
     blas_threads: int | None = None
@@ -104,7 +108,7 @@ class RuntimeFigures:
     def to_dict(self) -> dict:
         d = {"ranks": self.ranks, "compute_factor": self.compute_factor,
              "node_overhead_s": self.node_overhead_s, "step_overhead_s": self.step_overhead_s,
-             "skew": self.skew}
+             "tile_inflation": self.tile_inflation, "skew": self.skew}
         if math.isfinite(self.skew_cap_s):
             d["skew_cap_s"] = self.skew_cap_s
         if self.blas_threads is not None:
@@ -132,6 +136,7 @@ class RuntimeFigures:
                      allreduce_bandwidth=float(ar["bandwidth"]) if ar.get("bandwidth") else None,
                      node_overhead_s=float(d.get("node_overhead_s", 0.0)),
                      step_overhead_s=float(d.get("step_overhead_s", 0.0)),
+                     tile_inflation=float(d.get("tile_inflation", 0.0)),
                      skew=float(d.get("skew", 0.0)),
                      skew_cap_s=float(d.get("skew_cap_s", math.inf)),
                      blas_threads=d.get("blas_threads"))
