@@ -79,3 +79,25 @@ def test_the_fit_recovers_figures_that_made_the_steps(P):
     again = RuntimeFigures.from_dict(rf.to_dict())
     assert again.to_dict() == rf.to_dict()
     assert _figures(base, theta, math.inf).skew_cap_s == math.inf
+
+
+def test_runs_combine_into_medians_per_plan(tmp_path):
+    from hpcnn.bench.model import combine, format_table, plot
+
+    def run(scale):
+        rows = [{"plans": ["data-parallel"], "predicted_s": 0.050 * scale, "measured_s": 0.040 * scale,
+                 "predicted_file_s": 0.06, "error": 0.25, "error_file": 0.5},
+                {"plans": ["owt", "searched"], "predicted_s": 0.030, "measured_s": 0.033 * scale,
+                 "predicted_file_s": 0.06, "error": 0.0, "error_file": 0.0}]
+        return [{"ranks": 2, "model": "m", "image_size": 8, "batch": 4, "dtype": "float32",
+                 "profiled": True, "load_average": [1.0], "rows": rows}]
+    runs = [run(1.0), run(1.1), run(0.5)]
+    res = combine(runs)
+    dp, owt = res[0]["rows"]
+    assert dp["predicted_s"] == pytest.approx(0.050) and dp["measured_s"] == pytest.approx(0.040)
+    assert dp["error"] == pytest.approx(0.25) and len(dp["runs_error"]) == 3
+    assert owt["measured_s"] == pytest.approx(0.033) and owt["error"] == pytest.approx(0.03 / 0.033 - 1)
+    text = format_table(res)
+    assert "owt, searched" in text and "within 15%" in text
+    plot(res, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

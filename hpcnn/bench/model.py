@@ -78,7 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detail", action="store_true",
                    help="also print predicted against measured time per category (compute, "
                         "exchanges, allreduce, ...) from the executor's trace")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the whole benchmark N times (at different moments of the machine's "
+                        "load) and report per row the medians over the runs (default 1)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also plot predicted against measured iteration time (matplotlib)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds allowed per mpiexec launch")
 
 
@@ -94,7 +99,7 @@ def run(args) -> int:
     if MPI.COMM_WORLD.Get_rank() == 0:
         print(RESULT_TAG + json.dumps(result), flush=True)
         if os.environ.get("HPCNN_BENCH_INNER") != "1":
-            _report([result], args)
+            _report([[result]], args)
     return 0
 
 
@@ -124,25 +129,32 @@ def _passthrough(args) -> list:
 
 
 def _launch_all(args) -> int:
-    results = []
+    runs = []
     env = dict(os.environ, HPCNN_BENCH_INNER="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    for p in args.ranks:
-        cmd = [_mpiexec(), "-n", str(p), sys.executable, "-m", "mpi4py", "-m", "hpcnn", "bench",
-               "model"] + _passthrough(args)
-        print(f"hpcnn bench model: running {p} rank(s) ...", file=sys.stderr, flush=True)
-        try:
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            raise SystemExit(f"hpcnn bench model: {p} ranks did not finish in {args.timeout:.0f} s; "
-                             "lower --rounds or --iters, or raise --timeout")
-        lines = [ln for ln in r.stdout.splitlines() if ln.startswith(RESULT_TAG)]
-        if r.returncode != 0 or not lines:
-            sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
-            raise SystemExit(f"hpcnn bench model: the run on {p} ranks failed (exit {r.returncode})")
-        results.append(json.loads(lines[-1][len(RESULT_TAG):]))
-    _report(results, args)
+    for k in range(max(1, args.repeat)):
+        results = []
+        for p in args.ranks:
+            cmd = [_mpiexec(), "-n", str(p), sys.executable, "-m", "mpi4py", "-m", "hpcnn", "bench",
+                   "model"] + _passthrough(args)
+            print(f"hpcnn bench model: run {k + 1} of {args.repeat}, {p} rank(s) ...", file=sys.stderr,
+                  flush=True)
+            try:
+                r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                raise SystemExit(f"hpcnn bench model: {p} ranks did not finish in {args.timeout:.0f} s; "
+                                 "lower --rounds or --iters, or raise --timeout")
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+            if r.returncode != 0 or not lines:
+                sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
+                raise SystemExit(f"hpcnn bench model: the run on {p} ranks failed (exit {r.returncode})")
+            results.append(json.loads(lines[-1][len(RESULT_TAG):]))
+        runs.append(results)
+        if args.repeat > 1:
+            print(f"run {k + 1}:", file=sys.stderr)
+            print(format_table(results), file=sys.stderr, flush=True)
+    _report(runs, args)
     return 0
 
 
@@ -387,20 +399,92 @@ def format_detail(results) -> str:
     return "\n".join(lines)
 
 
-def _report(results, args) -> None:
+def combine(runs) -> list:
+    """Per world size, the rows of several runs merged by plan: predicted and
+    measured are the medians over the runs (errors from those medians), the
+    runs' own figures kept beside them.  ``runs``: a list of runs, each a
+    list of per-world-size results."""
+    import numpy as np
+    if len(runs) == 1:
+        return runs[0]
+    out = []
+    for res0 in runs[0]:
+        P = res0["ranks"]
+        merged = dict(res0, rows=[], runs=len(runs),
+                      load_average=[res["load_average"] for run in runs for res in run if res["ranks"] == P])
+        for row0 in res0["rows"]:
+            same = [r for run in runs for res in run if res["ranks"] == P for r in res["rows"]
+                    if r["plans"] == row0["plans"]]
+            pred = float(np.median([r["predicted_s"] for r in same]))
+            meas = float(np.median([r["measured_s"] for r in same]))
+            pfile = float(np.median([r["predicted_file_s"] for r in same]))
+            merged["rows"].append(dict(row0, predicted_s=pred, measured_s=meas, error=(pred - meas) / meas,
+                                       predicted_file_s=pfile, error_file=(pfile - meas) / meas,
+                                       runs_predicted_s=[r["predicted_s"] for r in same],
+                                       runs_measured_s=[r["measured_s"] for r in same],
+                                       runs_error=[r["error"] for r in same]))
+        out.append(merged)
+    return out
+
+
+def plot(results, path) -> None:
+    """Predicted against measured iteration time, one marker per plan and
+    world size, with the 10% and 15% bands."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    pts = [(r["measured_s"] * 1e3, r["predicted_s"] * 1e3) for res in results for r in res["rows"]]
+    lo, hi = min(min(p) for p in pts) * 0.8, max(max(p) for p in pts) * 1.2
+    xs = [lo, hi]
+    ax.plot(xs, xs, "k-", lw=1, label="predicted = measured")
+    for f, st in ((0.10, ":"), (0.15, "--")):
+        ax.plot(xs, [x * (1 + f) for x in xs], "k" + st, lw=0.8, label=f"±{f:.0%}")
+        ax.plot(xs, [x * (1 - f) for x in xs], "k" + st, lw=0.8)
+    for res, mk in zip(results, "osD^v"):
+        ax.plot([r["measured_s"] * 1e3 for r in res["rows"]], [r["predicted_s"] * 1e3 for r in res["rows"]],
+                mk, label=f"{res['ranks']} rank{'s' if res['ranks'] > 1 else ''}", alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("measured iteration (ms)")
+    ax.set_ylabel("predicted iteration (ms)")
+    head = results[0]
+    ax.set_title(f"{head['model']} {head['image_size']}px, batch {head['batch']}: cost model accuracy",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _report(runs, args) -> None:
+    results = combine(runs)
     head = results[0] if results else {}
     print(f"## Predicted against measured iteration time: {head.get('model')} "
           f"{head.get('image_size')}px, batch {head.get('batch')}, {head.get('dtype')}, "
-          f"machine file {head.get('machine')}")
+          f"machine file {head.get('machine')}"
+          + (f"; medians of {len(runs)} runs" if len(runs) > 1 else ""))
     print()
     print(format_table(results))
+    if len(runs) > 1:
+        print()
+        for k, run in enumerate(runs):
+            sm = summary(run)
+            print(f"run {k + 1}: |error| median {sm['median_abs_error'] * 100:.1f}%, max "
+                  f"{sm['max_abs_error'] * 100:.1f}%; {sm['within_15']} of {sm['rows']} within 15%")
     if args.detail:
         print()
         print("Per category, predicted / traced by the executor (mean over ranks; waiting is "
               "traced where it happens, mostly in exchanges and reductions):")
         print()
-        print(format_detail(results))
+        print(format_detail(runs[-1]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "summary": summary(results),
-                       "summary_machine_file": summary(results, "error_file")}, f, indent=1)
+            json.dump({"runs": runs, "results": results, "summary": summary(results),
+                       "summary_machine_file": summary(results, "error_file"),
+                       "runs_summary": [summary(run) for run in runs]}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)

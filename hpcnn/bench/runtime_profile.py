@@ -400,9 +400,12 @@ def _figures(base, theta, saturation=math.inf) -> object:
     rf.node_overhead_s, rf.step_overhead_s = a, b
     rf.tile_inflation, rf.skew = infl, skew
     rf.skew_cap_s = skew * saturation if math.isfinite(saturation) else math.inf
-    rf.exchange = Link(1.0 / sx if sx > 0 else 1e30, ax)
-    rf.allreduce_latency = {base.ranks: aar} if base.ranks > 1 else {}
-    rf.allreduce_bandwidth = 1.0 / sar if sar > 0 else 1e30
+    if base.ranks > 1:
+        rf.exchange = Link(1.0 / sx if sx > 0 else 1e30, ax)
+        rf.allreduce_latency = {base.ranks: aar}
+        rf.allreduce_bandwidth = 1.0 / sar if sar > 0 else 1e30
+    else:                           # one rank: nothing to exchange or reduce
+        rf.exchange, rf.allreduce_latency, rf.allreduce_bandwidth = None, {}, None
     return rf
 
 
