@@ -15,13 +15,16 @@ or exchange costs scheduling time -- milliseconds rather than microseconds
    in all); the figure is the mean over ranks of the mean time per run: the
    compute a rank gets when all ranks compute.
 2. ``measure_copy``: bytes per second of copying a tile into a region.
-3. ``fit_runtime``: the rest is fitted to training steps of small synthetic
+3. ``fit_samples``: the rest is fitted to training steps of small synthetic
    networks (not the networks one predicts) run by hpcnn's own executor:
    chains of tiny ReLUs; 3x3 convolutions with and without batch
-   normalisation, data parallel and split over height; a chain that
-   redistributes between sample and channel splits; a wide fully connected
-   layer.  Their median step times are regressed (least squares, non-negative)
-   on the cost model's own terms, with the tiles of step 1:
+   normalisation, of three sizes, data parallel, split over height and split
+   over channels; a chain that redistributes between sample and channel
+   splits; a wide fully connected layer.  Their median step times are
+   regressed (least squares, non-negative, weighted by 1 / sqrt(step)) on
+   the cost model's own terms, with the tiles of step 1 (the cost model is
+   linear in the fitted figures, so its columns are its own finite
+   differences):
 
        step - compute = a * layers + b + alpha_x * exchanges + bytes_x / beta_x
                         + alpha_ar * collectives + bytes_ar / beta_ar
@@ -42,8 +45,9 @@ or exchange costs scheduling time -- milliseconds rather than microseconds
    synchronising costs on this machine at this job size.
 
 ``Sampler`` takes the measurements in rounds (collective); ``fit_samples``
-pools them (medians) and fits; ``runtime_figures`` does both; ``python -m hpcnn.bench.runtime_profile SPEC OUT`` (under mpiexec,
-started by ``hpcnn calibrate``) writes the figures.
+pools them (medians) and fits; ``runtime_figures`` does both; ``python -m
+hpcnn.bench.runtime_profile SPEC OUT`` (under mpiexec, started by ``hpcnn
+calibrate``) writes the figures.
 This module is a measurement tool, like the benchmarks beside it: the cost
 model and the search never import it.
 """

@@ -124,7 +124,7 @@ def tile_jobs(model_names, ranks_list, batch, dtype, max_kinds=2):
 
 def run_tile(node, obox, ins, dtype, repeats, rng):
     """Median seconds of forward + backward of ``node`` on one tile."""
-    from hpcnn.ops import TileContext, clip_box
+    from hpcnn.ops import TileContext
     op = node.op
     dt = np.dtype(dtype)
     in_boxes = [op.input_box(i, obox, node.in_shapes) for i in range(len(node.inputs))]

@@ -43,13 +43,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from hpcnn.ops import clip_box
 from hpcnn.parallel.exchange_plan import exchange_category
-from hpcnn.parallel.layout import DIM_NAMES, Layout, degrees_from_config, split_bounds
+from hpcnn.parallel.layout import DIM_NAMES, Layout, split_bounds
 from hpcnn.strategy.config_space import ConfigSpace, SpaceOptions
 from hpcnn.strategy.exchange_bytes import (ExchangeTables, InputGeometry, NotSeparable,
                                            exchange_tables, reference_exchange)
