@@ -439,9 +439,9 @@ def _features(machine, base, g, plan, dtype, saturations):
 
 
 #: stretch lengths (seconds) beyond which the skew stops growing, tried in the
-#: fit: from about a scheduler time slice up (below that the skew would only
-#: repeat the latencies per synchronisation)
-SATURATIONS = (2e-3, 4e-3, 8e-3, 16e-3, math.inf)
+#: fit: from about the scheduler's granularity (a millisecond) up; below
+#: that the skew would only repeat the latencies per synchronisation
+SATURATIONS = (1e-3, 2e-3, 4e-3, 8e-3, 16e-3, math.inf)
 
 
 def _nnls(A, y):
