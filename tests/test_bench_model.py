@@ -92,11 +92,16 @@ def test_runs_combine_into_medians_per_plan(tmp_path):
         return [{"ranks": 2, "model": "m", "image_size": 8, "batch": 4, "dtype": "float32",
                  "profiled": True, "load_average": [1.0], "rows": rows}]
     runs = [run(1.0), run(1.1), run(0.5)]
+    for res in runs:
+        for r in res[0]["rows"]:
+            r["error"] = (r["predicted_s"] - r["measured_s"]) / r["measured_s"]
     res = combine(runs)
     dp, owt = res[0]["rows"]
     assert dp["predicted_s"] == pytest.approx(0.050) and dp["measured_s"] == pytest.approx(0.040)
     assert dp["error"] == pytest.approx(0.25) and len(dp["runs_error"]) == 3
     assert owt["measured_s"] == pytest.approx(0.033) and owt["error"] == pytest.approx(0.03 / 0.033 - 1)
+    errs = sorted(0.03 / (0.033 * s) - 1 for s in (1.0, 1.1, 0.5))
+    assert owt["median_run_error"] == pytest.approx(errs[1])
     text = format_table(res)
     assert "owt, searched" in text and "within 15%" in text
     plot(res, tmp_path / "p.png")

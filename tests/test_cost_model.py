@@ -440,3 +440,15 @@ def test_waits_follow_the_stretches_between_synchronisations():
     # conv1 moves data too, but no compute precedes it: nothing to wait for);
     # backward: the adjoint of conv1 -> relu ends a stretch (none into the input)
     assert cm.evaluate(mixed).t_c - cm0.evaluate(mixed).t_c == pytest.approx(4 * cap, rel=1e-6)
+
+
+def test_replica_groups_equal_the_layouts_groups():
+    from hpcnn.strategy.cost_model import replica_groups
+    rng = np.random.default_rng(3)
+    for deg in [(2, 2, 1, 1), (1, 4, 2, 1), (4, 1, 2, 2), (2, 3, 1, 1), (1, 1, 1, 1), (3, 2, 2, 1)]:
+        for ranks in (None, [int(r) for r in rng.permutation(24)[:int(np.prod(deg))]]):
+            L = Layout((8, 8, 8, 8), deg, ranks)
+            assert replica_groups(L) == L.groups(("n", "h", "w")), (deg, ranks)
+    for deg in [(2, 2), (1, 3), (4, 1)]:
+        L = Layout((8, 8), deg)
+        assert replica_groups(L) == L.groups(("n", "h", "w"))

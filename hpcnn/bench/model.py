@@ -80,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "exchanges, allreduce, ...) from the executor's trace")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run the whole benchmark N times (at different moments of the machine's "
-                        "load) and report per row the medians over the runs (default 1)")
+                        "load) and report per row the medians over the runs, and each run's error "
+                        "(default 1)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="also plot predicted against measured iteration time (matplotlib)")
@@ -353,24 +354,32 @@ def plan_label(r) -> str:
 
 def format_table(results) -> str:
     profiled = any(res.get("profiled") for res in results)
+    multi = any("runs_error" in r for res in results for r in res["rows"])
     if profiled:
-        lines = ["| ranks | plan | predicted | measured | error | predicted from the machine file alone | error |",
-                 "|---|---|---|---|---|---|---|"]
+        head = ["ranks", "plan", "predicted", "measured", "error"]
+        head += (["each run's error (their median)"] if multi else [])
+        head += ["predicted from the machine file alone", "error"]
     else:
-        lines = ["| ranks | plan | predicted (machine file) | measured | error |", "|---|---|---|---|---|"]
+        head = ["ranks", "plan", "predicted (machine file)", "measured", "error"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
         for r in res["rows"]:
             cells = [str(res["ranks"]), plan_label(r)]
             if profiled:
                 cells += [f"{r['predicted_s'] * 1e3:.1f} ms", f"{r['measured_s'] * 1e3:.1f} ms",
-                          f"{r['error'] * 100:+.1f}%", f"{r['predicted_file_s'] * 1e3:.1f} ms",
-                          f"{r['error_file'] * 100:+.1f}%"]
+                          f"{r['error'] * 100:+.1f}%"]
+                if multi:
+                    cells.append(" ".join(f"{e * 100:+.0f}" for e in r["runs_error"])
+                                 + f" ({r['median_run_error'] * 100:+.1f}%)")
+                cells += [f"{r['predicted_file_s'] * 1e3:.1f} ms", f"{r['error_file'] * 100:+.1f}%"]
             else:
                 cells += [f"{r['predicted_file_s'] * 1e3:.1f} ms", f"{r['measured_s'] * 1e3:.1f} ms",
                           f"{r['error_file'] * 100:+.1f}%"]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     keys = ([("error", "predicted")] if profiled else []) + [("error_file", "machine file alone")]
+    if multi and profiled:
+        keys.insert(1, ("median_run_error", "median of each run's error"))
     for key, what in keys:
         sm = summary(results, key)
         if sm["rows"]:
@@ -401,9 +410,11 @@ def format_detail(results) -> str:
 
 def combine(runs) -> list:
     """Per world size, the rows of several runs merged by plan: predicted and
-    measured are the medians over the runs (errors from those medians), the
-    runs' own figures kept beside them.  ``runs``: a list of runs, each a
-    list of per-world-size results."""
+    measured are the medians over the runs (the error is computed from those
+    medians); every run's own figures are kept beside them, and since a
+    run's prediction and measurement are paired (the same stretch of the
+    machine's load), also the median of the runs' own errors.  ``runs``: a
+    list of runs, each a list of per-world-size results."""
     import numpy as np
     if len(runs) == 1:
         return runs[0]
@@ -422,7 +433,8 @@ def combine(runs) -> list:
                                        predicted_file_s=pfile, error_file=(pfile - meas) / meas,
                                        runs_predicted_s=[r["predicted_s"] for r in same],
                                        runs_measured_s=[r["measured_s"] for r in same],
-                                       runs_error=[r["error"] for r in same]))
+                                       runs_error=[r["error"] for r in same],
+                                       median_run_error=float(np.median([r["error"] for r in same]))))
         out.append(merged)
     return out
 
@@ -476,15 +488,21 @@ def _report(runs, args) -> None:
             print(f"run {k + 1}: |error| median {sm['median_abs_error'] * 100:.1f}%, max "
                   f"{sm['max_abs_error'] * 100:.1f}%; {sm['within_15']} of {sm['rows']} within 15%")
     if args.detail:
+        # the categories of one run: the one whose median |error| is the median
+        order = sorted(range(len(runs)), key=lambda k: summary(runs[k])["median_abs_error"])
+        k = order[len(order) // 2]
         print()
-        print("Per category, predicted / traced by the executor (mean over ranks; waiting is "
-              "traced where it happens, mostly in exchanges and reductions):")
+        print(f"Per category{f' (run {k + 1})' if len(runs) > 1 else ''}, predicted / traced by the "
+              "executor (mean over ranks; waiting is traced where it happens, mostly in exchanges and "
+              "reductions):")
         print()
-        print(format_detail(runs[-1]))
+        print(format_detail(runs[k]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": runs, "results": results, "summary": summary(results),
                        "summary_machine_file": summary(results, "error_file"),
+                       "summary_median_run_error": (summary(results, "median_run_error")
+                                                    if len(runs) > 1 else None),
                        "runs_summary": [summary(run) for run in runs]}, f, indent=1)
     if args.plot:
         plot(results, args.plot)

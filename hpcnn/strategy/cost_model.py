@@ -73,6 +73,21 @@ def _dtype_name(dtype) -> str:
     return name
 
 
+def replica_groups(L: Layout) -> list:
+    """The replica groups of a layout (``Layout.groups(('n', 'h', 'w'))``:
+    ranks whose tiles differ only in n, h, w, each in the layout's rank
+    order), computed at once from the grid coordinates."""
+    key = np.zeros(L.k, dtype=np.int64)
+    coords = np.unravel_index(np.arange(L.k), L.degrees)
+    for a, name in enumerate(L.dims):
+        if name not in ("n", "h", "w"):
+            key = key * L.degrees[a] + coords[a]
+    out = {}
+    for i, kk in enumerate(key.tolist()):
+        out.setdefault(kk, []).append(L.ranks[i])
+    return sorted(tuple(v) for v in out.values())
+
+
 def tile_key(node, in_tiles, out_tile, dtype: str) -> str:
     """Key of an op at one tile shape in a machine's measured table."""
     return json.dumps([node.kind, node.op.attrs(), [list(s) for s in in_tiles], list(out_tile), dtype],
@@ -601,7 +616,7 @@ class CostModel:
             L = layouts[n.name]
             if not (n.param_specs() or n.buffer_specs()):
                 continue
-            for grp in L.groups(("n", "h", "w")):
+            for grp in replica_groups(L):
                 if len(grp) <= 1:
                     continue
                 if grp not in members:
@@ -839,8 +854,9 @@ class CostModel:
             if n.kind != "batchnorm" or n.name not in self._live:
                 continue
             L = layouts[n.name]
+            size = {r: len(grp) for grp in replica_groups(L) for r in grp}
             for r in L.ranks:
-                if len(L.group(r, ("n", "h", "w"))) > 1:
+                if size[r] > 1:
                     box = L.box(r)
                     cc = (box[1][1] - box[1][0]) if len(box) > 1 else 1
                     out[r]["batchnorm"] += 4 * cc * isz
