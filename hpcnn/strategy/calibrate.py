@@ -397,7 +397,8 @@ def run(args) -> int:
     m = Machine(
         name=args.name, ranks_per_node=256, nodes=1, slots_per_node=slots,
         description=(f"This machine ({host}, {_cpu_name()}, {slots} CPUs), calibrated {when} with "
-                     f"numpy {np.__version__}, one BLAS thread per rank. Op tiles of "
+                     f"numpy {np.__version__}; op tiles alone with one BLAS thread, runtime figures "
+                     f"with the BLAS threads hpcnn gives each rank (cores / ranks). Op tiles of "
                      f"{', '.join(args.model)} at ranks {args.ranks}, global batch {args.batch}."),
         device={"kind": "cpu", "name": _cpu_name(), "peak_flops": peak, "memory_bandwidth": bw,
                 "memory_bytes": _mem_bytes(), "compute_efficiency": 1.0, "kind_efficiency": kind_eff,

@@ -88,6 +88,17 @@ def replica_groups(L: Layout) -> list:
     return sorted(tuple(v) for v in out.values())
 
 
+def _channel_extent(L: Layout, rank: int) -> int:
+    """Channels of ``rank``'s tile of layout ``L`` (1 for a 1-D tensor),
+    without building every box of the layout."""
+    if L.ndim < 2:
+        return 1
+    i = L.ranks.index(rank) if L.ranks != tuple(range(L.k)) else rank
+    c = (i // int(np.prod(L.degrees[2:]))) % L.degrees[1]
+    lo, hi = split_bounds(L.shape[1], L.degrees[1])[c]
+    return hi - lo
+
+
 def tile_key(node, in_tiles, out_tile, dtype: str) -> str:
     """Key of an op at one tile shape in a machine's measured table."""
     return json.dumps([node.kind, node.op.attrs(), [list(s) for s in in_tiles], list(out_tile), dtype],
@@ -631,8 +642,7 @@ class CostModel:
                 n = g[name]
                 if name not in self._live:
                     continue                # no gradient reaches it
-                box = layouts[name].box(grp[0])
-                cc = (box[1][1] - box[1][0]) if len(box) > 1 else 1
+                cc = _channel_extent(layouts[name], grp[0])
                 for _, sp in sorted(n.param_specs().items()):
                     if sp.trainable:
                         sizes.append(cc * int(np.prod(sp.shape[1:])) * isz)
