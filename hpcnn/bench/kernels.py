@@ -22,6 +22,7 @@ is hpcnn's throughput over PyTorch's (above 1: hpcnn is faster).
 from __future__ import annotations
 
 import argparse
+from collections import OrderedDict
 import json
 import os
 import platform
@@ -83,41 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------- networks
 def resnet18_graph(batch, image_size, classes, width=64):
-    """ResNet-18 as an hpcnn Graph: the model zoo's when it is there (at the
-    standard width 64), else the same torchvision structure built here,
-    with stage widths width*(1, 2, 4, 8)."""
-    build_model = None
-    if width == 64:
-        try:
-            from hpcnn.models import build_model
-        except ImportError:
-            pass
-    if build_model is not None:
-        return build_model("resnet18", batch=batch, image_size=image_size, num_classes=classes)
-    from hpcnn.graph import Graph
-    g = Graph("resnet18")
-    x = g.input((batch, 3, image_size, image_size))
-    x = g.conv(x, width, 7, stride=2, padding=3, bias=False, name="conv1")
-    x = g.relu(g.bn(x, name="bn1"), name="relu")
-    x = g.maxpool(x, 3, stride=2, padding=1, name="maxpool")
-    cin = width
-    for stage, cout in enumerate((width, 2 * width, 4 * width, 8 * width), 1):
-        for blk in range(2):
-            stride = 2 if (stage > 1 and blk == 0) else 1
-            p = f"layer{stage}.{blk}"
-            h = g.conv(x, cout, 3, stride=stride, padding=1, bias=False, name=f"{p}.conv1")
-            h = g.relu(g.bn(h, name=f"{p}.bn1"), name=f"{p}.relu1")
-            h = g.conv(h, cout, 3, padding=1, bias=False, name=f"{p}.conv2")
-            h = g.bn(h, name=f"{p}.bn2")
-            sc = x
-            if stride != 1 or cin != cout:
-                sc = g.conv(x, cout, 1, stride=stride, bias=False, name=f"{p}.downsample.0")
-                sc = g.bn(sc, name=f"{p}.downsample.1")
-            x = g.relu(g.add_([h, sc], name=f"{p}.add"), name=f"{p}.relu2")
-            cin = cout
-    x = g.flatten(g.global_avgpool(x, name="avgpool"), name="flatten")
-    g.loss(g.linear(x, classes, name="fc"))
-    return g
+    """ResNet-18 of the model zoo (torchvision's structure) with stage
+    widths width*(1, 2, 4, 8); width 64 is the standard network."""
+    from hpcnn.models.resnet import resnet18
+    s = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return resnet18(batch, 3, s, classes, width=width)
 
 
 def torch_resnet18(torch, classes, width=64):
@@ -133,8 +104,8 @@ def torch_resnet18(torch, classes, width=64):
             self.bn2 = nn.BatchNorm2d(cout)
             self.downsample = None
             if stride != 1 or cin != cout:
-                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                                nn.BatchNorm2d(cout))
+                self.downsample = nn.Sequential(OrderedDict(
+                    conv=nn.Conv2d(cin, cout, 1, stride, bias=False), bn=nn.BatchNorm2d(cout)))
 
         def forward(self, x):
             h = torch.relu(self.bn1(self.conv1(x)))
@@ -164,9 +135,9 @@ def torch_resnet18(torch, classes, width=64):
 
 
 def _hpcnn_names(torch_key):
-    """hpcnn node names a torch state key may have: the same
-    ('layer1.0.conv1.weight'), or the model zoo's spelling of the projection
-    ('layer2.0.downsample.conv.weight' for torchvision's 'downsample.0')."""
+    """hpcnn node names a torch state key may have: the same (the peer
+    network uses the model zoo's names, e.g. 'layer2.0.downsample.conv'), or
+    the zoo's spelling of torchvision's 'downsample.0' / 'downsample.1'."""
     return (torch_key, torch_key.replace(".downsample.0.", ".downsample.conv."),
             torch_key.replace(".downsample.1.", ".downsample.bn."))
 
