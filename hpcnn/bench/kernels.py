@@ -22,6 +22,7 @@ is hpcnn's throughput over PyTorch's (above 1: hpcnn is faster).
 from __future__ import annotations
 
 import argparse
+from collections import OrderedDict
 import json
 import os
 import platform
@@ -58,6 +59,9 @@ RESNET50_CONVS = [
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--part", choices=["all", "conv", "step"], default="all",
                    help="what to time (default: all)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: hpcnn on NumPy against PyTorch CPU (default); cuda: hpcnn on CuPy "
+                        "against PyTorch CUDA on the same GPU")
     p.add_argument("--threads", type=int, default=2,
                    help="threads for both (torch.set_num_threads; hpcnn's BLAS pool and host "
                         "threads for copies and elementwise work; default 2)")
@@ -80,41 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------- networks
 def resnet18_graph(batch, image_size, classes, width=64):
-    """ResNet-18 as an hpcnn Graph: the model zoo's when it is there (at the
-    standard width 64), else the same torchvision structure built here,
-    with stage widths width*(1, 2, 4, 8)."""
-    build_model = None
-    if width == 64:
-        try:
-            from hpcnn.models import build_model
-        except ImportError:
-            pass
-    if build_model is not None:
-        return build_model("resnet18", batch=batch, image_size=image_size, num_classes=classes)
-    from hpcnn.graph import Graph
-    g = Graph("resnet18")
-    x = g.input((batch, 3, image_size, image_size))
-    x = g.conv(x, width, 7, stride=2, padding=3, bias=False, name="conv1")
-    x = g.relu(g.bn(x, name="bn1"), name="relu")
-    x = g.maxpool(x, 3, stride=2, padding=1, name="maxpool")
-    cin = width
-    for stage, cout in enumerate((width, 2 * width, 4 * width, 8 * width), 1):
-        for blk in range(2):
-            stride = 2 if (stage > 1 and blk == 0) else 1
-            p = f"layer{stage}.{blk}"
-            h = g.conv(x, cout, 3, stride=stride, padding=1, bias=False, name=f"{p}.conv1")
-            h = g.relu(g.bn(h, name=f"{p}.bn1"), name=f"{p}.relu1")
-            h = g.conv(h, cout, 3, padding=1, bias=False, name=f"{p}.conv2")
-            h = g.bn(h, name=f"{p}.bn2")
-            sc = x
-            if stride != 1 or cin != cout:
-                sc = g.conv(x, cout, 1, stride=stride, bias=False, name=f"{p}.downsample.0")
-                sc = g.bn(sc, name=f"{p}.downsample.1")
-            x = g.relu(g.add_([h, sc], name=f"{p}.add"), name=f"{p}.relu2")
-            cin = cout
-    x = g.flatten(g.global_avgpool(x, name="avgpool"), name="flatten")
-    g.loss(g.linear(x, classes, name="fc"))
-    return g
+    """ResNet-18 of the model zoo (torchvision's structure) with stage
+    widths width*(1, 2, 4, 8); width 64 is the standard network."""
+    from hpcnn.models.resnet import resnet18
+    s = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return resnet18(batch, 3, s, classes, width=width)
 
 
 def torch_resnet18(torch, classes, width=64):
@@ -130,8 +104,8 @@ def torch_resnet18(torch, classes, width=64):
             self.bn2 = nn.BatchNorm2d(cout)
             self.downsample = None
             if stride != 1 or cin != cout:
-                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                                nn.BatchNorm2d(cout))
+                self.downsample = nn.Sequential(OrderedDict(
+                    conv=nn.Conv2d(cin, cout, 1, stride, bias=False), bn=nn.BatchNorm2d(cout)))
 
         def forward(self, x):
             h = torch.relu(self.bn1(self.conv1(x)))
@@ -161,9 +135,9 @@ def torch_resnet18(torch, classes, width=64):
 
 
 def _hpcnn_names(torch_key):
-    """hpcnn node names a torch state key may have: the same
-    ('layer1.0.conv1.weight'), or the model zoo's spelling of the projection
-    ('layer2.0.downsample.conv.weight' for torchvision's 'downsample.0')."""
+    """hpcnn node names a torch state key may have: the same (the peer
+    network uses the model zoo's names, e.g. 'layer2.0.downsample.conv'), or
+    the zoo's spelling of torchvision's 'downsample.0' / 'downsample.1'."""
     return (torch_key, torch_key.replace(".downsample.0.", ".downsample.conv."),
             torch_key.replace(".downsample.1.", ".downsample.bn."))
 
@@ -184,14 +158,37 @@ def copy_weights_to_torch(torch, model, hmodel) -> int:
         if name is None or tuple(src[name].shape) != tuple(sd[k].shape):
             return 0
         pairs[k] = name
+    from hpcnn.backend import to_host
     with torch.no_grad():
         for k, name in pairs.items():
-            sd[k].copy_(torch.from_numpy(np.ascontiguousarray(src[name])))
+            sd[k].copy_(torch.from_numpy(np.ascontiguousarray(to_host(src[name]))).to(sd[k].device))
     return len(pairs)
 
 
 # ----------------------------------------------------------------- timing
 _CLOCK = time.perf_counter
+_DEVICE = "cpu"
+
+
+def _sync(torch=None):
+    """Wait for queued GPU work so that wall-clock times are the work's."""
+    if _DEVICE == "cuda":
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+        if torch is not None:
+            torch.cuda.synchronize()
+
+
+def _to_hpcnn(a):
+    if _DEVICE == "cuda":
+        import cupy
+        return cupy.asarray(a)
+    return a
+
+
+def _to_torch(torch, a):
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.cuda() if _DEVICE == "cuda" else t
 
 
 def _median_pair(fa, fb, repeats, warmup):
@@ -229,19 +226,22 @@ def bench_convs(torch, args):
         need_dx = "no dX" not in name
         ctx = TileContext(out_box=ob, in_boxes=[op.input_box(0, ob, [x.shape])], in_shapes=[x.shape],
                           out_shape=shape, input_grads=(need_dx,))
-        xin = x[tuple(slice(a, b) for a, b in clip_box(ctx.in_boxes[0], x.shape))]
+        xin = _to_hpcnn(x[tuple(slice(a, b) for a, b in clip_box(ctx.in_boxes[0], x.shape))])
+        hw_, hdy = _to_hpcnn(w), _to_hpcnn(dy)
 
         def run_hpcnn():
-            y, saved = op.forward([xin], {"weight": w}, {}, ctx)
-            op.backward(dy, saved, {"weight": w}, ctx)
+            y, saved = op.forward([xin], {"weight": hw_}, {}, ctx)
+            op.backward(hdy, saved, {"weight": hw_}, ctx)
+            _sync()
 
-        tx = torch.from_numpy(x).requires_grad_(need_dx)
-        tw = torch.from_numpy(w.copy()).requires_grad_(True)
-        tdy = torch.from_numpy(dy)
+        tx = _to_torch(torch, x).requires_grad_(need_dx)
+        tw = _to_torch(torch, w.copy()).requires_grad_(True)
+        tdy = _to_torch(torch, dy)
 
         def run_torch():
             tx.grad = tw.grad = None
             F.conv2d(tx, tw, None, s, p).backward(tdy)
+            _sync(torch)
 
         th, tt, _, _ = _median_pair(run_hpcnn, run_torch, args.repeats, args.warmup)
         gflop = (3 if need_dx else 2) * op.flops([x.shape], shape) / 1e9   # fwd + dW (+ dX)
@@ -262,17 +262,22 @@ def bench_step(torch, args):
     x = rng.standard_normal((args.batch, 3, args.image_size, args.image_size)).astype(np.float32)
     labels = rng.integers(0, args.classes, args.batch)
     lr, mom, wd = 0.01, 0.9, 1e-4
-    hm = SequentialModel(g, dtype=np.float32, seed=0, backend=Backend("numpy"))
+    hm = SequentialModel(g, dtype=np.float32, seed=0,
+                         backend=Backend("cupy" if _DEVICE == "cuda" else "numpy"))
     hopt = SGD(lr=lr, momentum=mom, weight_decay=wd)
     tm = torch_resnet18(torch, args.classes)
+    if _DEVICE == "cuda":
+        tm = tm.cuda()
     copied = copy_weights_to_torch(torch, tm, hm)
     topt = torch.optim.SGD(tm.parameters(), lr=lr, momentum=mom, weight_decay=wd)
-    tx, tl = torch.from_numpy(x), torch.from_numpy(labels)
+    tx, tl = _to_torch(torch, x), _to_torch(torch, labels)
+    x = _to_hpcnn(x)
     F = torch.nn.functional
     losses = {"hpcnn": [], "torch": []}
 
     def run_hpcnn():
         losses["hpcnn"].append(hm.train_step(x, labels, hopt, step=len(losses["hpcnn"])))
+        _sync()
 
     def run_torch():
         topt.zero_grad(set_to_none=True)
@@ -317,7 +322,13 @@ def machine_info(threads):
 
 def run(args) -> int:
     import torch   # the peer: only here
-    global _CLOCK
+    global _CLOCK, _DEVICE
+    _DEVICE = args.device
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("hpcnn bench kernels --device cuda: PyTorch sees no CUDA device")
+        from hpcnn.backend import Backend
+        Backend("cupy")   # fails with a clear message without CuPy or a GPU
     if args.clock == "cpu" and args.threads != 1:
         raise SystemExit("hpcnn bench kernels: --clock cpu needs --threads 1 (CPU time of several "
                          "threads counts their waiting too)")
@@ -330,9 +341,15 @@ def run(args) -> int:
     set_host_threads(args.threads)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    out = {"machine": machine_info(args.threads), "torch": torch.__version__,
+    out = {"machine": machine_info(args.threads), "torch": torch.__version__, "device": args.device,
            "kernels": args.kernels, "repeats": args.repeats, "clock": args.clock,
            "load_average": os.getloadavg()}
+    if args.device == "cuda":
+        import cupy
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["cupy"] = cupy.__version__
+        print(f"hpcnn bench kernels on {out['gpu']}: hpcnn on CuPy {cupy.__version__} against "
+              f"PyTorch {torch.__version__} CUDA (cuDNN)")
     print(f"hpcnn bench kernels: {out['machine'].get('cpu', '?')}, {args.threads} threads "
           f"(hpcnn and torch), median of {args.repeats} repeats, {args.clock} clock, float32, "
           f"kernels={args.kernels}, load average {out['load_average'][0]:.1f}")

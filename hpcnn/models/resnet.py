@@ -44,13 +44,15 @@ def bottleneck_block(g, x, width, stride, name, expansion=4):
     return g.relu(y, name=f"{name}.relu")
 
 
-def _resnet(name, block, layers, batch, in_channels, image_size, num_classes) -> Graph:
+def _resnet(name, block, layers, batch, in_channels, image_size, num_classes, width=64) -> Graph:
+    """``width``: channels of the stem and the first stage (torchvision: 64);
+    the stages have width x (1, 2, 4, 8)."""
     g = Graph(name)
     x = g.input((batch, in_channels) + tuple(image_size))
-    x = g.conv(x, 64, 7, stride=2, padding=3, bias=False, name="conv1")
+    x = g.conv(x, width, 7, stride=2, padding=3, bias=False, name="conv1")
     x = g.relu(g.bn(x, name="bn1"), name="relu")
     x = g.maxpool(x, 3, stride=2, padding=1, name="maxpool")
-    for li, (blocks, width) in enumerate(zip(layers, (64, 128, 256, 512)), 1):
+    for li, (blocks, width) in enumerate(zip(layers, (width, 2 * width, 4 * width, 8 * width)), 1):
         for bi in range(blocks):
             stride = 2 if (li > 1 and bi == 0) else 1
             x = block(g, x, width, stride, f"layer{li}.{bi}")
@@ -59,8 +61,8 @@ def _resnet(name, block, layers, batch, in_channels, image_size, num_classes) ->
     return g
 
 
-def resnet18(batch, in_channels, image_size, num_classes, name="resnet18") -> Graph:
-    return _resnet(name, basic_block, (2, 2, 2, 2), batch, in_channels, image_size, num_classes)
+def resnet18(batch, in_channels, image_size, num_classes, name="resnet18", width=64) -> Graph:
+    return _resnet(name, basic_block, (2, 2, 2, 2), batch, in_channels, image_size, num_classes, width)
 
 
 def resnet50(batch, in_channels, image_size, num_classes, name="resnet50") -> Graph:
