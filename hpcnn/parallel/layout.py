@@ -144,25 +144,29 @@ class Layout:
             v *= -(-s // d)
         return v
 
+    def _partition(self, dims) -> dict:
+        """{rank: its group} for ``dims`` (cached; linear in the rank count)."""
+        key = tuple(sorted(dims))
+        cache = self.__dict__.setdefault("_groups_cache", {})
+        if key not in cache:
+            coords = np.array(np.unravel_index(np.arange(self.k), self.degrees)).T
+            keep = [a for a, name in enumerate(self.dims) if name not in dims]
+            by_key: dict = {}
+            for i, c in enumerate(map(tuple, coords[:, keep])):
+                by_key.setdefault(c, []).append(self.ranks[i])
+            cache[key] = {r: tuple(g) for g in by_key.values() for r in g}
+        return cache[key]
+
     def group(self, rank, dims) -> tuple:
         """Ranks of this layout whose coordinates equal ``rank``'s on every
         dimension NOT in ``dims`` (e.g. dims=('n','h','w') gives the ranks
         that share rank's channel slice: the replicas of its parameters and
-        its batch-norm statistics group)."""
-        c = self.coords(rank)
-        if c is None:
-            return ()
-        keep = [a for a, name in enumerate(self.dims) if name not in dims]
-        return tuple(r for r in self.ranks
-                     if all(self.coords(r)[a] == c[a] for a in keep))
+        its batch-norm statistics group), in layout order."""
+        return self._partition(dims).get(rank, ())
 
     def groups(self, dims) -> list[tuple]:
-        """All groups (see ``group``), each in rank order, sorted."""
-        seen = {}
-        for r in self.ranks:
-            g = self.group(r, dims)
-            seen[g] = None
-        return sorted(seen)
+        """All groups (see ``group``), sorted."""
+        return sorted(set(self._partition(dims).values()))
 
     # ---- identity, serialisation -------------------------------------------
     def key(self) -> tuple:
