@@ -1,0 +1,300 @@
+"""``hpcnn bench train``: training throughput (images/s) of ResNet-18 at 1
+and 2 ranks, side by side with PyTorch in one process and PyTorch
+DistributedDataParallel (gloo, localhost) in two.
+
+The command runs in one process and launches every sub-run as a subprocess,
+one after the other (hpcnn/bench/train_worker.py does the measuring):
+
+* hpcnn, 1 rank            ``mpiexec -n 1 python -m hpcnn.bench.train_worker hpcnn``
+* PyTorch, 1 process       ``python -m hpcnn.bench.train_worker torch``
+* hpcnn, 2 ranks, data-parallel plan and the searched plan (rank 0 runs
+  hpcnn.strategy.search_plan for ``--machine``; search time excluded)
+                           ``mpiexec -n 2 python -m hpcnn.bench.train_worker hpcnn --plan ...``
+* PyTorch DDP, 2 processes two ``python -m hpcnn.bench.train_worker torch --rank r --world 2``
+
+Fairness: both frameworks get the same total cores, ``--cores`` (default 2):
+at 1 rank one process with that many threads, at 2 ranks two processes with
+half as many each (BLAS, OpenMP and hpcnn's host threads limited alike).
+The model is the same (ResNet-18 in torchvision's layout; the PyTorch one is
+written with torch.nn in train_worker.py and starts from hpcnn's initial
+weights), as are the per-rank batch, the image size, the classes, float32,
+SGD with momentum, and the data: synthetic random images held in memory (no
+data loading).  ``--warmup`` steps are not timed; each timed step starts
+after a barrier and counts the slowest rank; throughput is ranks x batch
+per rank / the median step time.  With ``--rounds R`` every sub-run is
+repeated R times, interleaved, and the medians are taken over all rounds'
+steps (so that a burst of load from other processes hits every sub-run).
+
+One difference is intended and stated: hpcnn's batch normalisation uses the
+statistics of the global batch (an allreduce per layer), so its 2-rank step
+computes exactly the sequential function; DDP's uses each process's own
+samples (torch.nn.SyncBatchNorm needs a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+
+from hpcnn.bench.train_worker import RESULT_TAG
+
+RUNS = ("hpcnn-1", "torch-1", "hpcnn-2-dp", "hpcnn-2-search", "ddp-2")
+LABELS = {"hpcnn-1": "hpcnn, 1 rank", "torch-1": "PyTorch, 1 process",
+          "hpcnn-2-dp": "hpcnn, 2 ranks, data-parallel plan",
+          "hpcnn-2-search": "hpcnn, 2 ranks, searched plan",
+          "ddp-2": "PyTorch DDP (gloo), 2 processes"}
+TARGET_VS_TORCH = 0.5
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=32, help="samples per rank (default 32)")
+    p.add_argument("--image-size", type=int, default=64, help="image side (default 64)")
+    p.add_argument("--classes", type=int, default=1000, help="classes (default 1000)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per sub-run (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat every sub-run this many times, interleaved (default 1)")
+    p.add_argument("--cores", type=int, default=2,
+                   help="total cores of every configuration: 1 process x CORES threads, "
+                        "2 processes x CORES/2 threads (default 2)")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--machine", default="local",
+                   help="machine description the 2-rank search prices plans with (default local)")
+    p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
+                   help=f"sub-runs to make (default all: {' '.join(RUNS)})")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per sub-run")
+
+
+def _check(args):
+    for k in ("batch", "image_size", "classes", "steps", "rounds", "cores"):
+        if getattr(args, k) < 1:
+            raise SystemExit(f"hpcnn bench train: --{k.replace('_', '-')} must be at least 1, "
+                             f"got {getattr(args, k)}")
+    if args.warmup < 0:
+        raise SystemExit(f"hpcnn bench train: --warmup must be non-negative, got {args.warmup}")
+    if args.cores % 2:
+        raise SystemExit(f"hpcnn bench train: --cores must be even (2 processes x CORES/2 threads "
+                         f"at 2 ranks), got {args.cores}")
+    if args.classes < 2:
+        raise SystemExit(f"hpcnn bench train: --classes must be at least 2, got {args.classes}")
+
+
+# ---- launching --------------------------------------------------------------------------
+def _mpiexec() -> str:
+    import shutil
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.path.exists(here):
+        return here
+    found = shutil.which("mpiexec")
+    if not found:
+        raise SystemExit("hpcnn bench train: mpiexec not found; install MPI (pip install mpich)")
+    return found
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "HPCNN_HOST_THREADS"):
+        env[v] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_args(args, threads) -> list:
+    return ["--batch", str(args.batch), "--image-size", str(args.image_size), "--classes", str(args.classes),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(threads),
+            "--lr", str(args.lr), "--momentum", str(args.momentum)]
+
+
+def _result(run, out: str, err: str, code: int) -> dict:
+    lines = [ln for ln in out.splitlines() if ln.startswith(RESULT_TAG)]
+    if code != 0 or not lines:
+        sys.stderr.write(out[-3000:] + err[-3000:])
+        raise SystemExit(f"hpcnn bench train: sub-run {run!r} ({LABELS[run]}) failed (exit {code})")
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def run_one(run: str, args) -> dict:
+    """Launch one sub-run and return its rank 0's result."""
+    worker = [sys.executable, "-m", "hpcnn.bench.train_worker"]
+    ranks = 1 if run.endswith("-1") else 2
+    threads = args.cores // ranks
+    common = _worker_args(args, threads)
+    env = _env(threads)
+    if run.startswith("hpcnn"):
+        plan = ["--plan", "search", "--machine", args.machine] if run.endswith("search") else \
+            ["--plan", "data-parallel"]
+        cmd = [_mpiexec(), "-n", str(ranks)] + worker + ["hpcnn"] + common + plan
+        try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"hpcnn bench train: sub-run {run!r} did not finish in {args.timeout:.0f} s; "
+                             "lower --steps or raise --timeout") from None
+        return _result(run, r.stdout, r.stderr, r.returncode)
+    port = _free_port()
+    procs = []
+    for rank in range(ranks):
+        cmd = worker + ["torch", "--rank", str(rank), "--world", str(ranks), "--port", str(port)] + common
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs, deadline = [], time.monotonic() + args.timeout
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outs.append((o, e, p.returncode))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise SystemExit(f"hpcnn bench train: sub-run {run!r} did not finish in {args.timeout:.0f} s; "
+                         "lower --steps or raise --timeout") from None
+    for i, (o, e, c) in enumerate(outs[1:], 1):
+        if c != 0:
+            sys.stderr.write(o[-2000:] + e[-2000:])
+            raise SystemExit(f"hpcnn bench train: sub-run {run!r}, process {i}, failed (exit {c})")
+    return _result(run, *outs[0])
+
+
+# ---- combining ----------------------------------------------------------------------------
+def _merge(rounds: list) -> dict:
+    """One sub-run's results over several rounds: step times pooled."""
+    import numpy as np
+    out = dict(rounds[0])
+    times = [t for r in rounds for t in r["step_times_s"]]
+    med = float(np.median(times))
+    out.update(step_times_s=times, median_step_s=med, min_step_s=float(np.min(times)),
+               mean_step_s=float(np.mean(times)), images_per_s=out["ranks"] * out["batch_per_rank"] / med,
+               rounds=len(rounds), round_medians_s=[r["median_step_s"] for r in rounds])
+    return out
+
+
+def summarise(results: dict) -> dict:
+    """Ratios and checks from the sub-runs' results (those present)."""
+    tp = {k: v["images_per_s"] for k, v in results.items()}
+    ratios, checks = {}, {}
+    if "hpcnn-1" in tp and "torch-1" in tp:
+        ratios["hpcnn_vs_torch_1rank"] = tp["hpcnn-1"] / tp["torch-1"]
+    if "hpcnn-1" in tp:
+        for k in ("hpcnn-2-dp", "hpcnn-2-search"):
+            if k in tp:
+                ratios[f"scaling_{k.replace('-', '_')}"] = tp[k] / tp["hpcnn-1"]
+    if "torch-1" in tp and "ddp-2" in tp:
+        ratios["scaling_ddp_2"] = tp["ddp-2"] / tp["torch-1"]
+    for k in ("hpcnn-2-dp", "hpcnn-2-search"):
+        if k in tp and "ddp-2" in tp:
+            ratios[f"{k.replace('-', '_')}_vs_ddp_2"] = tp[k] / tp["ddp-2"]
+    targets = {}
+    if "hpcnn_vs_torch_1rank" in ratios:
+        targets["hpcnn_vs_torch_1rank_at_least_0.5"] = ratios["hpcnn_vs_torch_1rank"] >= TARGET_VS_TORCH
+    if "scaling_ddp_2" in ratios:
+        best = [ratios[k] for k in ("scaling_hpcnn_2_dp", "scaling_hpcnn_2_search") if k in ratios]
+        if "scaling_hpcnn_2_dp" in ratios:
+            targets["scaling_hpcnn_dp_at_least_ddp"] = ratios["scaling_hpcnn_2_dp"] >= ratios["scaling_ddp_2"]
+        if "scaling_hpcnn_2_search" in ratios:
+            targets["scaling_hpcnn_search_at_least_ddp"] = (ratios["scaling_hpcnn_2_search"]
+                                                            >= ratios["scaling_ddp_2"])
+        if best:
+            ratios["scaling_hpcnn_best"] = max(best)
+    # the same function: the first step's loss (same weights, same data)
+    def rel(a, b):
+        la, lb = results[a]["losses"][0], results[b]["losses"][0]
+        return abs(la - lb) / max(abs(lb), 1e-12)
+    if "hpcnn-1" in results and "torch-1" in results:
+        checks["first_loss_rel_diff_hpcnn_torch_1rank"] = rel("hpcnn-1", "torch-1")
+    if "hpcnn-2-dp" in results and "hpcnn-2-search" in results:
+        checks["first_loss_rel_diff_hpcnn_dp_search_2ranks"] = rel("hpcnn-2-dp", "hpcnn-2-search")
+    if "hpcnn-2-dp" in results and "ddp-2" in results:
+        checks["first_loss_rel_diff_hpcnn_ddp_2ranks"] = rel("hpcnn-2-dp", "ddp-2")
+    return {"ratios": ratios, "targets": targets, "checks": checks}
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    cpu = ln.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import numpy
+    return {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "numpy": numpy.__version__, "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def format_report(res: dict) -> str:
+    cfg = res["config"]
+    rounds = f" x {cfg['rounds']} rounds" if cfg["rounds"] > 1 else ""
+    lines = [f"## Training throughput: ResNet-18, {cfg['image_size']}x{cfg['image_size']} images, "
+             f"{cfg['classes']} classes, batch {cfg['batch_per_rank']} per rank, float32, SGD momentum "
+             f"{cfg['momentum']}", "",
+             f"Same total cores ({cfg['cores']}): 1 process x {cfg['cores']} threads at 1 rank, "
+             f"2 processes x {cfg["cores"] // 2} thread(s) each at 2 ranks. Synthetic data in memory; "
+             f"{cfg['warmup']} warm-up steps excluded; median of {cfg['steps']} timed steps{rounds} "
+             "(slowest rank per step).", "",
+             "| run | ranks x threads | plan | median step | fastest step | images/s | first-step loss |",
+             "|---|---|---|---|---|---|---|"]
+    for k in RUNS:
+        r = res["results"].get(k)
+        if r is None:
+            continue
+        plan = r.get("plan") or ("DDP" if r["ranks"] > 1 else "-")
+        if r.get("plan_layer_configs") and r["ranks"] > 1:
+            plan += " (" + ", ".join(f"{c}: {n}" for c, n in sorted(r["plan_layer_configs"].items())) + " layers)"
+        lines.append(f"| {LABELS[k]} | {r['ranks']} x {r['threads_per_rank']} | {plan} | "
+                     f"{r['median_step_s'] * 1e3:.0f} ms | {r['min_step_s'] * 1e3:.0f} ms | "
+                     f"{r['images_per_s']:.1f} | {r['losses'][0]:.5f} |")
+    s = res["summary"]
+    names = {"hpcnn_vs_torch_1rank": "hpcnn / PyTorch at 1 rank (images/s)",
+             "scaling_hpcnn_2_dp": "scaling 1 -> 2 ranks, hpcnn data-parallel (throughput(2) / throughput(1))",
+             "scaling_hpcnn_2_search": "scaling 1 -> 2 ranks, hpcnn searched plan",
+             "scaling_ddp_2": "scaling 1 -> 2 ranks, PyTorch DDP",
+             "hpcnn_2_dp_vs_ddp_2": "hpcnn data-parallel / DDP at 2 ranks",
+             "hpcnn_2_search_vs_ddp_2": "hpcnn searched / DDP at 2 ranks"}
+    lines += ["", "| ratio | value |", "|---|---|"]
+    for k, label in names.items():
+        if k in s["ratios"]:
+            lines.append(f"| {label} | {s['ratios'][k]:.2f} |")
+    for k, ok in s["targets"].items():
+        lines.append(f"| target {k} | {'met' if ok else 'MISSED'} |")
+    for k, v in s["checks"].items():
+        lines.append(f"| {k} | {v:.1e} |")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    _check(args)
+    runs = [r for r in RUNS if r in args.runs]
+    got = {r: [] for r in runs}
+    t0 = time.perf_counter()
+    for rnd in range(args.rounds):
+        for r in runs:
+            print(f"hpcnn bench train: round {rnd + 1}/{args.rounds}: {LABELS[r]} ...", file=sys.stderr, flush=True)
+            got[r].append(run_one(r, args))
+    results = {r: _merge(v) for r, v in got.items()}
+    res = {"config": {"model": "resnet18", "batch_per_rank": args.batch, "image_size": args.image_size,
+                      "classes": args.classes, "dtype": "float32", "lr": args.lr, "momentum": args.momentum,
+                      "cores": args.cores, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
+                      "machine_description": args.machine},
+           "machine": _machine(), "command": "hpcnn bench train " + " ".join(sys.argv[3:] if
+                                                                              sys.argv[1:3] == ["bench", "train"]
+                                                                              else []),
+           "results": results, "summary": summarise(results), "wall_s": time.perf_counter() - t0}
+    print(format_report(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
