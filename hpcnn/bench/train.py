@@ -242,7 +242,7 @@ def format_report(res: dict) -> str:
              f"{cfg['classes']} classes, batch {cfg['batch_per_rank']} per rank, float32, SGD momentum "
              f"{cfg['momentum']}", "",
              f"Same total cores ({cfg['cores']}): 1 process x {cfg['cores']} threads at 1 rank, "
-             f"2 processes x {cfg["cores"] // 2} thread(s) each at 2 ranks. Synthetic data in memory; "
+             f"2 processes x {cfg['cores'] // 2} thread(s) each at 2 ranks. Synthetic data in memory; "
              f"{cfg['warmup']} warm-up steps excluded; median of {cfg['steps']} timed steps{rounds} "
              "(slowest rank per step).", "",
              "| run | ranks x threads | plan | median step | fastest step | images/s | first-step loss |",
