@@ -193,6 +193,7 @@ def hpcnn_name(torch_key: str) -> str:
 def copy_hpcnn_init(model, graph, seed):
     """Load hpcnn's initial parameters and batch-norm buffers (the same
     function of the seed that every hpcnn run uses) into the torch model."""
+    import numpy as np
     import torch
 
     from hpcnn.ops import init_param
@@ -210,7 +211,9 @@ def copy_hpcnn_init(model, graph, seed):
             if name not in specs:
                 missing.append(key)
                 continue
-            a = init_param(specs[name], name, seed)
+            # float64, then rounded by the copy to the model's dtype, as
+            # hpcnn rounds it to its own
+            a = init_param(specs[name], name, seed, dtype=np.float64)
             if tuple(a.shape) != tuple(t.shape):
                 raise RuntimeError(f"torch {key} has shape {tuple(t.shape)} but hpcnn {name} {a.shape}")
             t.copy_(torch.from_numpy(a))
