@@ -98,10 +98,11 @@ def _box_of(model, node, name, shard):
 
 
 def save_checkpoint(directory, model, optimizer=None, comm=None, meta: dict | None = None,
-                    keep: int = 3) -> Path:
+                    keep: int = 3, on_tensor=None) -> Path:
     """Write a checkpoint of ``model`` (and the optimiser's momentum) into
     ``directory``; collective over ``comm`` (None: one process).  Returns
-    the path of the new file (on every rank)."""
+    the path of the new file (on every rank).  ``on_tensor(i, n, path)`` is
+    called on rank 0 after each tensor is written (progress, fault tests)."""
     rank = comm.Get_rank() if comm is not None else 0
     meta = dict(meta or {})
     step = int(meta.get("step", 0))
@@ -148,6 +149,8 @@ def save_checkpoint(directory, model, optimizer=None, comm=None, meta: dict | No
                     del buf
                 elif w == rank:
                     comm.Send(np.ascontiguousarray(to_host(shard)), dest=0, tag=7000 + t % 1000)
+            if rank == 0 and on_tensor is not None:
+                on_tensor(t, len(tensors), path)
         if rank == 0:
             attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "hpcnn_version": __version__,
                      "model": model.graph.name, "dtype": str(model.dtype),

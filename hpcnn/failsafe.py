@@ -61,7 +61,10 @@ class StopSignals:
                 pass
 
     def _handler(self, signum, frame):
-        self.requested = signal.Signals(signum).name
+        # the first signal is the reason; later ones (a batch script passing
+        # the stop on to the ranks that Slurm signalled already) change nothing
+        if self.requested is None:
+            self.requested = signal.Signals(signum).name
 
     def restore(self):
         for s, h in self._old.items():
@@ -152,6 +155,12 @@ class StallWatchdog:
         self.reports.append(msg)
         self.stream.write(f"[hpcnn watchdog] {msg}\n")
         self.stream.flush()
+
+    def abandon(self):
+        """Stop the thread without communicating (error paths)."""
+        if self.enabled and self.rank == 0:
+            self._stop.set()
+        self.enabled = False
 
     def close(self):
         """Stop the thread and receive every heartbeat still in flight

@@ -64,22 +64,22 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "train": {
         "batch": Key(int, 64, _pos, "GLOBAL batch size (split over the ranks by the plan)"),
-        "epochs": Key(int, 1, _pos),
+        "epochs": Key(int, 1, _pos, "passes over the training data"),
         "max_steps": Key(int, 0, _nonneg, "stop after this many steps (0 = no limit)"),
         "eval_every": Key(int, 1, _nonneg, "evaluate every N epochs (0 = only at the end)"),
         "log_every": Key(int, 10, _pos, "steps between metric lines"),
     },
     "optimizer": {
-        "lr": Key((int, float), 0.1, _pos),
-        "momentum": Key((int, float), 0.9, lambda v: 0 <= v < 1),
-        "nesterov": Key(bool, False),
-        "weight_decay": Key((int, float), 0.0, _nonneg),
+        "lr": Key((int, float), 0.1, _pos, "peak learning rate"),
+        "momentum": Key((int, float), 0.9, lambda v: 0 <= v < 1, "SGD momentum in [0, 1)"),
+        "nesterov": Key(bool, False, help="Nesterov momentum (needs momentum > 0)"),
+        "weight_decay": Key((int, float), 0.0, _nonneg, "L2 penalty added to every gradient"),
     },
     "schedule": {
         "kind": Key(str, "cosine", _one_of("constant", "step", "cosine")),
-        "warmup_epochs": Key((int, float), 0, _nonneg),
+        "warmup_epochs": Key((int, float), 0, _nonneg, "linear warm-up from lr/steps to lr"),
         "milestones": Key(list, [], help="epochs at which a step schedule multiplies lr by gamma"),
-        "gamma": Key((int, float), 0.1, _pos),
+        "gamma": Key((int, float), 0.1, _pos, "factor of a step schedule at each milestone"),
     },
     "plan": {
         "mode": Key(str, "search", help="search | data-parallel | a plan JSON file"),
@@ -145,6 +145,9 @@ class Job:
         for section, key in REQUIRED:
             if out[section][key] in (None, ""):
                 raise JobError(f"{section}.{key} is required")
+        if out["optimizer"]["nesterov"] and not out["optimizer"]["momentum"]:
+            raise JobError("optimizer.nesterov = true needs optimizer.momentum > 0 "
+                           f"(it is {out['optimizer']['momentum']})")
         return out
 
     @classmethod

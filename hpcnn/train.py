@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,53 @@ from pathlib import Path
 import numpy as np
 
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
+
+
+class Faults:
+    """Fault injection for tests of the failure paths (never set in normal
+    runs).  HPCNN_FAULT is a comma-separated list of
+        raise:STEP:RANK          raise an exception after step STEP on RANK
+        kill:STEP:RANK           SIGKILL the rank after step STEP
+        sleep:STEP:RANK:SECONDS  stall the rank after step STEP
+        kill-in-checkpoint:RANK  SIGKILL rank RANK (0 writes) in the middle of a checkpoint write
+    """
+
+    def __init__(self, rank: int, spec: str | None = None):
+        spec = os.environ.get("HPCNN_FAULT", "") if spec is None else spec
+        self.rank, self.items = rank, []
+        for part in filter(None, (x.strip() for x in spec.split(","))):
+            f = part.split(":")
+            try:
+                if f[0] in ("raise", "kill"):
+                    self.items.append((f[0], int(f[1]), int(f[2]), 0.0))
+                elif f[0] == "sleep":
+                    self.items.append((f[0], int(f[1]), int(f[2]), float(f[3])))
+                elif f[0] == "kill-in-checkpoint":
+                    self.items.append((f[0], -1, int(f[1]), 0.0))
+                else:
+                    raise ValueError
+            except (ValueError, IndexError):
+                raise JobFailure(f"HPCNN_FAULT: cannot parse {part!r}") from None
+
+    def after_step(self, step: int):
+        for kind, s, r, secs in self.items:
+            if r != self.rank or s != step:
+                continue
+            if kind == "raise":
+                raise RuntimeError(f"injected fault on rank {r} after step {s} (HPCNN_FAULT)")
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "sleep":
+                time.sleep(secs)
+
+    def checkpoint_hook(self):
+        if not any(k == "kill-in-checkpoint" and r == self.rank for k, _, r, _ in self.items):
+            return None
+
+        def hook(i, n, path):
+            if i >= n // 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return hook
 
 
 class JobFailure(Exception):
@@ -184,6 +233,7 @@ class Trainer:
 
         j = self.job
         self.stop = StopSignals()
+        self.faults = Faults(self.rank)
         self.open_data()
         self.build_graph()
         self.make_plan()
@@ -226,6 +276,7 @@ class Trainer:
         last_ck_step = step
         t_run = time.perf_counter()
         images = 0
+        collective_cleanup = False    # only when every rank leaves the loop together
         try:
             while step < total and epoch < epochs:
                 box = self.model.input_box()
@@ -255,6 +306,7 @@ class Trainer:
                                 metrics.write(kind="train", step=step + 1, epoch=epoch, loss=loss, lr=lr,
                                               images_per_s=ips, step_seconds=dt,
                                               bytes_sent_rank0=sum(self.model.step_bytes().values()))
+                        self.faults.after_step(step)
                         watchdog.arrived(step)
                         step += 1
                         start_batch = batch.index + 1
@@ -282,8 +334,18 @@ class Trainer:
                     if ckdir is not None and not j["checkpoint"]["every_steps"] and last_ck_step != step:
                         self.save(ckdir, step, epoch, start_batch)
                         last_ck_step = step
+            collective_cleanup = True
+        except JobFailure:
+            collective_cleanup = True   # agreed on every rank (the loss is global)
+            raise
         finally:
-            watchdog.close()
+            # After an unexpected exception on this rank the others may be
+            # inside a collective: no communication here, the exception hook
+            # aborts the job.
+            if collective_cleanup:
+                watchdog.close()
+            else:
+                watchdog.abandon()
             if self.progress is not None:
                 self.progress.close()
             self.progress = None
@@ -354,10 +416,8 @@ class Trainer:
                 "seed": j["job"]["seed"], "plan": self.plan.to_dict(), "job": j.data,
                 "rng": {"kind": "counter-based", "seed": j["job"]["seed"], "step": step,
                         "shuffle": "permutation(seed, epoch)"}}
-        path = save_checkpoint(ckdir, self.model, self.opt, self.comm, meta, keep=j["checkpoint"]["keep"])
-        if self.rank == 0 and self.progress is None:
-            pass
-        return path
+        return save_checkpoint(ckdir, self.model, self.opt, self.comm, meta, keep=j["checkpoint"]["keep"],
+                               on_tensor=self.faults.checkpoint_hook())
 
     def describe(self):
         if self.rank != 0:

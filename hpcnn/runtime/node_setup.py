@@ -36,7 +36,8 @@ _done: dict = {}
 
 
 def setup_node(comm=None, backend=None, verbose: bool = True, blas: bool = True) -> NodeInfo:
-    """Limit BLAS threads to the node's cores divided by its ranks, bind one
+    """Limit BLAS threads to the node's cores divided by its ranks (at most
+    SLURM_CPUS_PER_TASK under Slurm), bind one
     GPU per node-local rank (CuPy) and probe CUDA-aware MPI.  Collective
     over ``comm`` on the first call of the process for a backend kind; later
     calls return the same answer without communicating (the cache key must
@@ -54,6 +55,12 @@ def setup_node(comm=None, backend=None, verbose: bool = True, blas: bool = True)
     node.Free()
     cores = os.cpu_count() or 1
     threads = max(1, cores // local_size)
+    # Under Slurm a task owns the cores it was given (--cpus-per-task), not
+    # a share of the whole node, which other jobs (or, with several slurmd
+    # on one host, other nodes) may be using.
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        threads = min(threads, int(per_task))
     if blas:
         limit_blas_threads(threads)
     device = "cpu"

@@ -1,0 +1,299 @@
+"""End-to-end tests of ``hpcnn train`` under mpiexec: the default job's
+accuracy, restart equivalence (bitwise on the same plan and rank count,
+1e-12 across rank counts and plans), and every failure path ending every
+rank promptly with a clear message while keeping the last good checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mpi_launch import ROOT, mpi_env, mpiexec, run_mpi
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    d = tmp_path_factory.mktemp("digits")
+    out = d / "digits.h5"
+    r = subprocess.run([PY, "-m", "hpcnn", "data", "digits", "-o", str(out)], cwd=ROOT,
+                       env=mpi_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def train(nprocs, workdir, *sets, job=None, timeout=240, env=None, plan=None):
+    job = job or ROOT / "jobs" / "digits.toml"
+    args = [PY, "-m", "hpcnn", "train", str(job), "--set", "log.progress='lines'"]
+    for s in sets:
+        args += ["--set", s]
+    if plan:
+        args += ["--plan", str(plan)]
+    t0 = time.monotonic()
+    r = run_mpi(nprocs, args, timeout=timeout, env=env, cwd=workdir)
+    r.seconds = time.monotonic() - t0
+    return r
+
+
+def base_sets(digits, ckdir=None, **kw):
+    sets = [f"data.path='{digits}'", "log.metrics=''"]
+    if ckdir is not None:
+        sets.append(f"checkpoint.dir='{ckdir}'")
+    else:
+        sets.append("checkpoint.dir=''")
+    sets += [f"{k.replace('__', '.')}={v}" for k, v in kw.items()]
+    return sets
+
+
+def final_params(ckfile):
+    with h5py.File(ckfile, "r") as f:
+        out = {}
+        f.visititems(lambda n, o: out.__setitem__(n, o[...]) if isinstance(o, h5py.Dataset) else None)
+        return out, dict(f.attrs)
+
+
+def output(r):
+    return f"--- stdout ---\n{r.stdout[-4000:]}\n--- stderr ---\n{r.stderr[-4000:]}"
+
+
+# ---------------------------------------------------------------------------
+def test_default_job_reaches_97_percent_on_4_ranks(digits, tmp_path):
+    """The README's main command: the default job on 4 ranks with a searched plan."""
+    r = train(4, tmp_path, f"data.path='{digits}'", timeout=300)
+    assert r.returncode == 0, output(r)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("final test accuracy")]
+    assert lines, output(r)
+    acc = float(lines[-1].split()[3])
+    assert acc >= 0.97, output(r)
+    assert "plan searched" in r.stderr
+    assert r.seconds < 300
+    metrics = [json.loads(x) for x in (tmp_path / "runs/digits/metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["kind"] == "final" and metrics[-1]["test_accuracy"] == pytest.approx(acc, abs=1e-4)
+    assert any(m["kind"] == "eval" for m in metrics) and any(m["kind"] == "train" for m in metrics)
+    assert list((tmp_path / "runs/digits/checkpoints").glob("ckpt-*.h5"))
+
+
+# ---------------------------------------------------------------------------
+def _plans(tmp_path):
+    """A layer-wise plan for 4 ranks (spatial early, channel late) and a
+    data-parallel one for 2 ranks, for the 32-sample float64 digits_cnn."""
+    from hpcnn.models import build_model
+    from hpcnn.strategy.plan import Plan
+    g = build_model("digits_cnn", batch=32, image_size=16, num_classes=10, in_channels=1)
+    cfg4 = {}
+    for n in g:
+        if n.name.startswith(("input", "conv1", "pool1")):
+            cfg4[n.name] = {"n": 2, "h": 2}
+        elif n.name.startswith(("conv2", "pool2")):
+            cfg4[n.name] = {"c": 2, "w": 2}
+        elif n.name in ("flatten", "dropout", "fc"):
+            cfg4[n.name] = {"c": 2} if n.name == "fc" else {"n": 4}
+        else:
+            cfg4[n.name] = {"n": 2}
+    p4 = Plan(g.name, 4, 32, cfg4, name="mixed-4")
+    p4.validate(g, 4)
+    p2 = Plan(g.name, 2, 32, {n.name: {"n": 2} for n in g}, name="dp-2")
+    p2.validate(g, 2)
+    f4, f2 = tmp_path / "plan4.json", tmp_path / "plan2.json"
+    p4.save(f4)
+    p2.save(f2)
+    return f4, f2
+
+
+def _restart_sets(digits, ck, steps):
+    return base_sets(digits, ck, job__dtype="'float64'", train__batch=32, train__epochs=2,
+                     train__max_steps=steps, train__eval_every=0, data__test="''",
+                     checkpoint__keep=10)
+
+
+def test_restart_is_bitwise_on_same_plan_and_ranks(digits, tmp_path):
+    f4, _ = _plans(tmp_path)
+    N = 6
+    straight = train(4, tmp_path, *_restart_sets(digits, tmp_path / "a", 2 * N), plan=f4)
+    assert straight.returncode == 0, output(straight)
+    first = train(4, tmp_path, *_restart_sets(digits, tmp_path / "b", N), plan=f4)
+    assert first.returncode == 0, output(first)
+    second = train(4, tmp_path, *_restart_sets(digits, tmp_path / "b", 2 * N), plan=f4)
+    assert second.returncode == 0, output(second)
+    assert f"at step {N}" in second.stderr and "resumed from" in second.stderr, output(second)
+    a, meta_a = final_params(tmp_path / "a" / f"ckpt-{2 * N:08d}.h5")
+    b, meta_b = final_params(tmp_path / "b" / f"ckpt-{2 * N:08d}.h5")
+    assert meta_a["step"] == meta_b["step"] == 2 * N
+    assert set(a) == set(b) and len(a) > 10
+    for k in a:
+        assert np.array_equal(a[k], b[k]), f"{k} differs after a restart on the same plan"
+
+
+def test_restart_on_other_rank_count_and_plan(digits, tmp_path):
+    """4 ranks with a layer-wise plan, a checkpoint, then 2 ranks with a
+    data-parallel plan: within 1e-12 (relative, float64) of 4 ranks straight."""
+    f4, f2 = _plans(tmp_path)
+    N = 6
+    straight = train(4, tmp_path, *_restart_sets(digits, tmp_path / "a", 2 * N), plan=f4)
+    assert straight.returncode == 0, output(straight)
+    first = train(4, tmp_path, *_restart_sets(digits, tmp_path / "b", N), plan=f4)
+    assert first.returncode == 0, output(first)
+    second = train(2, tmp_path, *_restart_sets(digits, tmp_path / "b", 2 * N), plan=f2)
+    assert second.returncode == 0, output(second)
+    assert "written on 4 ranks" in second.stderr, output(second)
+    a, _ = final_params(tmp_path / "a" / f"ckpt-{2 * N:08d}.h5")
+    b, meta_b = final_params(tmp_path / "b" / f"ckpt-{2 * N:08d}.h5")
+    assert meta_b["world"] == 2
+    for k in a:
+        scale = max(np.abs(a[k]).max(), 1e-300)
+        err = np.abs(a[k] - b[k]).max() / scale
+        assert err <= 1e-12, f"{k}: relative difference {err:.2e} after resharding 4 -> 2 ranks"
+    # the restart really changed something: the runs moved the weights
+    with h5py.File(tmp_path / "b" / f"ckpt-{N:08d}.h5", "r") as f:
+        assert not np.array_equal(f["params/fc/weight"][...], a["params/fc/weight"])
+
+
+# ---------------------------------------------------------------------------
+def _ends_everywhere(r, code=None):
+    assert r.returncode != 0 if code is None else r.returncode == code, output(r)
+    assert r.seconds < 30 + 15, f"took {r.seconds:.0f} s\n{output(r)}"
+
+
+def test_unknown_key_in_job_file(digits, tmp_path):
+    job = tmp_path / "bad.toml"
+    job.write_text((ROOT / "jobs/digits.toml").read_text().replace("[train]", "[train]\nbatchsize = 3"))
+    r = train(2, tmp_path, *base_sets(digits), job=job)
+    _ends_everywhere(r, 2)
+    assert "unknown key train.batchsize" in r.stderr
+    assert r.stderr.count("unknown key train.batchsize") == 1   # said once, by rank 0
+
+
+def test_bad_value_names_the_key(digits, tmp_path):
+    r = train(2, tmp_path, *base_sets(digits), "train.epochs=-1")
+    _ends_everywhere(r, 2)
+    assert "train.epochs" in r.stderr and "-1" in r.stderr
+
+
+def test_missing_data_file(tmp_path):
+    r = train(2, tmp_path, "data.path='nowhere/digits.h5'", "checkpoint.dir=''")
+    _ends_everywhere(r, 2)
+    assert "nowhere/digits.h5" in r.stderr and "does not exist" in r.stderr
+
+
+def test_corrupt_data_file(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(4096))
+    r = train(2, tmp_path, f"data.path='{bad}'", "checkpoint.dir=''")
+    _ends_everywhere(r, 2)
+    assert "bad.h5" in r.stderr and "not a readable HDF5 file" in r.stderr
+
+
+def test_plan_for_wrong_world_size(digits, tmp_path):
+    _, f2 = _plans(tmp_path)
+    r = train(4, tmp_path, *base_sets(digits, train__batch=32), plan=f2)
+    _ends_everywhere(r, 2)
+    assert "made for 2 ranks but the job has 4" in r.stderr
+
+
+def test_diverging_loss_names_the_step(digits, tmp_path):
+    r = train(2, tmp_path, *base_sets(digits, tmp_path / "ck", optimizer__lr=1e12, optimizer__momentum=0.0, optimizer__nesterov='false',
+                                      schedule__warmup_epochs=0, train__max_steps=20))
+    _ends_everywhere(r, 3)
+    assert "training diverged" in r.stderr and "at step" in r.stderr
+
+
+def test_rank_raising_mid_step_ends_every_rank(digits, tmp_path):
+    r = train(3, tmp_path, *base_sets(digits, train__max_steps=50), env={"HPCNN_FAULT": "raise:3:1"})
+    _ends_everywhere(r)
+    assert "[hpcnn rank 1]" in r.stderr and "injected fault on rank 1 after step 3" in r.stderr
+
+
+def test_rank_killed_ends_every_rank(digits, tmp_path):
+    r = train(3, tmp_path, *base_sets(digits, train__max_steps=200), env={"HPCNN_FAULT": "kill:3:2"})
+    _ends_everywhere(r)
+
+
+def test_kill_during_checkpoint_keeps_previous_one(digits, tmp_path):
+    ck = tmp_path / "ck"
+    r = train(2, tmp_path, *base_sets(digits, ck, train__max_steps=5))
+    assert r.returncode == 0, output(r)
+    good = ck / "ckpt-00000005.h5"
+    before = good.read_bytes()
+    r = train(2, tmp_path, *base_sets(digits, ck, train__max_steps=10),
+              env={"HPCNN_FAULT": "kill-in-checkpoint:0"})
+    _ends_everywhere(r)
+    assert sorted(p.name for p in ck.glob("ckpt-*.h5")) == ["ckpt-00000005.h5"]
+    assert good.read_bytes() == before
+    r = train(2, tmp_path, *base_sets(digits, ck, train__max_steps=10))
+    assert r.returncode == 0 and "at step 5" in r.stderr, output(r)
+    assert (ck / "ckpt-00000010.h5").exists()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(digits, tmp_path):
+    ck = tmp_path / "ck"
+    r = train(2, tmp_path, *base_sets(digits, ck, train__max_steps=3))
+    assert r.returncode == 0, output(r)
+    f = ck / "ckpt-00000003.h5"
+    data = bytearray(f.read_bytes())
+    # flip bytes inside the fc weight's chunk (fletcher32 catches it)
+    with h5py.File(f, "r") as h:
+        info = h["params/fc/weight"].id.get_chunk_info(0)
+        off = info.byte_offset
+    for i in range(off + 16, off + 48):
+        data[i] ^= 0xFF
+    f.write_bytes(bytes(data))
+    r = train(2, tmp_path, *base_sets(digits, ck, train__max_steps=6))
+    _ends_everywhere(r, 2)
+    assert "ckpt-00000003.h5" in r.stderr and "params/fc/weight" in r.stderr
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(digits, tmp_path):
+    ck = tmp_path / "ck"
+    args = [mpiexec(), "-n", "2", PY, "-m", "hpcnn", "train", str(ROOT / "jobs/digits.toml"),
+            "--set", "log.progress='lines'"]
+    for s in base_sets(digits, ck, train__epochs=50, train__log_every=1):
+        args += ["--set", s]
+    p = subprocess.Popen(args, cwd=tmp_path, env=mpi_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    seen = ""
+    while time.monotonic() < deadline:
+        line = p.stderr.readline()
+        seen += line
+        if line.startswith("step 5/"):
+            break
+    os.killpg(p.pid, signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    err = seen + err
+    assert p.returncode == 0, err[-3000:]
+    assert "stopped by SIGTERM at step" in err, err[-3000:]
+    step = int(err.split("stopped by SIGTERM at step")[1].split()[0].rstrip(";"))
+    assert (ck / f"ckpt-{step:08d}.h5").exists()
+
+
+def test_stall_watchdog_names_the_late_rank(digits, tmp_path):
+    r = train(3, tmp_path, *base_sets(digits, train__max_steps=6, log__stall_seconds=1),
+              env={"HPCNN_FAULT": "sleep:2:2:4"})
+    assert r.returncode == 0, output(r)
+    assert "[hpcnn watchdog] stall: ranks [2] have not finished step" in r.stderr, output(r)
+
+
+def test_trace_and_layer_table(digits, tmp_path):
+    trace = tmp_path / "trace.json"
+    f4, _ = _plans(tmp_path)
+    r = subprocess.run([mpiexec(), "-n", "4", PY, "-m", "hpcnn", "train", str(ROOT / "jobs/digits.toml"),
+                        "--plan", str(f4), "--trace", str(trace), "--trace-steps", "3"]
+                       + sum((["--set", s] for s in base_sets(digits, train__batch=32, train__max_steps=6)), []),
+                       cwd=tmp_path, env=mpi_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, output(r)
+    events = json.loads(trace.read_text())["traceEvents"]
+    ranks = {e["pid"] for e in events}
+    cats = {e.get("cat") for e in events if e["ph"] == "X"}
+    assert ranks == {0, 1, 2, 3}
+    assert {"forward", "backward", "halo", "redistribution", "allreduce"} <= cats, cats
+    assert all(e["dur"] >= 0 for e in events if e["ph"] == "X")
+    assert "per-layer time" in r.stderr and "conv1" in r.stderr
