@@ -5,6 +5,7 @@ Every op kind registers itself; ``make_op(kind, name, **attrs)`` builds one.
 from hpcnn.ops.base import (REGISTRY, Op, OpError, ParamSpec, TileContext, box_is_empty,
                             box_pads, box_shape, clip_box, dims_of, full_box, init_param,
                             make_op)
+from hpcnn.ops.kernel_set import kernel_set
 from hpcnn.ops.activation import ReLU
 from hpcnn.ops.batchnorm import BatchNorm
 from hpcnn.ops.conv import Conv2d
@@ -17,6 +18,6 @@ from hpcnn.ops.pool import AvgPool2d, GlobalAvgPool, MaxPool2d
 from hpcnn.ops.reshape import Flatten
 
 __all__ = ["REGISTRY", "Op", "OpError", "ParamSpec", "TileContext", "box_is_empty", "box_pads",
-           "box_shape", "clip_box", "dims_of", "full_box", "init_param", "make_op", "ReLU",
+           "box_shape", "clip_box", "dims_of", "full_box", "init_param", "make_op", "kernel_set", "ReLU",
            "BatchNorm", "Conv2d", "Dropout", "Input", "Add", "Concat", "Linear",
            "SoftmaxCrossEntropy", "AvgPool2d", "GlobalAvgPool", "MaxPool2d", "Flatten"]

@@ -116,6 +116,9 @@ class TileContext:
     allreduce : sums an array over the tiles that share this tile's channel
                 range (batch-norm statistics); identity in one process
     labels    : integer labels of the tile's samples (loss only)
+    input_grads: per input, whether its gradient is wanted (None: all are);
+                an op may return None for an input marked False (the
+                network's input needs none) and skip that work
     """
     out_box: tuple
     in_boxes: list
@@ -126,6 +129,7 @@ class TileContext:
     step: int = 0
     allreduce: Callable = _identity
     labels: object = None
+    input_grads: tuple | None = None
 
     @classmethod
     def whole(cls, op: "Op", in_shapes, **kw) -> "TileContext":
@@ -135,6 +139,9 @@ class TileContext:
         return cls(out_box=ob,
                    in_boxes=[op.input_box(i, ob, in_shapes) for i in range(len(in_shapes))],
                    in_shapes=list(in_shapes), out_shape=tuple(out_shape), **kw)
+
+    def needs_input_grad(self, i: int = 0) -> bool:
+        return self.input_grads is None or bool(self.input_grads[i])
 
     def pads(self, i: int = 0) -> tuple:
         return box_pads(self.in_boxes[i], self.in_shapes[i])
@@ -182,6 +189,9 @@ class Op:
                 self.fail("needs at least one input")
         elif len(in_shapes) != self.arity:
             self.fail(f"takes {self.arity} input(s), got {len(in_shapes)}")
+        for i, s in enumerate(in_shapes):
+            if any(int(d) <= 0 for d in s):
+                self.fail(f"input {i} shape {tuple(s)} has a non-positive size")
 
     def check_rank(self, shape, rank: int, what="input"):
         if len(shape) != rank:
@@ -227,9 +237,43 @@ class Op:
         """Forward floating-point operations for the whole tensor."""
         return int(np.prod(out_shape))
 
-    def check_dtype(self, x):
+    def check_dtype(self, x, what="input"):
         if x.dtype not in (np.float32, np.float64):
-            self.fail(f"input dtype must be float32 or float64, got {x.dtype}")
+            self.fail(f"{what} dtype must be float32 or float64, got {x.dtype}")
+
+    def check_inputs(self, xs, ctx: "TileContext", params: dict | None = None):
+        """Validate one tile's arrays before any math, so that bad data is
+        an OpError naming the layer rather than a NumPy error from inside a
+        kernel: every input and parameter float32 or float64 and of ONE
+        dtype (no silent upcast), each input of the shape of the clipped box
+        the op reads, each parameter shard of the rows of the tile's
+        output-channel range.  Returns the dtype."""
+        dt = None
+        for i, x in enumerate(xs):
+            self.check_dtype(x, f"input {i}")
+            if dt is None:
+                dt = x.dtype
+            elif x.dtype != dt:
+                self.fail(f"input {i} has dtype {x.dtype} but input 0 has {dt}: "
+                          "give every input and parameter one float dtype")
+            want = box_shape(ctx.clipped(i))
+            if tuple(x.shape) != want:
+                self.fail(f"input {i} has shape {tuple(x.shape)} but the tile reads the box "
+                          f"{ctx.clipped(i)} of input shape {tuple(ctx.in_shapes[i])}, "
+                          f"of shape {want}")
+        if params:
+            specs = self.param_specs(ctx.in_shapes)
+            c0, c1 = ctx.out_box[1] if len(ctx.out_box) > 1 else (0, 0)
+            for k, p in params.items():
+                if p.dtype != dt:
+                    self.fail(f"parameter {k!r} has dtype {p.dtype} but the input has {dt}: "
+                              "give every input and parameter one float dtype")
+                if k in specs:
+                    want = (c1 - c0,) + tuple(specs[k].shape[1:])
+                    if tuple(p.shape) != want:
+                        self.fail(f"parameter {k!r} has shape {tuple(p.shape)}, expected {want} "
+                                  f"(rows {c0}:{c1} of {tuple(specs[k].shape)})")
+        return dt
 
     def __repr__(self):
         a = ", ".join(f"{k}={v!r}" for k, v in self.attrs().items())

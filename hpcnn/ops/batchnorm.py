@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from hpcnn.ops.base import Op, ParamSpec, register, xp_of
+from hpcnn.ops.host_threads import split
+from hpcnn.ops.nhwc_kernels import colsum, nchw_view, nhwc, rows2d
 
 
 @register
@@ -41,58 +43,134 @@ class BatchNorm(Op):
         return {"running_mean": ParamSpec((c,), "zeros", trainable=False),
                 "running_var": ParamSpec((c,), "ones", trainable=False)}
 
-    @staticmethod
-    def _axes(x):
-        return (0, 2, 3) if x.ndim == 4 else (0,)
-
-    @staticmethod
-    def _bshape(x):
-        return (1, -1, 1, 1) if x.ndim == 4 else (1, -1)
-
     def _count(self, ctx):
         s = ctx.in_shapes[0]
         return int(np.prod(s)) // int(s[1])
 
+    @staticmethod
+    def _rows(x):
+        """(M, C) matrix of the input, channels the unit-stride dimension:
+        a view for channels-last 4-D input and for (N, C) input."""
+        if x.ndim == 2:
+            return x if x.strides[1] == x.itemsize else xp_of(x).ascontiguousarray(x)
+        return rows2d(nhwc(x))
+
+    @staticmethod
+    def _like_input(y2, x):
+        """The (M, C) result viewed in the input's logical shape."""
+        if x.ndim == 2:
+            return y2
+        n, c, h, w = x.shape
+        return nchw_view(y2.reshape(n, h, w, c))
+
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
-        self.check_dtype(x)
+        self.check_inputs(xs, ctx, params)
         xp = xp_of(x)
-        axes, bs = self._axes(x), self._bshape(x)
+        x2 = self._rows(x)
+        rows, grain = x2.shape[0], _grain(x2)
         gamma, beta = params["weight"], params["bias"]
+        y2 = xp.empty(x2.shape, dtype=x2.dtype)
         if ctx.training:
             m = self._count(ctx)
-            mean = ctx.allreduce(x.sum(axis=axes)) / m
-            xc = x - mean.reshape(bs)
-            var = ctx.allreduce((xc * xc).sum(axis=axes)) / m
+            mean = ctx.allreduce(colsum(x2)) / m
+            xc = xp.empty(x2.shape, dtype=x2.dtype)
+            parts = {}
+
+            def centre(a, b):
+                xa = xc[a:b]
+                xp.subtract(x2[a:b], mean, out=xa)
+                parts[a] = _colsumsq(xp, xa)
+            split(rows, centre, 2 * x2.size, xp, grain)
+            var = ctx.allreduce(_ordered_sum(parts)) / m
             if buffers:
                 mom = self.momentum
                 unbiased = var * (m / max(m - 1, 1))
-                buffers["running_mean"][...] = (1 - mom) * buffers["running_mean"] + mom * mean
-                buffers["running_var"][...] = (1 - mom) * buffers["running_var"] + mom * unbiased
+                rm, rv = buffers["running_mean"], buffers["running_var"]
+                rm *= 1 - mom
+                rm += mom * mean
+                rv *= 1 - mom
+                rv += mom * unbiased
+            inv = 1.0 / xp.sqrt(var + self.eps)
+            scale, shift, src = gamma * inv, beta, xc
+            saved = (True, xc, inv, x.shape)
         else:
             mean, var = buffers["running_mean"], buffers["running_var"]
-            xc = x - mean.reshape(bs)
-        inv = 1.0 / xp.sqrt(var + self.eps)
-        xhat = xc * inv.reshape(bs)
-        y = xhat * gamma.reshape(bs) + beta.reshape(bs)
-        return y, (xhat, inv)
+            inv = 1.0 / xp.sqrt(var + self.eps)
+            scale = gamma * inv
+            shift, src = beta - mean * scale, x2
+            saved = (False, x2, inv, mean)
+
+        def affine(a, b):
+            ya = y2[a:b]
+            xp.multiply(src[a:b], scale, out=ya)
+            xp.add(ya, shift, out=ya)
+        split(rows, affine, 2 * x2.size, xp, grain)
+        return self._like_input(y2, x), saved
 
     def backward(self, dy, saved, params, ctx):
-        xhat, inv = saved
-        axes, bs = self._axes(dy), self._bshape(dy)
-        dbeta_loc = dy.sum(axis=axes)
-        dgamma_loc = (dy * xhat).sum(axis=axes)
+        """Consumes ``saved`` (its centred input is reused as scratch)."""
+        training, a2, inv, extra = saved
+        xp = xp_of(dy)
+        dy2 = self._rows(dy)
+        rows, grain = dy2.shape[0], _grain(dy2)
         gamma = params["weight"]
-        if ctx.training:
+        dbeta = colsum(dy2)
+        parts = {}
+
+        def dot(a, b):
+            parts[a] = _coldot(xp, dy2[a:b], a2[a:b])
+        split(rows, dot, 2 * dy2.size, xp, grain)
+        dx2 = xp.empty(dy2.shape, dtype=dy2.dtype)
+        k = gamma * inv
+        if training:
+            xc = a2
+            dgamma = _ordered_sum(parts) * inv                 # sum(dy * xhat)
             m = self._count(ctx)
-            xp = xp_of(dy)
-            both = ctx.allreduce(xp.stack([dbeta_loc, dgamma_loc]))
-            dbeta_all, dgamma_all = both[0], both[1]
-            dx = (gamma * inv).reshape(bs) * (
-                dy - dbeta_all.reshape(bs) / m - xhat * (dgamma_all / m).reshape(bs))
+            both = ctx.allreduce(xp.stack([dbeta, dgamma]))
+            # dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the global batch
+            coef, c0 = k * inv * (both[1] / m), k * (both[0] / m)
+
+            def grad(a, b):
+                d, xa = dx2[a:b], xc[a:b]
+                xp.multiply(dy2[a:b], k, out=d)
+                xp.multiply(xa, coef, out=xa)
+                xp.subtract(d, xa, out=d)
+                xp.subtract(d, c0, out=d)
+            split(rows, grad, 3 * dy2.size, xp, grain)
         else:
-            dx = dy * (gamma * inv).reshape(bs)
-        return [dx], {"weight": dgamma_loc, "bias": dbeta_loc}
+            mean = extra
+            dgamma = (_ordered_sum(parts) - mean * dbeta) * inv
+
+            def grad(a, b):
+                xp.multiply(dy2[a:b], k, out=dx2[a:b])
+            split(rows, grad, dy2.size, xp, grain)
+        return [self._like_input(dx2, dy)], {"weight": dgamma, "bias": dbeta}
 
     def flops(self, in_shapes, out_shape):
         return int(4 * np.prod(out_shape))
+
+
+def _grain(a2):
+    """Rows per cache-sized chunk (about 256 KiB) of a (M, C) matrix."""
+    return max(1, (1 << 16) // max(1, a2.shape[1]))
+
+
+def _ordered_sum(parts: dict):
+    """Sum of per-chunk partial sums in chunk order (reproducible whatever
+    the threads' timing)."""
+    keys = sorted(parts)
+    total = parts[keys[0]].copy()
+    for key in keys[1:]:
+        total += parts[key]
+    return total
+
+
+def _colsumsq(xp, a):
+    """Per-column sum of squares of a (M, C) matrix without a temporary."""
+    return xp.einsum("ij,ij->j", a, a)
+
+
+def _coldot(xp, a, b):
+    """Per-column dot product of two (M, C) matrices."""
+    return xp.einsum("ij,ij->j", a, b)

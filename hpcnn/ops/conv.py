@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcnn.ops import conv_kernels as K
 from hpcnn.ops.base import Op, ParamSpec, register
+from hpcnn.ops.kernel_set import window_kernels
 
 
 def conv_out_size(size, k, stride, pad_lo, pad_hi, dilation):
@@ -101,14 +101,17 @@ class Conv2d(_Window):
 
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
-        self.check_dtype(x)
+        self.check_inputs(xs, ctx, params)
         pads = ctx.pads(0)
+        K = window_kernels()
         y, saved = K.conv2d_forward(x, params["weight"], params.get("bias"), self.stride,
                                     (pads[2], pads[3]), self.dilation)
-        return y, saved
+        return y, (K, saved)
 
     def backward(self, dy, saved, params, ctx):
-        dx, dw, db = K.conv2d_backward(dy, saved, params["weight"], self.bias)
+        K, saved = saved
+        dx, dw, db = K.conv2d_backward(dy, saved, params["weight"], self.bias,
+                                       ctx.needs_input_grad(0))
         grads = {"weight": dw}
         if self.bias:
             grads["bias"] = db

@@ -66,11 +66,13 @@ def conv2d_forward(x, w, b, stride, pads, dilation):
     return y, (x.shape, xpad.shape, cols, stride, dilation, pads)
 
 
-def conv2d_backward(dy, saved, w, has_bias):
+def conv2d_backward(dy, saved, w, has_bias, need_input_grad=True):
     xp = array_module(dy)
     xshape, pshape, cols, stride, dilation, pads = saved
     dw = xp.einsum("nohw,nchwij->ocij", dy, cols, optimize=True)
     db = dy.sum(axis=(0, 2, 3)) if has_bias else None
+    if not need_input_grad:
+        return None, dw, db
     dcols = xp.einsum("nohw,ocij->nchwij", dy, w, optimize=True)
     dxp = _scatter_windows(xp, dcols, pshape, w.shape[2:], stride, dilation)
     return _unpad(dxp, pads), dw, db

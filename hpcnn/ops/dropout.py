@@ -56,7 +56,7 @@ class Dropout(Op):
 
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
-        self.check_dtype(x)
+        self.check_inputs(xs, ctx)
         if not ctx.training or self.p == 0:
             return x, None
         xp = xp_of(x)

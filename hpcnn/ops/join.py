@@ -1,7 +1,10 @@
 """Ops that join tensors: channel concatenation and elementwise addition."""
 from __future__ import annotations
 
+from hpcnn.ops.activation import sample_grain
 from hpcnn.ops.base import Op, register, xp_of
+from hpcnn.ops.host_threads import split
+from hpcnn.ops.nhwc_kernels import nchw_view
 
 
 @register
@@ -34,9 +37,18 @@ class Concat(Op):
         return (tuple(out_box[0]), (lo, hi)) + tuple(tuple(b) for b in out_box[2:])
 
     def forward(self, xs, params, buffers, ctx):
+        self.check_inputs(xs, ctx)
         xp = xp_of(xs[0])
-        parts = [x for x in xs if x.shape[1] > 0]
-        return xp.concatenate(parts, axis=1), [x.shape[1] for x in xs]
+        widths = [x.shape[1] for x in xs]
+        if xs[0].ndim != 4:
+            return xp.concatenate([x for x in xs if x.shape[1] > 0], axis=1), widths
+        n, _, h, w = xs[0].shape
+        out = xp.empty((n, h, w, sum(widths)), dtype=xs[0].dtype)   # channels-last
+        off = 0
+        for x, c in zip(xs, widths):
+            out[..., off:off + c] = x.transpose(0, 2, 3, 1)
+            off += c
+        return nchw_view(out), widths
 
     def backward(self, dy, widths, params, ctx):
         out, off = [], 0
@@ -61,11 +73,19 @@ class Add(Op):
         return first
 
     def forward(self, xs, params, buffers, ctx):
-        if len(xs) == 1:
-            return xs[0].copy(), 1
-        y = xs[0] + xs[1]
-        for x in xs[2:]:
-            y += x
+        self.check_inputs(xs, ctx)
+        xp = xp_of(xs[0])
+        y = xp.empty_like(xs[0])             # same memory layout as input 0
+
+        def part(a, b):
+            ya = y[a:b]
+            if len(xs) == 1:
+                ya[...] = xs[0][a:b]
+                return
+            xp.add(xs[0][a:b], xs[1][a:b], out=ya)
+            for x in xs[2:]:
+                xp.add(ya, x[a:b], out=ya)
+        split(y.shape[0], part, len(xs) * y.size, xp, sample_grain(y))
         return y, len(xs)
 
     def backward(self, dy, n, params, ctx):

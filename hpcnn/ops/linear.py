@@ -40,7 +40,7 @@ class Linear(Op):
 
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
-        self.check_dtype(x)
+        self.check_inputs(xs, ctx, params)
         y = x @ params["weight"].T
         if self.bias:
             y += params["bias"]

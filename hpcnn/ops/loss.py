@@ -23,12 +23,15 @@ class SoftmaxCrossEntropy(Op):
 
     def forward(self, xs, params, buffers, ctx):
         z = xs[0]
-        self.check_dtype(z)
+        self.check_inputs(xs, ctx)
         xp = xp_of(z)
         labels = ctx.labels
         if labels is None:
             self.fail("no labels were given to the loss")
-        labels = xp.asarray(labels).astype(np.int64, copy=False)
+        labels = xp.asarray(labels)
+        if labels.dtype.kind not in "iu":
+            self.fail(f"labels must be integers, got {labels.dtype}")
+        labels = labels.astype(np.int64, copy=False)
         k = z.shape[1]
         if labels.shape != (z.shape[0],):
             self.fail(f"labels have shape {tuple(labels.shape)}, expected ({z.shape[0]},)")

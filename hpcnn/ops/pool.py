@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcnn.ops import conv_kernels as K
 from hpcnn.ops.base import Op, register, xp_of
 from hpcnn.ops.conv import _Window
+from hpcnn.ops.kernel_set import window_kernels
+from hpcnn.ops.nhwc_kernels import nchw_view, nhwc
 
 
 class _Pool2d(_Window):
@@ -40,11 +41,15 @@ class MaxPool2d(_Pool2d):
     kind = "maxpool2d"
 
     def forward(self, xs, params, buffers, ctx):
-        self.check_dtype(xs[0])
+        self.check_inputs(xs, ctx)
         p = ctx.pads(0)
-        return K.maxpool2d_forward(xs[0], self.kernel_size, self.stride, (p[2], p[3]), self.dilation)
+        K = window_kernels()
+        y, saved = K.maxpool2d_forward(xs[0], self.kernel_size, self.stride, (p[2], p[3]),
+                                       self.dilation)
+        return y, (K, saved)
 
     def backward(self, dy, saved, params, ctx):
+        K, saved = saved
         return [K.maxpool2d_backward(dy, saved)], {}
 
 
@@ -63,11 +68,14 @@ class AvgPool2d(_Pool2d):
         return a
 
     def forward(self, xs, params, buffers, ctx):
-        self.check_dtype(xs[0])
+        self.check_inputs(xs, ctx)
         p = ctx.pads(0)
-        return K.avgpool2d_forward(xs[0], self.kernel_size, self.stride, (p[2], p[3]))
+        K = window_kernels()
+        y, saved = K.avgpool2d_forward(xs[0], self.kernel_size, self.stride, (p[2], p[3]))
+        return y, (K, saved)
 
     def backward(self, dy, saved, params, ctx):
+        K, saved = saved
         return [K.avgpool2d_backward(dy, saved)], {}
 
 
@@ -88,15 +96,17 @@ class GlobalAvgPool(Op):
 
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
-        self.check_dtype(x)
-        return x.mean(axis=(2, 3)), x.shape
+        self.check_inputs(xs, ctx)
+        n, c, h, w = x.shape
+        t = nhwc(x)
+        return t.reshape(n, h * w, c).mean(axis=1), x.shape
 
     def backward(self, dy, saved, params, ctx):
         n, c, h, w = saved
         xp = xp_of(dy)
-        dx = xp.empty(saved, dtype=dy.dtype)
-        dx[...] = (dy / (h * w))[:, :, None, None]
-        return [dx], {}
+        dt = xp.empty((n, h, w, c), dtype=dy.dtype)        # channels-last
+        dt[...] = (dy * (1.0 / (h * w)))[:, None, None, :]
+        return [nchw_view(dt)], {}
 
     def flops(self, in_shapes, out_shape):
         return int(np.prod(in_shapes[0]))

@@ -24,6 +24,7 @@ class Flatten(Op):
 
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
+        self.check_inputs(xs, ctx)
         f0, f1 = ctx.out_box[1]
         y = x.reshape(x.shape[0], -1)[:, f0:f1]
         return y, (x.shape, f0, f1)
