@@ -139,6 +139,19 @@ class Communicator:
             return np.empty(shape, dtype=dtype), True
         return self.backend.xp.empty(shape, dtype=dtype), True
 
+    def _alloc(self, shape, dtype, like=None, zeros=False):
+        """A new array of ``shape`` on the compute device, laid out in
+        memory like ``like`` when that is a 4-D channels-last array (the
+        layout the fast kernels return and read without a copy), else
+        C-contiguous."""
+        xp = self.backend.xp
+        make = xp.zeros if zeros else xp.empty
+        if (like is not None and like.ndim == 4 and len(shape) == 4 and like.shape[1] > 1
+                and like.strides[1] == like.itemsize and not like.flags.c_contiguous):
+            n, c, h, w = shape
+            return make((n, h, w, c), dtype=dtype).transpose(0, 3, 1, 2)
+        return make(shape, dtype=dtype)
+
     def _to_compute(self, a):
         return self.backend.to_device(a) if self.staging else a
 
@@ -183,7 +196,7 @@ class Communicator:
             return region
         out = None
         if need is not None:
-            out = self.backend.xp.empty(need.shape, dtype=dtype)
+            out = self._alloc(need.shape, dtype, like=tile)
         if self.transport == "neighbor":
             self._neighbor_forward(plan, tile, src_box, out, need, dtype, tag, key, category)
         else:
@@ -252,7 +265,7 @@ class Communicator:
         if need is not None and not need.empty and grad is None:
             grad = xp.zeros(need.shape, dtype=dtype)
         if src_box is not None and acc is None:
-            acc = xp.zeros(src_box.shape, dtype=dtype)
+            acc = self._alloc(src_box.shape, dtype, like=grad, zeros=True)
         if self.transport == "neighbor":
             self._neighbor_adjoint(plan, grad, acc, src_box, need, dtype, tag, key, category)
         else:
