@@ -63,13 +63,10 @@ def synthetic_batch(world, batch, image_size, classes, seed):
 
 def limit_threads(n):
     """Every thread pool hpcnn's NumPy work may use: BLAS and the host
-    threads of memory-bound kernels (when this hpcnn has them)."""
+    threads of the memory-bound kernels."""
     from hpcnn.backend import limit_blas_threads
+    from hpcnn.ops.host_threads import set_host_threads
     limit_blas_threads(n)
-    try:
-        from hpcnn.ops.host_threads import set_host_threads
-    except ImportError:
-        return
     set_host_threads(n)
 
 
