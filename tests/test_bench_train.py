@@ -56,8 +56,9 @@ def test_bench_train_tiny(tmp_path):
     assert list(runs["hpcnn-2-dp"]["plan_layer_configs"]) == ["n=2"]
     assert runs["hpcnn-2-search"]["plan"] == "searched" and runs["hpcnn-2-search"]["search_s"] > 0
     ratios = res["summary"]["ratios"]
-    for k in ("hpcnn_vs_torch_1rank", "scaling_hpcnn_2_dp", "scaling_hpcnn_2_search", "scaling_ddp_2"):
-        assert ratios[k] > 0
+    for k in ("hpcnn_vs_torch_1rank", "scaling_hpcnn_2_dp", "scaling_hpcnn_2_search", "scaling_ddp_2",
+              "hpcnn_2_dp_vs_ddp_2", "hpcnn_2_search_vs_ddp_2"):
+        assert ratios[k] > 0 and res["summary"]["ratios_fastest_steps"][k] > 0
     assert ratios["scaling_ddp_2"] == pytest.approx(runs["ddp-2"]["images_per_s"] / runs["torch-1"]["images_per_s"])
     assert set(res["summary"]["targets"]) == {"hpcnn_vs_torch_1rank_at_least_0.5", "scaling_hpcnn_dp_at_least_ddp",
                                               "scaling_hpcnn_search_at_least_ddp"}

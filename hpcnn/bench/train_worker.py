@@ -70,12 +70,19 @@ def limit_threads(n):
     set_host_threads(n)
 
 
-def summarise(times, world, batch):
+def summarise(times, world, batch, load_before):
     import numpy as np
     t = np.asarray(times, dtype=float)
     med = float(np.median(t))
     return {"step_times_s": [float(v) for v in t], "median_step_s": med, "min_step_s": float(t.min()),
-            "mean_step_s": float(t.mean()), "images_per_s": world * batch / med}
+            "mean_step_s": float(t.mean()), "images_per_s": world * batch / med,
+            "load_average": [load_before, _load()]}
+
+
+def _load():
+    """1-minute load average of the machine (other processes disturb the
+    timings; the report records it)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 # ---- hpcnn ----------------------------------------------------------------------------
@@ -112,6 +119,7 @@ def run_hpcnn(a) -> dict:
     xt = np.ascontiguousarray(x[box.slices()]) if box is not None else None
     opt = SGD(lr=a.lr, momentum=a.momentum)
     losses, times = [], []
+    load = _load()
     for s in range(a.warmup + a.steps):
         world.Barrier()
         t0 = time.perf_counter()
@@ -128,7 +136,7 @@ def run_hpcnn(a) -> dict:
     out = {"framework": "hpcnn", "ranks": P, "threads_per_rank": a.threads,
            "plan": plan.name or a.plan, "plan_layer_configs": configs, "search_s": search_s,
            "params": int(g.num_params()), "losses": losses}
-    out.update(summarise(times, P, a.batch))
+    out.update(summarise(times, P, a.batch, load))
     dm.free()
     return out
 
@@ -243,6 +251,7 @@ def run_torch(a) -> dict:
     yt = torch.from_numpy(y[me * a.batch:(me + 1) * a.batch])
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum)
     losses, times = [], []
+    load = _load()
     for s in range(a.warmup + a.steps):
         if P > 1:
             dist.barrier()
@@ -265,7 +274,7 @@ def run_torch(a) -> dict:
     out = {"framework": "torch" if P == 1 else "torch-ddp", "ranks": P, "threads_per_rank": a.threads,
            "backend": "gloo" if P > 1 else None, "params": int(n_params), "losses": losses,
            "torch_version": torch.__version__}
-    out.update(summarise(times, P, a.batch))
+    out.update(summarise(times, P, a.batch, load))
     if P > 1:
         dist.destroy_process_group()
     return out
