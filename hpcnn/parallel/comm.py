@@ -394,6 +394,34 @@ class Communicator:
                          seconds=time.perf_counter() - t0)
         return self._to_compute(recv)
 
+    def iallreduce(self, arr, comm, category="allreduce", key=None):
+        """Start summing ``arr`` over ``comm`` without waiting (MPI
+        Iallreduce, in place: ``arr`` itself when it is a contiguous array on
+        memory MPI can read, which then belongs to the reduction until
+        ``wait_allreduce``).  Returns a handle for ``wait_allreduce``."""
+        buf = self.backend.xp.ascontiguousarray(arr)
+        if self.staging:
+            buf = to_host(buf)
+        self._sync()
+        req = comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        self.counter.add(category, buf.nbytes, key, "forward", calls=1)
+        return req, buf
+
+    @staticmethod
+    def progress(handles) -> None:
+        """Let MPI advance started reductions (MPICH moves non-blocking
+        collectives on only inside MPI calls)."""
+        reqs = [h[0] for h in handles]
+        if reqs:
+            MPI.Request.Testall(reqs)
+
+    def wait_allreduce(self, handles) -> list:
+        """Finish reductions started by ``iallreduce``; their sums, in order,
+        on the compute device."""
+        if handles:
+            MPI.Request.Waitall([h[0] for h in handles])
+        return [self._to_compute(buf) for _, buf in handles]
+
     def allreduce_scalars(self, values, comm=None, op=None, category="scalars"):
         """Sum (or ``op``) a few host floats over ``comm``; a float64 host array."""
         comm = self.mpi if comm is None else comm

@@ -7,9 +7,9 @@ producer tile that others need, receiving the region its own output tile
 reads, halo and all), then, when it holds a tile of the layer, computes it
 with the op's local forward.  Backward walks the layers in reverse: local
 backward, then the adjoint exchange that sends region gradients back to their
-owners, where they are summed.  Finally parameter gradients are summed over
-each layer's replica group (bucketed) and the optimiser updates this rank's
-shards.  Ranks outside a layer's layout skip its computation (but still send
+owners, where they are summed.  Parameter gradients are summed over each
+layer's replica group in buckets started while backward goes on (awaited at
+its end), and the optimiser updates this rank's shards.  Ranks outside a layer's layout skip its computation (but still send
 what they own).
 
 The parallel program computes the same function as SequentialModel: same
@@ -286,6 +286,10 @@ class DistributedModel:
         # an op's output, never written (ops may return one array for several
         # inputs); a second contribution goes into a fresh array we own
         borrowed = set()
+        # parameter gradients are summed over their replicas while the
+        # backward pass goes on (bucketed non-blocking allreduce)
+        reduction = self.groups.start_reduction(self.bucket_bytes, category="allreduce",
+                                                events=self.events if self.trace else None)
         for name in reversed(self._ran):
             if name not in self._live:
                 continue
@@ -301,6 +305,7 @@ class DistributedModel:
                 self._event("backward", name, t0)
                 if dps:
                     pgrads[name] = dps
+                    reduction.ready(name, dps)
             for i, src in enumerate(node.inputs):
                 if g[src].kind == "input":
                     continue
@@ -330,8 +335,7 @@ class DistributedModel:
                 if acc is not None:
                     grads_act[src] = acc
         self._saved, self._ctx = {}, {}
-        self.groups.allreduce_gradients(pgrads, self.bucket_bytes, category="allreduce",
-                                        events=self.events if self.trace else None)
+        reduction.finish(pgrads)
         self.grads = pgrads
         return pgrads
 
