@@ -279,11 +279,34 @@ def format_report(res: dict) -> str:
         lines.append(f"| target {k} (median steps) | {'met' if ok else 'MISSED'} | |")
     for k, v in s["checks"].items():
         lines.append(f"| {k} | {v:.1e} | |")
+    lines += _parts_table(res["results"])
     loads = [x for r in res["results"].values() for pair in r["load_average"] for x in pair if x is not None]
     if loads:
         lines += ["", f"Load average (1 min) at the start and end of the sub-runs: {min(loads):.1f} to "
                       f"{max(loads):.1f} on {res['machine']['cpus']} CPUs ({res['machine']['cpu']})."]
     return "\n".join(lines)
+
+
+def _parts_table(results) -> list:
+    """Where hpcnn's step goes: rank 0's traced time per part, ms per step."""
+    runs = [k for k in RUNS if k.startswith("hpcnn") and "rank0_seconds_by_part" in results.get(k, {})]
+    if not runs:
+        return []
+    parts = {k: results[k]["rank0_seconds_by_part"] for k in runs}
+    keys = []
+    for k in runs:
+        for name, sec in parts[k].items():
+            if name not in keys and sec >= 0.01 * results[k]["mean_step_s"]:
+                keys.append(name)
+    keys.sort(key=lambda n: -max(parts[k].get(n, 0.0) for k in runs))
+    out = ["", "Where hpcnn's step goes (rank 0, mean ms per timed step; parts under 1% of every step "
+           "are summed as 'other ops'):", "",
+           "| part | " + " | ".join(LABELS[k] for k in runs) + " |", "|---|" + "---|" * len(runs)]
+    for name in keys:
+        out.append(f"| {name} | " + " | ".join(f"{parts[k].get(name, 0.0) * 1e3:.0f}" for k in runs) + " |")
+    other = [sum(v for n, v in parts[k].items() if n not in keys) for k in runs]
+    out.append("| other ops | " + " | ".join(f"{v * 1e3:.0f}" for v in other) + " |")
+    return out
 
 
 def run(args) -> int:

@@ -113,32 +113,55 @@ def run_hpcnn(a) -> dict:
         plan = Plan.from_json(world.bcast(text, root=0))
     else:
         plan = Plan.load(a.plan)
-    dm = DistributedModel(g, plan, world, dtype=np.float32, seed=a.seed, setup=False)
+    dm = DistributedModel(g, plan, world, dtype=np.float32, seed=a.seed, setup=False, trace=True)
     x, y = synthetic_batch(P, a.batch, a.image_size, a.classes, a.seed)
     box = dm.input_box()
     xt = np.ascontiguousarray(x[box.slices()]) if box is not None else None
     opt = SGD(lr=a.lr, momentum=a.momentum)
-    losses, times = [], []
+    losses, times, parts = [], [], {}
     load = _load()
     for s in range(a.warmup + a.steps):
+        dm.events = []
         world.Barrier()
         t0 = time.perf_counter()
         loss = dm.train_step(xt, y, opt, step=s)
-        dt = time.perf_counter() - t0
-        dt = world.allreduce(dt, op=MPI.MAX)
+        own = time.perf_counter() - t0
+        dt = world.allreduce(own, op=MPI.MAX)
         losses.append(loss)
         if s >= a.warmup:
             times.append(dt)
+            _add_parts(parts, dm.events, g, own, a.steps)
     configs = {}
     for c in plan.configs.values():
         k = ",".join(f"{d}={v}" for d, v in sorted(c.items()) if v > 1) or "1"
         configs[k] = configs.get(k, 0) + 1
     out = {"framework": "hpcnn", "ranks": P, "threads_per_rank": a.threads,
            "plan": plan.name or a.plan, "plan_layer_configs": configs, "search_s": search_s,
-           "params": int(g.num_params()), "losses": losses}
+           "params": int(g.num_params()), "losses": losses,
+           "rank0_seconds_by_part": dict(sorted(parts.items(), key=lambda kv: -kv[1]))}
     out.update(summarise(times, P, a.batch, load))
     dm.free()
     return out
+
+
+def _add_parts(parts, events, graph, step_s, steps):
+    """Add one step's traced time per part (computation per op kind and
+    direction, communication per category; the rest: optimiser and Python)
+    to ``parts``, averaged over ``steps``."""
+    traced = 0.0
+    nested = {}          # batch-norm statistics reduced inside the op's own event
+    for cat, node, t0, t1 in events:
+        dt = t1 - t0
+        if cat in ("forward", "backward"):
+            key = f"{graph[node].kind} {cat}"
+            dt -= nested.pop(node, 0.0)
+        else:
+            key = f"communication: {cat}"
+            if cat == "batchnorm":
+                nested[node] = nested.get(node, 0.0) + dt
+        parts[key] = parts.get(key, 0.0) + dt / steps
+        traced += dt
+    parts["optimiser and the rest"] = parts.get("optimiser and the rest", 0.0) + (step_s - traced) / steps
 
 
 # ---- PyTorch ----------------------------------------------------------------------------
