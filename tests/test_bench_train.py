@@ -38,7 +38,7 @@ def test_torch_peer_is_resnet18_with_hpcnn_weights():
 def test_bench_train_tiny(tmp_path):
     out = tmp_path / "train.json"
     r = subprocess.run([sys.executable, "-m", "hpcnn", "bench", "train", "--batch", "4", "--image-size", "32",
-                        "--classes", "10", "--steps", "2", "--warmup", "1", "--json", str(out)],
+                        "--classes", "10", "--steps", "2", "--warmup", "1", "--rounds", "2", "--json", str(out)],
                        cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "## Training throughput" in r.stdout and "hpcnn / PyTorch at 1 rank" in r.stdout
@@ -49,9 +49,11 @@ def test_bench_train_tiny(tmp_path):
     for key, run in runs.items():
         ranks = 1 if key.endswith("-1") else 2
         assert run["ranks"] == ranks and run["threads_per_rank"] == 2 // ranks
-        assert len(run["step_times_s"]) == 2 and all(t > 0 for t in run["step_times_s"])
+        assert len(run["step_times_s"]) == 4 and all(t > 0 for t in run["step_times_s"])
+        assert run["rounds"] == 2 and run["best_round_median_s"] == min(run["round_medians_s"])
         assert run["images_per_s"] == pytest.approx(ranks * 4 / run["median_step_s"])
         assert len(run["losses"]) == 3
+        assert run["rank0_seconds_by_part" if key.startswith("hpcnn") else "params"]
         assert run["params"] == runs["hpcnn-1"]["params"]
     assert list(runs["hpcnn-2-dp"]["plan_layer_configs"]) == ["n=2"]
     assert runs["hpcnn-2-search"]["plan"] == "searched" and runs["hpcnn-2-search"]["search_s"] > 0
@@ -59,6 +61,7 @@ def test_bench_train_tiny(tmp_path):
     for k in ("hpcnn_vs_torch_1rank", "scaling_hpcnn_2_dp", "scaling_hpcnn_2_search", "scaling_ddp_2",
               "hpcnn_2_dp_vs_ddp_2", "hpcnn_2_search_vs_ddp_2"):
         assert ratios[k] > 0 and res["summary"]["ratios_fastest_steps"][k] > 0
+        assert res["summary"]["ratios_best_round"][k] > 0
     assert ratios["scaling_ddp_2"] == pytest.approx(runs["ddp-2"]["images_per_s"] / runs["torch-1"]["images_per_s"])
     assert set(res["summary"]["targets"]) == {"hpcnn_vs_torch_1rank_at_least_0.5", "scaling_hpcnn_dp_at_least_ddp",
                                               "scaling_hpcnn_search_at_least_ddp"}
