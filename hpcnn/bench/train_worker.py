@@ -249,6 +249,38 @@ def copy_hpcnn_init(model, graph, seed):
         raise RuntimeError(f"torch parameters without an hpcnn counterpart: {missing[:5]}")
 
 
+# torch.profiler operators (inclusive CPU time) of the parts hpcnn's trace names
+_TORCH_PARTS = {"aten::convolution": "conv2d forward", "aten::convolution_backward": "conv2d backward",
+                "aten::native_batch_norm": "batchnorm forward",
+                "aten::native_batch_norm_backward": "batchnorm backward",
+                "aten::relu_": "relu forward", "aten::threshold_backward": "relu backward",
+                "aten::max_pool2d_with_indices": "maxpool2d forward",
+                "aten::max_pool2d_with_indices_backward": "maxpool2d backward",
+                "aten::addmm": "linear forward", "aten::mm": "linear backward",
+                "Optimizer.step#SGD.step": "optimiser"}
+
+
+def _torch_parts(step, record: bool) -> dict:
+    """One more (untimed) step, under torch.profiler where ``record``: CPU
+    seconds of the operators that match hpcnn's parts, the rest apart.
+    Every rank takes the step (DDP's collectives need them all)."""
+    if not record:
+        step()
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    total = time.perf_counter() - t0
+    parts = {}
+    for e in prof.key_averages():
+        name = _TORCH_PARTS.get(e.key)
+        if name is not None:
+            parts[name] = parts.get(name, 0.0) + e.cpu_time_total / 1e6
+    parts["optimiser and the rest"] = total - sum(parts.values()) + parts.pop("optimiser", 0.0)
+    return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
+
+
 def run_torch(a) -> dict:
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
     import numpy as np
@@ -275,14 +307,19 @@ def run_torch(a) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum)
     losses, times = [], []
     load = _load()
-    for s in range(a.warmup + a.steps):
-        if P > 1:
-            dist.barrier()
-        t0 = time.perf_counter()
+
+    def train_step():
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(xt), yt)
         loss.backward()
         opt.step()
+        return loss
+
+    for s in range(a.warmup + a.steps):
+        if P > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        loss = train_step()
         dt = time.perf_counter() - t0
         lv = float(loss.detach())
         if P > 1:
@@ -294,9 +331,10 @@ def run_torch(a) -> dict:
         losses.append(lv)
         if s >= a.warmup:
             times.append(dt)
+    parts = _torch_parts(lambda: train_step(), me == 0)
     out = {"framework": "torch" if P == 1 else "torch-ddp", "ranks": P, "threads_per_rank": a.threads,
            "backend": "gloo" if P > 1 else None, "params": int(n_params), "losses": losses,
-           "torch_version": torch.__version__}
+           "torch_version": torch.__version__, "rank0_seconds_by_part": parts}
     out.update(summarise(times, P, a.batch, load))
     if P > 1:
         dist.destroy_process_group()
