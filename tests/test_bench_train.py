@@ -34,6 +34,14 @@ def test_torch_peer_is_resnet18_with_hpcnn_weights():
     assert float((logits_t.detach() - torch.from_numpy(logits_h)).abs().max()) < 1e-8
 
 
+@pytest.mark.parametrize("args,names", [(["--cores", "3"], "--cores"), (["--steps", "0"], "--steps"),
+                                        (["--classes", "1"], "--classes")])
+def test_bench_train_bad_arguments(args, names):
+    r = subprocess.run([sys.executable, "-m", "hpcnn", "bench", "train"] + args, cwd=ROOT, env=mpi_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and names in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.slow
 def test_bench_train_tiny(tmp_path):
     out = tmp_path / "train.json"

@@ -97,6 +97,13 @@ def _check(args):
                          f"at 2 ranks), got {args.cores}")
     if args.classes < 2:
         raise SystemExit(f"hpcnn bench train: --classes must be at least 2, got {args.classes}")
+    if int(os.environ.get("PMI_SIZE", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        raise SystemExit("hpcnn bench train: run it without mpiexec; it launches mpiexec -n 1 and -n 2 itself")
+    from hpcnn.models import ModelError, build_model
+    try:
+        build_model("resnet18", batch=2 * args.batch, image_size=args.image_size, num_classes=args.classes)
+    except ModelError as exc:
+        raise SystemExit(f"hpcnn bench train: {exc}") from None
 
 
 # ---- launching --------------------------------------------------------------------------
