@@ -139,6 +139,19 @@ class Communicator:
             return np.empty(shape, dtype=dtype), True
         return self.backend.xp.empty(shape, dtype=dtype), True
 
+    def _alloc(self, shape, dtype, like=None, zeros=False):
+        """A new array of ``shape`` on the compute device, laid out in
+        memory like ``like`` when that is a 4-D channels-last array (the
+        layout the fast kernels return and read without a copy), else
+        C-contiguous."""
+        xp = self.backend.xp
+        make = xp.zeros if zeros else xp.empty
+        if (like is not None and like.ndim == 4 and len(shape) == 4 and like.shape[1] > 1
+                and like.strides[1] == like.itemsize and not like.flags.c_contiguous):
+            n, c, h, w = shape
+            return make((n, h, w, c), dtype=dtype).transpose(0, 3, 1, 2)
+        return make(shape, dtype=dtype)
+
     def _to_compute(self, a):
         return self.backend.to_device(a) if self.staging else a
 
@@ -183,7 +196,7 @@ class Communicator:
             return region
         out = None
         if need is not None:
-            out = self.backend.xp.empty(need.shape, dtype=dtype)
+            out = self._alloc(need.shape, dtype, like=tile)
         if self.transport == "neighbor":
             self._neighbor_forward(plan, tile, src_box, out, need, dtype, tag, key, category)
         else:
@@ -252,7 +265,7 @@ class Communicator:
         if need is not None and not need.empty and grad is None:
             grad = xp.zeros(need.shape, dtype=dtype)
         if src_box is not None and acc is None:
-            acc = xp.zeros(src_box.shape, dtype=dtype)
+            acc = self._alloc(src_box.shape, dtype, like=grad, zeros=True)
         if self.transport == "neighbor":
             self._neighbor_adjoint(plan, grad, acc, src_box, need, dtype, tag, key, category)
         else:
@@ -380,6 +393,34 @@ class Communicator:
         self.counter.add(category, send.nbytes, key, "forward", calls=1,
                          seconds=time.perf_counter() - t0)
         return self._to_compute(recv)
+
+    def iallreduce(self, arr, comm, category="allreduce", key=None):
+        """Start summing ``arr`` over ``comm`` without waiting (MPI
+        Iallreduce, in place: ``arr`` itself when it is a contiguous array on
+        memory MPI can read, which then belongs to the reduction until
+        ``wait_allreduce``).  Returns a handle for ``wait_allreduce``."""
+        buf = self.backend.xp.ascontiguousarray(arr)
+        if self.staging:
+            buf = to_host(buf)
+        self._sync()
+        req = comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        self.counter.add(category, buf.nbytes, key, "forward", calls=1)
+        return req, buf
+
+    @staticmethod
+    def progress(handles) -> None:
+        """Let MPI advance started reductions (MPICH moves non-blocking
+        collectives on only inside MPI calls)."""
+        reqs = [h[0] for h in handles]
+        if reqs:
+            MPI.Request.Testall(reqs)
+
+    def wait_allreduce(self, handles) -> list:
+        """Finish reductions started by ``iallreduce``; their sums, in order,
+        on the compute device."""
+        if handles:
+            MPI.Request.Waitall([h[0] for h in handles])
+        return [self._to_compute(buf) for _, buf in handles]
 
     def allreduce_scalars(self, values, comm=None, op=None, category="scalars"):
         """Sum (or ``op``) a few host floats over ``comm``; a float64 host array."""

@@ -12,19 +12,25 @@ walks the same layers in the same order and calls ``Split`` collectively for
 each partition that introduces groups not seen before, so identical groups
 of different layers share one communicator.
 
-The gradient allreduce walks the groups in one global order (the order in
-which layers first use them) and, within a group, packs the gradients of its
-layers into buckets of at most ``bucket_bytes`` (a larger tensor is a bucket
-of its own), one Allreduce per bucket.  Since every rank follows the same
-order, collectives on overlapping groups cannot deadlock.
+The gradient allreduce (``GradientReduction``) overlaps the backward pass:
+within a group, the gradients of its layers are packed, in the order the
+backward pass produces them, into buckets of ``bucket_bytes`` (a larger
+tensor is a bucket of its own), and each full bucket is summed by one
+non-blocking Allreduce while backward goes on; the partly filled buckets
+are started at the end, in one global group order, and then all are
+awaited.  Every member of a group starts the same buckets in the same
+order, and nothing blocks before the final wait, so collectives on
+overlapping groups cannot deadlock.
 """
 from __future__ import annotations
+
+import time
 
 from mpi4py import MPI
 
 from hpcnn.parallel.layout import Layout
 
-__all__ = ["ReplicaGroups", "REPLICA_DIMS"]
+__all__ = ["ReplicaGroups", "GradientReduction", "REPLICA_DIMS"]
 
 REPLICA_DIMS = ("n", "h", "w")
 
@@ -82,51 +88,97 @@ class ReplicaGroups:
 
         grads[node][name] is this rank's gradient shard (every rank of a
         group holds the same nodes and shapes).  Returns grads."""
-        import time
-        xp = self.cm.backend.xp
-        for g in self.order:
-            if g not in self.comms:
-                continue      # not a member: the members reduce among themselves
-            comm = self.comms[g]
-            tensors = [(node, name, a) for node in self._members[g] if self.node_group.get(node) == g
-                       for name, a in sorted(grads.get(node, {}).items())]
-            buckets, cur, size = [], [], 0
-            for t in tensors:
-                nb = t[2].nbytes
-                if cur and size + nb > bucket_bytes:
-                    buckets.append(cur)
-                    cur, size = [], 0
-                cur.append(t)
-                size += nb
-            if cur:
-                buckets.append(cur)
-            for bucket in buckets:
-                t0 = time.perf_counter()
-                if len(bucket) == 1:
-                    node, name, a = bucket[0]
-                    grads[node][name] = self.cm.allreduce(a, comm, category=category)
-                else:
-                    flat = xp.concatenate([a.reshape(-1) for _, _, a in bucket])
-                    red = self.cm.allreduce(flat, comm, category=category)
-                    off = 0
-                    for node, name, a in bucket:
-                        grads[node][name] = red[off:off + a.size].reshape(a.shape)
-                        off += a.size
-                if events is not None:
-                    # one event per layer, the bucket's time shared by bytes
-                    t1 = time.perf_counter()
-                    total = sum(a.nbytes for _, _, a in bucket) or 1
-                    per_node = {}
-                    for node, _, a in bucket:
-                        per_node[node] = per_node.get(node, 0) + a.nbytes
-                    t = t0
-                    for node, nb in per_node.items():
-                        dt = (t1 - t0) * nb / total
-                        events.append((category, node, t, t + dt))
-                        t += dt
-        return grads
+        red = self.start_reduction(bucket_bytes, category, events)
+        for node in self.node_group:
+            if node in grads:
+                red.ready(node, grads[node])
+        return red.finish(grads)
+
+    def start_reduction(self, bucket_bytes: int = 4 << 20, category="allreduce",
+                        events=None) -> "GradientReduction":
+        """A gradient allreduce that overlaps the backward pass: hand it each
+        layer's gradients as soon as they exist (``ready``), then
+        ``finish``."""
+        return GradientReduction(self, bucket_bytes, category, events)
 
     def free(self):
         for c in self.comms.values():
             c.Free()
         self.comms.clear()
+
+
+class GradientReduction:
+    """Bucketed gradient allreduce started while backward still runs.
+
+    Each replica group fills buckets with the gradients of its layers in the
+    order they become ready (``ready``, called by every member of a group
+    for the same layers in the same order, as the executor's backward walk
+    does); a bucket is started (one non-blocking in-place Allreduce) as soon
+    as it holds ``bucket_bytes``; a larger tensor is a bucket of its own.
+    ``finish`` starts the partly filled buckets (in the groups' global
+    order), waits for all and writes the sums into the gradient dict.  Every
+    member of a group starts the same buckets in the same order, so the
+    collectives match; nothing here blocks before ``finish``."""
+
+    def __init__(self, groups: ReplicaGroups, bucket_bytes: int, category: str, events=None):
+        self.g = groups
+        self.bucket_bytes = int(bucket_bytes)
+        self.category = category
+        self.events = events
+        self._open: dict = {}        # group -> [(node, name, array)], open bucket
+        self._size: dict = {}
+        self._started: list = []     # (entries, handle)
+
+    def ready(self, node, grads: dict) -> None:
+        """The gradients of ``node`` ({param: shard}) are final on this rank."""
+        grp = self.g.node_group.get(node)
+        if grp is None or grp not in self.g.comms:
+            return                   # alone with its slice, or not a holder
+        cur = self._open.setdefault(grp, [])
+        for name in sorted(grads):
+            a = grads[name]
+            if cur and self._size.get(grp, 0) + a.nbytes > self.bucket_bytes:
+                self._start(grp)
+                cur = self._open.setdefault(grp, [])
+            cur.append((node, name, a))
+            self._size[grp] = self._size.get(grp, 0) + a.nbytes
+            if self._size[grp] >= self.bucket_bytes:
+                self._start(grp)
+                cur = self._open.setdefault(grp, [])
+        self.g.cm.progress([h for _, h in self._started])
+
+    def _start(self, grp):
+        entries = self._open.pop(grp, [])
+        self._size[grp] = 0
+        if not entries:
+            return
+        t0 = time.perf_counter()
+        if len(entries) == 1:
+            flat = entries[0][2]
+        else:
+            flat = self.g.cm.backend.xp.concatenate([a.reshape(-1) for _, _, a in entries])
+        self._started.append((entries, self.g.cm.iallreduce(flat, self.g.comms[grp], self.category)))
+        if self.events is not None:
+            self.events.append((self.category, entries[0][0], t0, time.perf_counter()))
+
+    def finish(self, grads: dict) -> dict:
+        """Start what is left, wait for every bucket and put the sums into
+        ``grads[node][name]``.  Returns grads."""
+        for grp in self.g.order:
+            if self._open.get(grp):
+                self._start(grp)
+        t0 = time.perf_counter()
+        sums = self.g.cm.wait_allreduce([h for _, h in self._started])
+        for (entries, _), red in zip(self._started, sums):
+            if len(entries) == 1:
+                node, name, a = entries[0]
+                grads[node][name] = red.reshape(a.shape)
+                continue
+            off = 0
+            for node, name, a in entries:
+                grads[node][name] = red[off:off + a.size].reshape(a.shape)
+                off += a.size
+        if self.events is not None and self._started:
+            self.events.append((self.category, "(wait)", t0, time.perf_counter()))
+        self._started = []
+        return grads

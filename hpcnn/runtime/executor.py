@@ -7,10 +7,10 @@ producer tile that others need, receiving the region its own output tile
 reads, halo and all), then, when it holds a tile of the layer, computes it
 with the op's local forward.  Backward walks the layers in reverse: local
 backward, then the adjoint exchange that sends region gradients back to their
-owners, where they are summed.  Finally parameter gradients are summed over
-each layer's replica group (bucketed) and the optimiser updates this rank's
-shards.  Ranks outside a layer's layout skip its computation (but still send
-what they own).
+owners, where they are summed.  Parameter gradients are summed over each
+layer's replica group in buckets started while backward goes on (awaited at
+its end), and the optimiser updates this rank's shards.  Ranks outside a
+layer's layout skip its computation (but still send what they own).
 
 The parallel program computes the same function as SequentialModel: same
 initial parameters (the whole tensor from the seed, then this rank's channel
@@ -25,6 +25,7 @@ import numpy as np
 
 from hpcnn.backend import get_backend, to_host
 from hpcnn.ops import TileContext, init_param
+from hpcnn.ops.host_memory import retain_freed_memory
 from hpcnn.parallel.box import Box
 from hpcnn.parallel.comm import Communicator
 from hpcnn.parallel.exchange_plan import HALO, REDIST, ExchangePlan, exchange_category, needed_boxes
@@ -94,6 +95,11 @@ class DistributedModel:
                          if self.graph[n].param_specs() or self.graph[n].buffer_specs()}
         self.groups = ReplicaGroups(self.cm, param_layouts)
         self._live = self._ancestors_of_loss()
+        self._local = self.cm.transport == "p2p"
+        # the network's input needs no gradient: ops may skip computing it
+        self._input_grads = {n.name: tuple(graph[src].kind != "input" for src in n.inputs) for n in graph}
+        if not self.backend.is_gpu:
+            retain_freed_memory()      # steps reuse the same large host blocks
         self._saved, self._ctx, self._ran = {}, {}, []
         self._loss_region = None
         self.grads: dict = {}
@@ -229,7 +235,8 @@ class DistributedModel:
                               in_boxes=[tuple(self._unclipped(node, i, out_box)) for i in range(len(node.inputs))],
                               in_shapes=list(node.in_shapes), out_shape=node.shape,
                               training=training, seed=self.seed, step=step,
-                              allreduce=self._bn_allreduce(node.name))
+                              allreduce=self._bn_allreduce(node.name),
+                              input_grads=self._input_grads[node.name])
             if node.name == loss_name:
                 lo, hi = out_box[0]
                 ctx.labels = self.backend.to_device(np.asarray(labels)[lo:hi])
@@ -275,10 +282,14 @@ class DistributedModel:
         if loss_box is not None:
             grads_act[g.loss_name] = xp.ones(loss_box.shape, dtype=self.dtype)
         pgrads = {}
-        # gradients lent without a copy (see below): which producers hold one,
-        # and the ids of lent arrays (kept alive) so that one array is never
-        # lent twice (an add returns the same array for all its inputs)
-        borrowed, lent, keep = set(), set(), []
+        # gradients lent without a copy: the tensors whose gradient array is
+        # an op's output, never written (ops may return one array for several
+        # inputs); a second contribution goes into a fresh array we own
+        borrowed = set()
+        # parameter gradients are summed over their replicas while the
+        # backward pass goes on (bucketed non-blocking allreduce)
+        reduction = self.groups.start_reduction(self.bucket_bytes, category="allreduce",
+                                                events=self.events if self.trace else None)
         for name in reversed(self._ran):
             if name not in self._live:
                 continue
@@ -294,23 +305,28 @@ class DistributedModel:
                 self._event("backward", name, t0)
                 if dps:
                     pgrads[name] = dps
+                    reduction.ready(name, dps)
             for i, src in enumerate(node.inputs):
                 if g[src].kind == "input":
                     continue
                 e = self.edges[(name, i)]
                 dx = None if dxs is None else dxs[i]
                 acc = grads_act.get(src)
-                if (acc is None and dx is not None and e.plan.local_identity(me)
-                        and id(dx) not in lent and dx.dtype == self.dtype and dx.flags.c_contiguous):
-                    # the gradient of the region is the gradient of the tile:
-                    # lend the array instead of copying it (copied before any sum)
-                    grads_act[src] = dx
-                    borrowed.add(src)
-                    lent.add(id(dx))
-                    keep.append(dx)
+                if dx is not None and dx.dtype == self.dtype and self._local and e.plan.local_identity(me):
+                    # the region is this rank's tile and nothing moves: sum
+                    # here, in the memory layout the op chose (a
+                    # neighbourhood collective must be entered by every rank)
+                    if acc is None:
+                        grads_act[src] = dx
+                        borrowed.add(src)
+                    elif src in borrowed:
+                        grads_act[src] = acc + dx
+                        borrowed.discard(src)
+                    else:
+                        xp.add(acc, dx, out=acc)
                     continue
                 if acc is not None and src in borrowed:
-                    acc = acc.copy()
+                    acc = acc.copy(order="K")
                     borrowed.discard(src)
                 t0 = time.perf_counter()
                 acc = self.cm.exchange_adjoint(e.plan, dx, acc, self.dtype, tag=e.tag,
@@ -319,8 +335,7 @@ class DistributedModel:
                 if acc is not None:
                     grads_act[src] = acc
         self._saved, self._ctx = {}, {}
-        self.groups.allreduce_gradients(pgrads, self.bucket_bytes, category="allreduce",
-                                        events=self.events if self.trace else None)
+        reduction.finish(pgrads)
         self.grads = pgrads
         return pgrads
 
