@@ -464,6 +464,8 @@ def _accuracy_section(w, data_path: Path, rel) -> None:
         text += (f" A run's prediction and measurement share a stretch of the machine's load; the median "
                  f"of each row's paired errors is within {sr['max_abs_error'] * 100:.1f}% for every row "
                  f"(median {sr['median_abs_error'] * 100:.1f}%).")
+    if missed:
+        text += " docs/performance.md, \"Cost model accuracy\", says what is known about the rows that miss."
     w(text + "\n")
     w(f"![cost model accuracy]({rel(data_path.with_suffix('.png'))})\n")
     w("Where this differs from the paper's check: the paper's GPUs run one layer at a time with "
