@@ -67,15 +67,8 @@ def run(args) -> int:
 
 # ---- launcher --------------------------------------------------------------------------
 def _mpiexec() -> str:
-    import shutil
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if os.path.exists(here):
-        return here
-    found = shutil.which("mpiexec")
-    if not found:
-        raise SystemExit("hpcnn bench comm: mpiexec not found; install MPI (pip install mpich) "
-                         "or launch it yourself: mpiexec -n 4 hpcnn bench comm")
-    return found
+    from hpcnn.bench.launch import find_mpiexec
+    return find_mpiexec("comm")
 
 
 def _launch_all(args) -> int:

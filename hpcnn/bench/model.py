@@ -106,15 +106,8 @@ def run(args) -> int:
 
 # ---- launcher ---------------------------------------------------------------------------
 def _mpiexec() -> str:
-    import shutil
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if os.path.exists(here):
-        return here
-    found = shutil.which("mpiexec")
-    if not found:
-        raise SystemExit("hpcnn bench model: mpiexec not found; install MPI (pip install mpich) "
-                         "or launch it yourself: mpiexec -n 4 hpcnn bench model")
-    return found
+    from hpcnn.bench.launch import find_mpiexec
+    return find_mpiexec("model")
 
 
 def _passthrough(args) -> list:

@@ -108,14 +108,8 @@ def _check(args):
 
 # ---- launching --------------------------------------------------------------------------
 def _mpiexec() -> str:
-    import shutil
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if os.path.exists(here):
-        return here
-    found = shutil.which("mpiexec")
-    if not found:
-        raise SystemExit("hpcnn bench train: mpiexec not found; install MPI (pip install mpich)")
-    return found
+    from hpcnn.bench.launch import find_mpiexec
+    return find_mpiexec("train", self_launch=False)
 
 
 def _env(threads: int) -> dict:
