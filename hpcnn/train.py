@@ -455,7 +455,8 @@ class Trainer:
         if rep is not None:
             for row in getattr(rep, "layers", []) or []:
                 pred[row["node"]] = row
-        lines = ["per-layer time (ms per step, slowest rank; measured vs predicted by the cost model):",
+        lines = ["per-layer time (ms per step, slowest rank; measured vs predicted by the cost model; "
+                 "comm: exchanges and reductions):",
                  f"  {'layer':28s} {'config':18s} {'compute':>9s} {'pred':>8s} {'comm':>9s} {'pred':>8s}"]
         for n in self.graph:
             if n.kind == "input":
@@ -466,7 +467,9 @@ class Trainer:
             pr = pred.get(n.name, {})
             cfg = ",".join(f"{d}{v}" for d, v in self.plan.config(n.name).items() if v > 1) or "1"
             pc = pr.get("t_c")
-            px = pr.get("t_x")
+            # measured comm holds exchanges and reductions (batch-norm
+            # statistics, gradients): predicted is t_x + t_s alike
+            px = pr["t_x"] + pr.get("t_s", 0.0) if "t_x" in pr else None
             lines.append(f"  {n.name[:28]:28s} {cfg[:18]:18s} {comp * 1e3:9.2f} "
                          f"{(pc * 1e3 if pc is not None else float('nan')):8.2f} {comm * 1e3:9.2f} "
                          f"{(px * 1e3 if px is not None else float('nan')):8.2f}")
