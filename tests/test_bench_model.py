@@ -54,25 +54,28 @@ def test_the_fit_recovers_figures_that_made_the_steps(P):
     base = RuntimeFigures(ranks=P, ops=ops, copy_bandwidth=8e9)
     truth = {"node_overhead_s": 2e-5, "step_overhead_s": 1.5e-4, "exchange_latency_s": 3e-4,
              "exchange_s_per_byte": 1e-9, "allreduce_latency_s": 6e-4, "allreduce_s_per_byte": 2e-9,
-             "tile_inflation": 0.15, "skew": 0.4}
+             "tile_inflation": 0.15, "skew": 0.4, "exchange_skew": 1.3}
     if P == 1:                      # nothing to exchange, reduce or wait for
         for k in ("exchange_latency_s", "exchange_s_per_byte", "allreduce_latency_s", "allreduce_s_per_byte",
-                  "skew"):
+                  "skew", "exchange_skew"):
             truth[k] = 0.0
     theta = np.array([truth[k] for k in PARAMS])
-    sat = 4e-3
+    sat, sat_x = 4e-3, 1e-3
     steps = {}
     for name, g, plan in cases:
-        c0, cols = _features(machine, base, g, plan, "float32", [sat])
-        steps[name] = [c0 + float(cols[sat] @ theta)]
+        c0, cols = _features(machine, base, g, plan, "float32", [sat, sat_x])
+        steps[name] = [c0 + float(cols[(sat, sat_x)] @ theta)]
     samples = {"ranks": P, "ops": {k: [v] for k, v in ops.items()}, "copy_bandwidth": [8e9],
                "networks": steps}
     rf, details = fit_samples(machine, samples)
     if P > 1:
         assert details["params"]["skew_saturation_s"] == sat
+        assert details["params"]["exchange_skew_saturation_s"] == sat_x
     for k in PARAMS:
         assert details["params"][k] == pytest.approx(truth[k], rel=1e-6, abs=1e-12), k
     assert rf.skew_cap_s == pytest.approx(truth["skew"] * details["params"]["skew_saturation_s"])
+    assert rf.exchange_skew_cap_s == pytest.approx(
+        truth["exchange_skew"] * details["params"]["exchange_skew_saturation_s"])
     for net in details["networks"]:
         assert net["fitted_s"] == pytest.approx(net["measured_s"], rel=1e-9)
     # the figures a fit gives are the ones a machine file stores

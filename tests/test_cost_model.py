@@ -442,6 +442,35 @@ def test_waits_follow_the_stretches_between_synchronisations():
     assert cm.evaluate(mixed).t_c - cm0.evaluate(mixed).t_c == pytest.approx(4 * cap, rel=1e-6)
 
 
+def test_waits_after_exchanges_use_their_own_figures():
+    """With an exchange skew in the machine file, a stretch that ends in an
+    exchange that moves data waits by that figure and a stretch that ends
+    in a reduction by the other; without one (older machine files), both
+    wait alike."""
+    g = build_model("lenet5", batch=8)
+    cap_r, cap_x = 1e-9, 5e-9
+    m, rf = _machine_with_runtime(2, skew=1.0, skew_cap_s=cap_r)
+    rf.exchange_skew, rf.exchange_skew_cap_s = 1.0, cap_x
+    no_wait = copy.deepcopy(m)
+    no_wait.runtime[2].skew, no_wait.runtime[2].exchange_skew = 0.0, 0.0
+    cm, cm0 = CostModel(g, 2, m), CostModel(g, 2, no_wait)
+    dp = data_parallel(g, 2)
+    # data parallel: the forward ends in the loss reduction, the backward in
+    # the gradients' -- no exchange that moves data
+    assert cm.evaluate(dp).t_c - cm0.evaluate(dp).t_c == pytest.approx(2 * cap_r, rel=1e-6)
+    configs = {n: dict(c) for n, c in dp.configs.items()}
+    configs["conv1"] = {"n": 1, "h": 2}
+    mixed = Plan(g.name, 2, g.batch, configs)
+    # conv1 -> relu ends a stretch by an exchange, forward and backward
+    want = 2 * cap_x + 2 * cap_r
+    assert cm.evaluate(mixed).t_c - cm0.evaluate(mixed).t_c == pytest.approx(want, rel=1e-6)
+    from hpcnn.strategy.machine import RuntimeFigures
+    again = RuntimeFigures.from_dict(rf.to_dict())
+    assert (again.exchange_skew, again.exchange_skew_cap_s) == (1.0, cap_x)
+    rf.exchange_skew = None                  # an older file: one skew for both
+    assert CostModel(g, 2, m).evaluate(mixed).t_c - cm0.evaluate(mixed).t_c == pytest.approx(4 * cap_r, rel=1e-6)
+
+
 def test_replica_groups_equal_the_layouts_groups():
     from hpcnn.strategy.cost_model import replica_groups
     rng = np.random.default_rng(3)

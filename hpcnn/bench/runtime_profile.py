@@ -29,7 +29,10 @@ or exchange costs scheduling time -- milliseconds rather than microseconds
        step - compute = a * layers + b + alpha_x * exchanges + bytes_x / beta_x
                         + alpha_ar * collectives + bytes_ar / beta_ar
                         + inflation * compute
-                        + skew * sum over stretches of min(stretch, s)
+                        + skew * sum over stretches ending in a reduction
+                          of min(stretch, s)
+                        + skew_x * sum over stretches ending in an exchange
+                          of min(stretch, s_x)
 
    a and b are the executor's time per layer and per step; alpha_x and
    beta_x the latency and bandwidth of an exchange (one direction);
@@ -39,8 +42,12 @@ or exchange costs scheduling time -- milliseconds rather than microseconds
    data, idler BLAS threads); skew the share of a stretch of compute (the
    layers between two synchronisations) lost waiting for the slowest rank
    at its end, growing with the stretch up to s, then flat (a few scheduler
-   time slices); s is chosen from a grid by the least residual, and three
-   sizes of convolutions tell the skew from the latencies.
+   time slices); skew_x and s_x the same where the stretch ends in an
+   exchange that moves data (with more ranks than cores the two waits
+   differ: a channel-split layer's all-to-all waits several times longer
+   than a batch-norm reduction after the same compute).  s and s_x are
+   chosen from a grid by the least residual, and three sizes of
+   convolutions tell the skews from the latencies.
    The exchange and collective figures therefore include the waiting that
    synchronising costs on this machine at this job size.
 
@@ -372,18 +379,20 @@ def fit_samples(machine, samples: dict, dtype="float32", solo_ops: dict | None =
     consts = np.array([c0 for c0, _ in feats])
     best = None
     for sat in SATURATIONS:
-        A = np.array([f[sat] for _, f in feats])
-        if P == 1:
-            A[:, -1] = 0.0              # one rank: no synchronisation to wait at
-        y = measured - consts
-        theta = _nnls(A * w[:, None], y * w)
-        resid = float(np.sum(((A @ theta - y) * w) ** 2))
-        if best is None or resid < best[0] - 1e-12:
-            best = (resid, sat, theta, A)
-    _, sat, theta, A = best
-    rf = _figures(base, theta, sat)
+        for sat_x in SATURATIONS:
+            A = np.array([f[(sat, sat_x)] for _, f in feats])
+            if P == 1:
+                A[:, -2:] = 0.0         # one rank: no synchronisation to wait at
+            y = measured - consts
+            theta = _nnls(A * w[:, None], y * w)
+            resid = float(np.sum(((A @ theta - y) * w) ** 2))
+            if best is None or resid < best[0] - 1e-12:
+                best = (resid, (sat, sat_x), theta, A)
+    _, (sat, sat_x), theta, A = best
+    rf = _figures(base, theta, sat, sat_x)
     fitted = consts + A @ theta
-    details = {"params": dict(zip(PARAMS, theta.tolist()), skew_saturation_s=sat),
+    details = {"params": dict(zip(PARAMS, theta.tolist()), skew_saturation_s=sat,
+                              exchange_skew_saturation_s=sat_x),
                "fit_seconds": time.perf_counter() - t0,
                "networks": [{"name": name, "measured_s": float(m), "fitted_s": float(f), "compute_s": float(c)}
                             for (name, _, _), m, f, c in zip(cases, measured, fitted, consts)]}
@@ -392,18 +401,21 @@ def fit_samples(machine, samples: dict, dtype="float32", solo_ops: dict | None =
 
 #: the fitted figures, in the order of the regression's columns
 PARAMS = ("node_overhead_s", "step_overhead_s", "exchange_latency_s", "exchange_s_per_byte",
-          "allreduce_latency_s", "allreduce_s_per_byte", "tile_inflation", "skew")
+          "allreduce_latency_s", "allreduce_s_per_byte", "tile_inflation", "skew", "exchange_skew")
 
 
-def _figures(base, theta, saturation=math.inf) -> object:
+def _figures(base, theta, saturation=math.inf, exchange_saturation=math.inf) -> object:
     """A copy of RuntimeFigures ``base`` with the fitted figures ``theta``;
-    the skew saturates for layers longer than ``saturation`` seconds."""
+    the skew after a reduction saturates for stretches longer than
+    ``saturation`` seconds, the one after an exchange for stretches longer
+    than ``exchange_saturation``."""
     from hpcnn.strategy.machine import Link
     rf = copy.copy(base)
-    a, b, ax, sx, aar, sar, infl, skew = (float(v) for v in theta)
+    a, b, ax, sx, aar, sar, infl, skew, xskew = (float(v) for v in theta)
     rf.node_overhead_s, rf.step_overhead_s = a, b
-    rf.tile_inflation, rf.skew = infl, skew
+    rf.tile_inflation, rf.skew, rf.exchange_skew = infl, skew, xskew
     rf.skew_cap_s = skew * saturation if math.isfinite(saturation) else math.inf
+    rf.exchange_skew_cap_s = xskew * exchange_saturation if math.isfinite(exchange_saturation) else math.inf
     if base.ranks > 1:
         rf.exchange = Link(1.0 / sx if sx > 0 else 1e30, ax)
         rf.allreduce_latency = {base.ranks: aar}
@@ -414,28 +426,31 @@ def _figures(base, theta, saturation=math.inf) -> object:
 
 
 def _features(machine, base, g, plan, dtype, saturations):
-    """(cost without the fitted figures, {saturation: d cost / d figure}) of
-    one network: for a given saturation of the skew the cost model is
-    linear in the fitted figures."""
+    """(cost without the fitted figures, {(saturation, exchange saturation):
+    d cost / d figure}) of one network: for given saturations of the two
+    skews the cost model is linear in the fitted figures."""
     from hpcnn.strategy.cost_model import CostModel
     P = base.ranks
 
-    def total(theta, sat=math.inf):
+    def total(theta, sat=math.inf, sat_x=math.inf):
         m = copy.copy(machine)
         m.runtime = dict(machine.runtime)
-        m.runtime[P] = _figures(base, theta, sat)
+        m.runtime[P] = _figures(base, theta, sat, sat_x)
         return CostModel(g, P, m, dtype=np.dtype(dtype).name).evaluate(plan).total
 
     zero = np.zeros(len(PARAMS))
     c0 = total(zero)
     cols = []
-    for j in range(len(PARAMS) - 1):
+    for j in range(len(PARAMS) - 2):
         e = zero.copy()
         e[j] = 1.0
         cols.append(total(e) - c0)
-    e = zero.copy()
-    e[-1] = 1.0                                   # the skew, last
-    return c0, {sat: np.array(cols + [total(e, sat) - c0]) for sat in saturations}
+    skew, xskew = zero.copy(), zero.copy()
+    skew[-2] = 1.0                                # the skews, last
+    xskew[-1] = 1.0
+    by_sat = {sat: total(skew, sat=sat) - c0 for sat in saturations}
+    by_sat_x = {sat: total(xskew, sat_x=sat) - c0 for sat in saturations}
+    return c0, {(a, b): np.array(cols + [by_sat[a], by_sat_x[b]]) for a in saturations for b in saturations}
 
 
 #: stretch lengths (seconds) beyond which the skew stops growing, tried in the

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import socket
@@ -421,9 +422,16 @@ def run(args) -> int:
             line = (f"  {len(rf.ops)} tiles (compute x{rf.compute_factor:.2f} against alone), "
                     f"per layer {rf.node_overhead_s * 1e6:.0f} us, per step {rf.step_overhead_s * 1e3:.2f} ms")
             if rf.exchange is not None:
-                line += (f"; exchange {rf.exchange.latency * 1e3:.3f} ms + {rf.exchange.bandwidth / 1e9:.2f} GB/s"
+                bw = rf.exchange.bandwidth
+                per_byte = f"{bw / 1e9:.2f} GB/s" if bw < 1e20 else "no measurable cost per byte"
+                line += (f"; exchange {rf.exchange.latency * 1e3:.3f} ms + {per_byte}"
                          f"; allreduce " + ", ".join(f"{g} ranks {v * 1e3:.3f} ms"
                                                      for g, v in sorted(rf.allreduce_latency.items())))
+                waits = [("after a reduction", rf.skew, rf.skew_cap_s),
+                         ("after an exchange", rf.exchange_skew, rf.exchange_skew_cap_s)]
+                line += "; waits " + ", ".join(
+                    f"{what} {k:.2f} x stretch up to {cap * 1e3:.2f} ms" if math.isfinite(cap)
+                    else f"{what} {k:.2f} x stretch" for what, k, cap in waits if k is not None)
             print(line, flush=True)
             m.figures.append({"figure": f"runtime.{P}", "value": {k: v for k, v in rf.to_dict().items()
                                                                   if k != "ops"},

@@ -667,40 +667,42 @@ class CostModel:
     def stretch_skew(self, tiles, sync_in, sync_back, reduces) -> float:
         """The waits of a whole step (calibrated runtimes): the compute
         between two synchronisations is a stretch; after each the ranks wait
-        min(skew * stretch, skew_cap_s) for the slowest.  Forward, a stretch
-        ends before a layer whose input exchange moves data and inside a
-        batch norm that reduces its statistics; backward, after such a batch
-        norm and before an adjoint exchange that moves data; the loss
-        reduction ends the forward and the step's end the backward.  A
-        layer's tile splits into forward and backward by their flops."""
+        for the slowest (``RuntimeFigures.wait_after``: min(skew * stretch,
+        cap), with the figures of an exchange or of a reduction by what ends
+        the stretch).  Forward, a stretch ends before a layer whose input
+        exchange moves data and inside a batch norm that reduces its
+        statistics; backward, after such a batch norm and before an adjoint
+        exchange that moves data; the loss reduction ends the forward and
+        the gradient reduction at the step's end the backward.  A layer's
+        tile splits into forward and backward by their flops."""
         rt = self.rt
-        if rt is None or rt.skew <= 0:
+        if rt is None or (rt.skew <= 0 and not rt.exchange_skew):
             return 0.0
         out = 0.0
-
-        def close(seg):
-            return min(rt.skew * seg, rt.skew_cap_s) if seg > 0 else 0.0
         order = [n for n in self.graph]
         fwd = {n.name: tiles.get(n.name, 0.0) / (1.0 + BACKWARD_FLOPS.get(n.kind, 1.0)) for n in order}
         seg = 0.0
         for n in order:
             if sync_in.get(n.name):
-                out += close(seg)
+                out += rt.wait_after(seg, exchange=True)
                 seg = 0.0
             seg += fwd[n.name]
             if reduces.get(n.name):
-                out += close(seg)
+                out += rt.wait_after(seg, exchange=False)
                 seg = 0.0
-        out += close(seg)
+        out += rt.wait_after(seg, exchange=False)
         seg = 0.0
         for n in reversed(order):
             if n.name not in self._live:
                 continue
             seg += tiles.get(n.name, 0.0) - fwd[n.name]
-            if reduces.get(n.name) or sync_back.get(n.name):
-                out += close(seg)
+            if sync_back.get(n.name):
+                out += rt.wait_after(seg, exchange=True)
                 seg = 0.0
-        out += close(seg)
+            elif reduces.get(n.name):
+                out += rt.wait_after(seg, exchange=False)
+                seg = 0.0
+        out += rt.wait_after(seg, exchange=False)
         return float(out)
 
     def overheads(self) -> float:

@@ -72,10 +72,14 @@ class RuntimeFigures:
                      its tile's figure: its data are colder, and BLAS threads
                      idler, than in a tile timed over and over
     skew, skew_cap_s after each stretch of compute that ends in a
-                     synchronisation (an exchange, a reduction), the ranks
-                     wait min(skew * stretch, skew_cap_s) for the slowest,
-                     whose share of the cores varies by up to a few
-                     scheduler time slices
+                     reduction (batch-norm statistics, the loss, the
+                     gradients), the ranks wait min(skew * stretch,
+                     skew_cap_s) for the slowest, whose share of the cores
+                     varies by up to a few scheduler time slices
+    exchange_skew, exchange_skew_cap_s
+                     the same after a stretch that ends in an exchange that
+                     moves data (None: as after a reduction); measured apart
+                     because the two waits differ when ranks outnumber cores
     """
     ranks: int
     ops: dict = field(default_factory=dict)
@@ -89,7 +93,18 @@ class RuntimeFigures:
     tile_inflation: float = 0.0
     skew: float = 0.0
     skew_cap_s: float = math.inf
+    exchange_skew: float | None = None
+    exchange_skew_cap_s: float = math.inf
     blas_threads: int | None = None
+
+    def wait_after(self, stretch: float, exchange: bool) -> float:
+        """Seconds the ranks wait for the slowest after ``stretch`` seconds
+        of compute that end in an exchange (``exchange``) or a reduction."""
+        if stretch <= 0:
+            return 0.0
+        if exchange and self.exchange_skew is not None:
+            return min(self.exchange_skew * stretch, self.exchange_skew_cap_s)
+        return min(self.skew * stretch, self.skew_cap_s)
 
     def allreduce_alpha(self, group: int) -> float | None:
         """Latency of an allreduce over ``group`` ranks: the measured figure,
@@ -111,6 +126,10 @@ class RuntimeFigures:
              "tile_inflation": self.tile_inflation, "skew": self.skew}
         if math.isfinite(self.skew_cap_s):
             d["skew_cap_s"] = self.skew_cap_s
+        if self.exchange_skew is not None:
+            d["exchange_skew"] = self.exchange_skew
+            if math.isfinite(self.exchange_skew_cap_s):
+                d["exchange_skew_cap_s"] = self.exchange_skew_cap_s
         if self.blas_threads is not None:
             d["blas_threads"] = self.blas_threads
         if self.exchange is not None:
@@ -139,6 +158,8 @@ class RuntimeFigures:
                      tile_inflation=float(d.get("tile_inflation", 0.0)),
                      skew=float(d.get("skew", 0.0)),
                      skew_cap_s=float(d.get("skew_cap_s", math.inf)),
+                     exchange_skew=float(d["exchange_skew"]) if d.get("exchange_skew") is not None else None,
+                     exchange_skew_cap_s=float(d.get("exchange_skew_cap_s", math.inf)),
                      blas_threads=d.get("blas_threads"))
         except (KeyError, TypeError, ValueError) as exc:
             raise MachineError(f"{where}: malformed ({exc!r}); re-run hpcnn calibrate") from None
