@@ -51,3 +51,9 @@ def test_docs_link_images_that_exist():
     for path in sorted((ROOT / "docs").glob("*.md")):
         for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", path.read_text()):
             assert (path.parent / target).is_file(), f"{path.relative_to(ROOT)}: image {target} is missing"
+
+
+def test_readme_links_every_document():
+    readme = (ROOT / "README.md").read_text()
+    for path in sorted((ROOT / "docs").glob("*.md")):
+        assert f"(docs/{path.name})" in readme, f"README.md does not link docs/{path.name}"
