@@ -13,7 +13,7 @@ from mpi_launch import ROOT, mpi_env
 
 
 def test_torch_peer_is_resnet18_with_hpcnn_weights():
-    torch = pytest.importorskip("torch")
+    import torch
     from hpcnn.bench.train_worker import copy_hpcnn_init, torch_resnet18
     from hpcnn.models import build_model
     from hpcnn.runtime.sequential import SequentialModel

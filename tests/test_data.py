@@ -354,7 +354,6 @@ def _png_folder(root, split_dirs=False):
 
 
 def test_convert_folder_of_images(tmp_path):
-    pytest.importorskip("PIL")
     from PIL import Image
     _png_folder(tmp_path / "imgs")
     rc, text, err = _cli("data", "convert", str(tmp_path / "imgs"), "-o", str(tmp_path / "f.h5"),

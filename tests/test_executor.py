@@ -4,13 +4,13 @@ what is wrong.  The many-rank equivalence lives in tests/mpi/."""
 import numpy as np
 import pytest
 
+from mpi4py import MPI
+
 from hpcnn.backend import Backend
 from hpcnn.models import build_model
 from hpcnn.runtime.sequential import SequentialModel
 from hpcnn.runtime.sgd import SGD
 from hpcnn.strategy.plan import Plan, PlanError, data_parallel
-
-MPI = pytest.importorskip("mpi4py.MPI")
 
 
 def _model(g, plan, **kw):

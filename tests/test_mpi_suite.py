@@ -14,8 +14,7 @@ from mpi_launch import ROOT, run_mpi
 @pytest.mark.parametrize("nprocs", [2, 3, 4])
 def test_mpi_suite(nprocs):
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests" / "mpi").glob("test_*.py"))
-    if not files:
-        pytest.skip("no MPI tests yet")
+    assert files, "tests/mpi holds no test files"
     r = run_mpi(nprocs, [sys.executable, "-m", "pytest", "-q", "--with-mpi", "-x",
                          "-p", "no:cacheprovider", "--timeout=600"] + files, timeout=1500)
     tail = (r.stdout[-6000:] + "\n--- stderr ---\n" + r.stderr[-3000:])

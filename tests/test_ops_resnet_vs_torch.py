@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # the oracle: a test dependency (setup.cfg [test]), never skipped
 
 from hpcnn.backend import Backend  # noqa: E402
 from hpcnn.bench.kernels import copy_weights_to_torch, resnet18_graph, torch_resnet18  # noqa: E402
