@@ -3,32 +3,27 @@ return its output.  Used by tests that check MPI programs (the tests in
 tests/mpi/ and end-to-end runs of the CLI)."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
+
+from hpcnn.launcher import child_env, find_mpiexec
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def mpiexec() -> str:
-    """The mpiexec beside this Python (the MPICH wheel's), else on PATH."""
-    here = Path(sys.executable).parent / "mpiexec"
-    if here.exists():
-        return str(here)
-    found = shutil.which("mpiexec")
+    """hpcnn's own choice of launcher (the MPICH wheel's beside this Python,
+    else the one on PATH)."""
+    found = find_mpiexec()
     if not found:
         raise RuntimeError("mpiexec not found: pip install mpich (or load your site's MPI)")
     return found
 
 
 def mpi_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = child_env(PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    env["PYTHONUNBUFFERED"] = "1"
     env.pop("PYTEST_CURRENT_TEST", None)
     if extra:
         env.update(extra)

@@ -67,8 +67,8 @@ def run(args) -> int:
 
 # ---- launcher --------------------------------------------------------------------------
 def _mpiexec() -> str:
-    from hpcnn.bench.launch import find_mpiexec
-    return find_mpiexec("comm")
+    from hpcnn.launcher import require_mpiexec
+    return require_mpiexec("hpcnn bench comm", " or launch it yourself: mpiexec -n 4 hpcnn bench comm")
 
 
 def _launch_all(args) -> int:
@@ -76,9 +76,8 @@ def _launch_all(args) -> int:
     passthrough = ["--repeat", str(args.repeat), "--warmup", str(args.warmup), "--scale", str(args.scale),
                    "--dtype", args.dtype, "--model", args.model, "--image-size", str(args.image_size),
                    "--batch", str(args.batch), "--steps", str(args.steps)]
-    env = dict(os.environ, HPCNN_BENCH_INNER="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    from hpcnn.launcher import child_env
+    env = child_env(HPCNN_BENCH_INNER="1")
     for p in args.ranks:
         cmd = [_mpiexec(), "-n", str(p), sys.executable, "-m", "hpcnn", "bench", "comm"] + passthrough
         print(f"hpcnn bench comm: running {p} ranks ...", file=sys.stderr, flush=True)

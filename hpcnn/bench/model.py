@@ -106,8 +106,8 @@ def run(args) -> int:
 
 # ---- launcher ---------------------------------------------------------------------------
 def _mpiexec() -> str:
-    from hpcnn.bench.launch import find_mpiexec
-    return find_mpiexec("model")
+    from hpcnn.launcher import require_mpiexec
+    return require_mpiexec("hpcnn bench model", " or launch it yourself: mpiexec -n 4 hpcnn bench model")
 
 
 def _passthrough(args) -> list:
@@ -124,9 +124,8 @@ def _passthrough(args) -> list:
 
 def _launch_all(args) -> int:
     runs = []
-    env = dict(os.environ, HPCNN_BENCH_INNER="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    from hpcnn.launcher import child_env
+    env = child_env(HPCNN_BENCH_INNER="1")
     for k in range(max(1, args.repeat)):
         results = []
         for p in args.ranks:

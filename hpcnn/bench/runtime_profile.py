@@ -76,21 +76,9 @@ def tile_time(node, obox, ins, dtype, repeats, rng, comm=None, min_total=0.02):
     back to back (at least ``repeats`` and about ``min_total`` seconds).
     With ``comm``, every rank runs the tile at once, makes the same number
     of runs, and the figure is the mean over ranks."""
-    from hpcnn.ops import TileContext
+    from hpcnn.strategy.calibrate import random_tile
     op = node.op
-    dt = np.dtype(dtype)
-    in_boxes = [op.input_box(i, obox, node.in_shapes) for i in range(len(node.inputs))]
-    xs = [rng.standard_normal(s).astype(dt) for s in ins]
-    c0, c1 = obox[1] if len(obox) > 1 else (0, 1)
-    params = {k: (rng.standard_normal((c1 - c0,) + tuple(sp.shape[1:])) * 0.1).astype(dt)
-              for k, sp in node.param_specs().items()}
-    buffers = {k: np.abs(rng.standard_normal((c1 - c0,) + tuple(sp.shape[1:]))).astype(dt) + 0.5
-               for k, sp in node.buffer_specs().items()}
-    labels = None
-    if node.kind == "softmax_xent":
-        labels = rng.integers(0, node.in_shapes[0][1], obox[0][1] - obox[0][0])
-    ctx = TileContext(out_box=tuple(obox), in_boxes=in_boxes, in_shapes=list(node.in_shapes),
-                      out_shape=tuple(node.shape), training=True, labels=labels)
+    xs, params, buffers, ctx = random_tile(node, obox, ins, dtype, rng)
 
     def once():
         y, saved = op.forward(xs, params, buffers, ctx)

@@ -108,14 +108,13 @@ def _check(args):
 
 # ---- launching --------------------------------------------------------------------------
 def _mpiexec() -> str:
-    from hpcnn.bench.launch import find_mpiexec
-    return find_mpiexec("train", self_launch=False)
+    from hpcnn.launcher import require_mpiexec
+    return require_mpiexec("hpcnn bench train")
 
 
 def _env(threads: int) -> dict:
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    from hpcnn.launcher import child_env
+    env = child_env()
     for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "HPCNN_HOST_THREADS"):
         env[v] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcnn.launcher import child_env, find_mpiexec
+
 DEFAULT_MODELS = ["resnet_small@32", "inception_small@32", "digits_cnn", "lenet5"]
 
 
@@ -123,17 +125,18 @@ def tile_jobs(model_names, ranks_list, batch, dtype, max_kinds=2):
     return jobs
 
 
-def run_tile(node, obox, ins, dtype, repeats, rng):
-    """Median seconds of forward + backward of ``node`` on one tile."""
+def random_tile(node, obox, ins, dtype, rng) -> tuple:
+    """(inputs, parameters, buffers, TileContext) of one training tile of
+    ``node``: output box ``obox``, input regions of shapes ``ins``, random
+    values; the parameter and buffer shards of the tile's output channels."""
     from hpcnn.ops import TileContext
     op = node.op
     dt = np.dtype(dtype)
     in_boxes = [op.input_box(i, obox, node.in_shapes) for i in range(len(node.inputs))]
     xs = [rng.standard_normal(s).astype(dt) for s in ins]
     c0, c1 = obox[1] if len(obox) > 1 else (0, 1)
-    params = {}
-    for k, sp in node.param_specs().items():
-        params[k] = (rng.standard_normal((c1 - c0,) + tuple(sp.shape[1:])) * 0.1).astype(dt)
+    params = {k: (rng.standard_normal((c1 - c0,) + tuple(sp.shape[1:])) * 0.1).astype(dt)
+              for k, sp in node.param_specs().items()}
     buffers = {k: np.abs(rng.standard_normal((c1 - c0,) + tuple(sp.shape[1:]))).astype(dt) + 0.5
                for k, sp in node.buffer_specs().items()}
     labels = None
@@ -141,6 +144,13 @@ def run_tile(node, obox, ins, dtype, repeats, rng):
         labels = rng.integers(0, node.in_shapes[0][1], obox[0][1] - obox[0][0])
     ctx = TileContext(out_box=tuple(obox), in_boxes=in_boxes, in_shapes=list(node.in_shapes),
                       out_shape=tuple(node.shape), training=True, labels=labels)
+    return xs, params, buffers, ctx
+
+
+def run_tile(node, obox, ins, dtype, repeats, rng):
+    """Median seconds of forward + backward of ``node`` on one tile."""
+    op = node.op
+    xs, params, buffers, ctx = random_tile(node, obox, ins, dtype, rng)
     times = []
     for r in range(repeats + 1):                      # the first run warms up
         t = time.perf_counter()
@@ -218,22 +228,12 @@ def _pingpong_worker(out_path: str) -> None:
         Path(out_path).write_text(json.dumps({str(k): v for k, v in res.items()}))
 
 
-def _mpiexec() -> str | None:
-    here = Path(sys.executable).parent / "mpiexec"
-    if here.exists():
-        return str(here)
-    from shutil import which
-    return which("mpiexec")
-
-
 def measure_mpi(timeout=300) -> dict:
     """One-way time per message size between two ranks of this node."""
-    exe = _mpiexec()
+    exe = find_mpiexec()
     if exe is None:
         raise RuntimeError("mpiexec not found: install an MPI (pip install mpich) or pass --no-mpi")
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = child_env()
     env.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "pingpong.json"
@@ -447,12 +447,10 @@ def measure_runtime(machine_path, P, args, timeout=3600):
     """Spawn ``mpiexec -n P python -m hpcnn.bench.runtime_profile`` and read
     its RuntimeFigures (and raw measurements)."""
     from hpcnn.strategy.machine import RuntimeFigures
-    exe = _mpiexec()
+    exe = find_mpiexec()
     if exe is None:
         raise RuntimeError("mpiexec not found: install an MPI (pip install mpich) or pass --no-runtime")
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = child_env()
     with tempfile.TemporaryDirectory() as d:
         spec = Path(d) / "spec.json"
         out = Path(d) / "runtime.json"
