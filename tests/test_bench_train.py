@@ -14,19 +14,20 @@ from mpi_launch import ROOT, mpi_env
 
 def test_torch_peer_is_resnet18_with_hpcnn_weights():
     import torch
-    from hpcnn.bench.train_worker import copy_hpcnn_init, torch_resnet18
+    from hpcnn.bench.kernels import copy_weights_to_torch, torch_resnet18
     from hpcnn.models import build_model
     from hpcnn.runtime.sequential import SequentialModel
 
     g = build_model("resnet18", batch=2, image_size=32, num_classes=1000)
-    m = torch_resnet18(1000)
+    m = torch_resnet18(torch, 1000)
     assert sum(p.numel() for p in m.parameters()) == g.num_params() == 11_689_512
     g = build_model("resnet18", batch=2, image_size=32, num_classes=7)
-    m = torch_resnet18(7).double()
-    copy_hpcnn_init(m, g, seed=3)
+    m = torch_resnet18(torch, 7).double()
+    ref = SequentialModel(g, seed=3, dtype=np.float64)
+    assert copy_weights_to_torch(torch, m, ref) == len(m.state_dict()) - sum(
+        k.endswith("num_batches_tracked") for k in m.state_dict())
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.tensor([1, 5])
-    ref = SequentialModel(g, seed=3, dtype=np.float64)
     loss_h, logits_h = ref.forward(x.numpy(), y.numpy())
     logits_t = m.train()(x)
     loss_t = torch.nn.functional.cross_entropy(logits_t, y)

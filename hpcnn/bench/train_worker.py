@@ -165,95 +165,16 @@ def _add_parts(parts, events, graph, step_s, steps):
 
 
 # ---- PyTorch ----------------------------------------------------------------------------
-def torch_resnet18(num_classes):
-    """ResNet-18 in torch.nn, torchvision's layout (basic blocks, 1x1
-    strided projection + BN where the shape changes), module names as in
-    torchvision (``layer2.0.downsample.0`` is the projection's convolution)."""
-    import torch.nn as nn
-
-    class Block(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.relu = nn.ReLU(inplace=True)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.downsample = None
-            if stride != 1 or cin != cout:
-                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                                nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            short = x if self.downsample is None else self.downsample(x)
-            y = self.relu(self.bn1(self.conv1(x)))
-            y = self.bn2(self.conv2(y))
-            return self.relu(y + short)
-
-    class ResNet18(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.relu = nn.ReLU(inplace=True)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-            cin = 64
-            for li, width in enumerate((64, 128, 256, 512), 1):
-                blocks = [Block(cin, width, 2 if li > 1 else 1), Block(width, width, 1)]
-                setattr(self, f"layer{li}", nn.Sequential(*blocks))
-                cin = width
-            self.avgpool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(512, num_classes)
-
-        def forward(self, x):
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            return self.fc(self.avgpool(x).flatten(1))
-
-    return ResNet18()
-
-
-def hpcnn_name(torch_key: str) -> str:
-    """The hpcnn node.parameter of a torch parameter or buffer name."""
-    return torch_key.replace("downsample.0.", "downsample.conv.").replace("downsample.1.", "downsample.bn.")
-
-
-def copy_hpcnn_init(model, graph, seed):
-    """Load hpcnn's initial parameters and batch-norm buffers (the same
-    function of the seed that every hpcnn run uses) into the torch model."""
-    import numpy as np
-    import torch
-
-    from hpcnn.ops import init_param
-    specs = {}
-    for n in graph:
-        for k, s in list(n.param_specs().items()) + list(n.buffer_specs().items()):
-            specs[f"{n.name}.{k}"] = s
-    state = model.state_dict()
-    missing = []
-    with torch.no_grad():
-        for key, t in state.items():
-            if key.endswith("num_batches_tracked"):
-                continue
-            name = hpcnn_name(key)
-            if name not in specs:
-                missing.append(key)
-                continue
-            # float64, then rounded by the copy to the model's dtype, as
-            # hpcnn rounds it to its own
-            a = init_param(specs[name], name, seed, dtype=np.float64)
-            if tuple(a.shape) != tuple(t.shape):
-                raise RuntimeError(f"torch {key} has shape {tuple(t.shape)} but hpcnn {name} {a.shape}")
-            t.copy_(torch.from_numpy(a))
-    if missing:
-        raise RuntimeError(f"torch parameters without an hpcnn counterpart: {missing[:5]}")
+# The peer network is the one `hpcnn bench kernels` uses (hpcnn/bench/kernels.py:
+# torch.nn, torchvision's ResNet-18 structure, hpcnn's node names), loaded
+# with the initial weights of hpcnn's SequentialModel for the same seed.
 
 
 # torch.profiler operators (inclusive CPU time) of the parts hpcnn's trace names
 _TORCH_PARTS = {"aten::convolution": "conv2d forward", "aten::convolution_backward": "conv2d backward",
                 "aten::native_batch_norm": "batchnorm forward",
                 "aten::native_batch_norm_backward": "batchnorm backward",
-                "aten::relu_": "relu forward", "aten::threshold_backward": "relu backward",
+                "aten::relu_": "relu forward", "aten::relu": "relu forward", "aten::threshold_backward": "relu backward",
                 "aten::max_pool2d_with_indices": "maxpool2d forward",
                 "aten::max_pool2d_with_indices_backward": "maxpool2d backward",
                 "aten::addmm": "linear forward", "aten::mm": "linear backward",
@@ -288,15 +209,21 @@ def run_torch(a) -> dict:
     import torch.distributed as dist
     import torch.nn.functional as F
 
+    from hpcnn.backend import Backend
+    from hpcnn.bench.kernels import copy_weights_to_torch, torch_resnet18
     from hpcnn.models import build_model
+    from hpcnn.runtime.sequential import SequentialModel
 
     torch.set_num_threads(a.threads)
     P, me = a.world, a.rank
     if P > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a.port}", rank=me, world_size=P)
-    model = torch_resnet18(a.classes)
+    model = torch_resnet18(torch, a.classes)
     g = build_model("resnet18", batch=a.batch, image_size=a.image_size, num_classes=a.classes)
-    copy_hpcnn_init(model, g, a.seed)
+    init = SequentialModel(g, dtype=np.float32, seed=a.seed, backend=Backend("numpy"))
+    if not copy_weights_to_torch(torch, model, init):
+        raise RuntimeError("the torch peer's parameters do not line up with hpcnn's resnet18")
+    del init
     n_params = sum(p.numel() for p in model.parameters())
     if P > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
