@@ -16,8 +16,8 @@ Fairness: both frameworks get the same total cores, ``--cores`` (default 2):
 at 1 rank one process with that many threads, at 2 ranks two processes with
 half as many each (BLAS, OpenMP and hpcnn's host threads limited alike).
 The model is the same (ResNet-18 in torchvision's layout; the PyTorch one is
-written with torch.nn in train_worker.py and starts from hpcnn's initial
-weights), as are the per-rank batch, the image size, the classes, float32,
+``bench kernels``' torch.nn network, hpcnn/bench/kernels.py, loaded with the
+initial weights of hpcnn's SequentialModel), as are the per-rank batch, the image size, the classes, float32,
 SGD with momentum, and the data: synthetic random images held in memory (no
 data loading).  ``--warmup`` steps are not timed; each timed step starts
 after a barrier and counts the slowest rank; throughput is ranks x batch
