@@ -9,26 +9,30 @@ from hpcnn.graph import Graph
 from hpcnn.models.blocks import classifier_head
 
 
-def basic_block(g, x, out_channels, stride, name):
-    """Two 3x3 conv+BN, identity shortcut or a 1x1 strided projection+BN when
-    the shape changes; add, then ReLU.  Expansion 1."""
-    in_channels = g[x].shape[1]
-    y = g.conv(x, out_channels, 3, stride=stride, padding=1, bias=False, name=f"{name}.conv1")
-    y = g.relu(g.bn(y, name=f"{name}.bn1"), name=f"{name}.relu1")
-    y = g.conv(y, out_channels, 3, padding=1, bias=False, name=f"{name}.conv2")
-    y = g.bn(y, name=f"{name}.bn2")
+def _join(g, x, y, out_channels, stride, name):
+    """The end of a residual block: y plus the shortcut (x itself, or a 1x1
+    strided projection + BN when the shape changes), then ReLU."""
     short = x
-    if stride != 1 or in_channels != out_channels:
+    if stride != 1 or g[x].shape[1] != out_channels:
         short = g.conv(x, out_channels, 1, stride=stride, bias=False, name=f"{name}.downsample.conv")
         short = g.bn(short, name=f"{name}.downsample.bn")
     y = g.add_([y, short], name=f"{name}.add")
     return g.relu(y, name=f"{name}.relu")
 
 
+def basic_block(g, x, out_channels, stride, name):
+    """Two 3x3 conv+BN, identity shortcut or a 1x1 strided projection+BN when
+    the shape changes; add, then ReLU.  Expansion 1."""
+    y = g.conv(x, out_channels, 3, stride=stride, padding=1, bias=False, name=f"{name}.conv1")
+    y = g.relu(g.bn(y, name=f"{name}.bn1"), name=f"{name}.relu1")
+    y = g.conv(y, out_channels, 3, padding=1, bias=False, name=f"{name}.conv2")
+    y = g.bn(y, name=f"{name}.bn2")
+    return _join(g, x, y, out_channels, stride, name)
+
+
 def bottleneck_block(g, x, width, stride, name, expansion=4):
     """1x1 reduce, 3x3 (strided), 1x1 expand (x4), each with BN; projection
     shortcut when the shape changes; add, then ReLU."""
-    in_channels = g[x].shape[1]
     out_channels = width * expansion
     y = g.conv(x, width, 1, bias=False, name=f"{name}.conv1")
     y = g.relu(g.bn(y, name=f"{name}.bn1"), name=f"{name}.relu1")
@@ -36,12 +40,7 @@ def bottleneck_block(g, x, width, stride, name, expansion=4):
     y = g.relu(g.bn(y, name=f"{name}.bn2"), name=f"{name}.relu2")
     y = g.conv(y, out_channels, 1, bias=False, name=f"{name}.conv3")
     y = g.bn(y, name=f"{name}.bn3")
-    short = x
-    if stride != 1 or in_channels != out_channels:
-        short = g.conv(x, out_channels, 1, stride=stride, bias=False, name=f"{name}.downsample.conv")
-        short = g.bn(short, name=f"{name}.downsample.bn")
-    y = g.add_([y, short], name=f"{name}.add")
-    return g.relu(y, name=f"{name}.relu")
+    return _join(g, x, y, out_channels, stride, name)
 
 
 def _resnet(name, block, layers, batch, in_channels, image_size, num_classes, width=64) -> Graph:
