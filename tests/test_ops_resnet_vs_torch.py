@@ -75,7 +75,7 @@ def _check(batch, image, classes, width):
                 assert rel(gv, tg) <= TOL, f"step {step}: gradient of {node}.{k}: {rel(gv, tg):.3g}"
                 n_checked += 1
         assert n_checked == len(tparams)
-        hopt.step(hm.flat_params(), {f"{n}.{k}": v for n, gs in grads.items() for k, v in gs.items()})
+        hopt.step_nodes(hm.params, grads)
         topt.step()
         for name, p in tparams.items():
             node, k = name.rsplit(".", 1)

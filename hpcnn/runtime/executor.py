@@ -344,10 +344,7 @@ class DistributedModel:
         """Forward, backward, gradient allreduce and an optimiser update of
         this rank's shards; returns the global loss."""
         loss, _ = self.forward(x_tile, labels, training=True, step=step)
-        grads = self.backward()
-        flat_p = self.flat_params()
-        flat_g = {f"{n}.{k}": v for n, gs in grads.items() for k, v in gs.items()}
-        optimizer.step(flat_p, flat_g, lr)
+        optimizer.step_nodes(self.params, self.backward(), lr)
         return loss
 
     def evaluate(self, x_tile, labels, valid=None) -> tuple:

@@ -129,10 +129,7 @@ class SequentialModel:
     def train_step(self, x, labels, optimizer, lr=None, step=0):
         """Forward, backward and an optimiser update; returns the loss."""
         loss, _ = self.forward(x, labels, training=True, step=step)
-        grads = self.backward()
-        flat_p = self.flat_params()
-        flat_g = {f"{n}.{k}": v for n, gs in grads.items() for k, v in gs.items()}
-        optimizer.step(flat_p, flat_g, lr)
+        optimizer.step_nodes(self.params, self.backward(), lr)
         return loss
 
     def predict(self, x):

@@ -130,10 +130,7 @@ def train_sequential(graph, dataset, epochs: int, optimizer, schedule=None, test
                                        f"(use drop_last=True for training)")
                 lr = schedule(step) if schedule is not None else None
                 loss, logits = model.forward(x, y, training=True, step=step)
-                grads = model.backward()
-                flat_p = model.flat_params()
-                flat_g = {f"{n}.{k}": v for n, gs in grads.items() for k, v in gs.items()}
-                optimizer.step(flat_p, flat_g, lr)
+                optimizer.step_nodes(model.params, model.backward(), lr)
                 if not np.isfinite(loss):
                     raise TrainerError(f"the training loss became {loss} at epoch {epoch}, step {step}; "
                                        f"lower the learning rate")

@@ -38,5 +38,12 @@ class SGD:
                 g = g + self.momentum * buf if self.nesterov else buf
             p -= lr * g
 
+    def step_nodes(self, params: dict, grads: dict, lr: float | None = None) -> None:
+        """``step`` for parameters and gradients held per layer, as the
+        models hold them: {node: {name: array}}; the state is keyed
+        'node.name'."""
+        self.step({f"{n}.{k}": v for n, ps in params.items() for k, v in ps.items()},
+                  {f"{n}.{k}": v for n, gs in grads.items() for k, v in gs.items()}, lr)
+
     def state_dict(self) -> dict:
         return {"momentum_buffer": dict(self.state)}
