@@ -15,7 +15,9 @@ from mpi_launch import ROOT, run_mpi
 def test_mpi_suite(nprocs):
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests" / "mpi").glob("test_*.py"))
     assert files, "tests/mpi holds no test files"
-    r = run_mpi(nprocs, [sys.executable, "-m", "pytest", "-q", "--with-mpi", "-x",
+    # tee-sys: a rank that aborts the job (mpi_helpers.run_or_abort) has its
+    # traceback in the output, not only in pytest's capture, which dies with it
+    r = run_mpi(nprocs, [sys.executable, "-m", "pytest", "-q", "--with-mpi", "-x", "--capture=tee-sys",
                          "-p", "no:cacheprovider", "--timeout=600"] + files, timeout=1500)
     tail = (r.stdout[-6000:] + "\n--- stderr ---\n" + r.stderr[-3000:])
     assert r.returncode == 0, f"MPI tests failed at {nprocs} ranks:\n{tail}"

@@ -8,12 +8,11 @@ edge)."""
 import numpy as np
 import pytest
 
-from hpcnn.backend import to_host
 from hpcnn.runtime.executor import DistributedModel
 from hpcnn.runtime.sgd import SGD
 from hpcnn.strategy.plan import data_parallel
 
-from equivalence import SEED, STEPS, TOL, data, graph, reference, rel_err
+from equivalence import SEED, STEPS, data, gradient_problems, graph, reference
 from mpi_helpers import WORLD, agree, run_or_abort
 from plan_cases import OPTIMISERS, cases
 
@@ -46,12 +45,7 @@ def test_bucketed_overlapped_allreduce_equals_sequential(name, model, build, opt
         sgd = SGD(**OPTIMISERS[opt])
         for s in range(STEPS):
             dm.train_step(xt, y, sgd, step=s)
-            for node, gs in dm.grads.items():
-                for pname, gr in gs.items():
-                    want = ref["steps"][s]["grads"][node][pname][dm.param_box(node, pname).slices()]
-                    e = rel_err(to_host(gr), want)
-                    if e > TOL:
-                        problems.append(f"step {s}: gradient {node}.{pname} rel err {e:.2e}")
+            problems.extend(gradient_problems(dm, ref["steps"][s], s))
         dm.free()
 
     run_or_abort(run)
