@@ -169,13 +169,18 @@ def conv_data(case, rng):
     return x, params
 
 
+def conv_op(case):
+    """The conv2d op of a CONV_CASES entry."""
+    n, cin, h, w, cout, k, s, p, d, b = case
+    return make_op("conv2d", "conv", out_channels=cout, kernel_size=k, stride=s, padding=p,
+                   dilation=d, bias=b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])
 def test_conv2d(case, dtype, kernels):
     rng = np.random.default_rng(1)
-    n, cin, h, w, cout, k, s, p, d, b = case
-    op = make_op("conv2d", "conv", out_channels=cout, kernel_size=k, stride=s, padding=p,
-                 dilation=d, bias=b)
+    op = conv_op(case)
     x, params = conv_data(case, rng)
     check(op, conv_torch(case), [x], params, dtype, rng=rng)
 
@@ -185,9 +190,7 @@ def test_conv2d(case, dtype, kernels):
                          ids=["3x3", "s2d2", "1x1", "1x1s2"])
 def test_conv2d_any_memory_layout(case, layout, kernels):
     rng = np.random.default_rng(2)
-    n, cin, h, w, cout, k, s, p, d, b = case
-    op = make_op("conv2d", "conv", out_channels=cout, kernel_size=k, stride=s, padding=p,
-                 dilation=d, bias=b)
+    op = conv_op(case)
     x, params = conv_data(case, rng)
     check(op, conv_torch(case), [x], params, np.float64, layout=layout, rng=rng)
 
@@ -461,9 +464,7 @@ def host_threads_3(monkeypatch):
                          ids=["3x3", "asym", "s2d2", "1x1s2", "7x7s2", "col2im"])
 def test_conv2d_split_over_host_threads(case, host_threads_3):
     rng = np.random.default_rng(20)
-    n, cin, h, w, cout, k, s, p, d, b = case
-    op = make_op("conv2d", "conv", out_channels=cout, kernel_size=k, stride=s, padding=p,
-                 dilation=d, bias=b)
+    op = conv_op(case)
     x, params = conv_data(case, rng)
     check(op, conv_torch(case), [x], params, np.float64, rng=rng)
 

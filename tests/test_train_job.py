@@ -115,18 +115,26 @@ def _restart_sets(digits, ck, steps):
                      checkpoint__keep=10)
 
 
-def test_restart_is_bitwise_on_same_plan_and_ranks(digits, tmp_path):
-    f4, _ = _plans(tmp_path)
-    N = 6
+def _straight_and_restarted(digits, tmp_path, f4, ranks, plan, N):
+    """2N steps straight on 4 ranks with plan file ``f4``, and N steps
+    there, a checkpoint, then N more on ``ranks`` ranks with ``plan``: the
+    final parameters of both (and the restarted run's output and metadata)."""
     straight = train(4, tmp_path, *_restart_sets(digits, tmp_path / "a", 2 * N), plan=f4)
     assert straight.returncode == 0, output(straight)
     first = train(4, tmp_path, *_restart_sets(digits, tmp_path / "b", N), plan=f4)
     assert first.returncode == 0, output(first)
-    second = train(4, tmp_path, *_restart_sets(digits, tmp_path / "b", 2 * N), plan=f4)
+    second = train(ranks, tmp_path, *_restart_sets(digits, tmp_path / "b", 2 * N), plan=plan)
     assert second.returncode == 0, output(second)
-    assert f"at step {N}" in second.stderr and "resumed from" in second.stderr, output(second)
     a, meta_a = final_params(tmp_path / "a" / f"ckpt-{2 * N:08d}.h5")
     b, meta_b = final_params(tmp_path / "b" / f"ckpt-{2 * N:08d}.h5")
+    return a, b, meta_a, meta_b, second
+
+
+def test_restart_is_bitwise_on_same_plan_and_ranks(digits, tmp_path):
+    N = 6
+    f4, _ = _plans(tmp_path)
+    a, b, meta_a, meta_b, second = _straight_and_restarted(digits, tmp_path, f4, 4, f4, N)
+    assert f"at step {N}" in second.stderr and "resumed from" in second.stderr, output(second)
     assert meta_a["step"] == meta_b["step"] == 2 * N
     assert set(a) == set(b) and len(a) > 10
     for k in a:
@@ -136,17 +144,10 @@ def test_restart_is_bitwise_on_same_plan_and_ranks(digits, tmp_path):
 def test_restart_on_other_rank_count_and_plan(digits, tmp_path):
     """4 ranks with a layer-wise plan, a checkpoint, then 2 ranks with a
     data-parallel plan: within 1e-12 (relative, float64) of 4 ranks straight."""
-    f4, f2 = _plans(tmp_path)
     N = 6
-    straight = train(4, tmp_path, *_restart_sets(digits, tmp_path / "a", 2 * N), plan=f4)
-    assert straight.returncode == 0, output(straight)
-    first = train(4, tmp_path, *_restart_sets(digits, tmp_path / "b", N), plan=f4)
-    assert first.returncode == 0, output(first)
-    second = train(2, tmp_path, *_restart_sets(digits, tmp_path / "b", 2 * N), plan=f2)
-    assert second.returncode == 0, output(second)
+    f4, f2 = _plans(tmp_path)
+    a, b, _, meta_b, second = _straight_and_restarted(digits, tmp_path, f4, 2, f2, N)
     assert "written on 4 ranks" in second.stderr, output(second)
-    a, _ = final_params(tmp_path / "a" / f"ckpt-{2 * N:08d}.h5")
-    b, meta_b = final_params(tmp_path / "b" / f"ckpt-{2 * N:08d}.h5")
     assert meta_b["world"] == 2
     for k in a:
         scale = max(np.abs(a[k]).max(), 1e-300)
