@@ -282,17 +282,23 @@ def test_job_trains_and_checkpoints(cluster, workdir, script):
     assert "train" in kinds and kinds[-1] == "final" and records[-1]["step"] == SHORT_STEPS, records
 
 
-def test_requeue_resumes_from_checkpoint(cluster, workdir):
-    job_id, output, ckpt_dir = submit(cluster, workdir, "hpcnn-one-node.sbatch", "preempted", "srun",
-                                      *LONG_SETS)
-    first_ckpt = wait_for_checkpoint(cluster, job_id, ckpt_dir, output)
-    cluster.run(["scontrol", "requeue", str(job_id)])
+def two_runs(cluster, job_id, output) -> tuple:
+    """Wait until the requeued job has run again and completed; the output
+    of its first and second run, and the whole output."""
     info = wait_through_requeue(cluster, job_id, output)
     text = read(output)
     assert_completed(info, output)
     runs = runs_of(text)
     assert len(runs) == 2, f"expected 2 runs of job {job_id} (Restarts={info.get('Restarts')}):\n{text}"
-    first, second = runs
+    return runs[0], runs[1], text
+
+
+def test_requeue_resumes_from_checkpoint(cluster, workdir):
+    job_id, output, ckpt_dir = submit(cluster, workdir, "hpcnn-one-node.sbatch", "preempted", "srun",
+                                      *LONG_SETS)
+    first_ckpt = wait_for_checkpoint(cluster, job_id, ckpt_dir, output)
+    cluster.run(["scontrol", "requeue", str(job_id)])
+    first, second, text = two_runs(cluster, job_id, output)
     # on a requeue Slurm signals the job step's tasks (SIGTERM) and the batch
     # shell, which passes the stop on as SIGUSR1 through srun: whichever
     # reaches the ranks first names the stop; both end it cleanly
@@ -319,12 +325,7 @@ def test_time_limit_signal_checkpoints_and_requeues(cluster, workdir, script, la
     first_ckpt = wait_for_checkpoint(cluster, job_id, ckpt_dir, output)
     # what `#SBATCH --signal=B:USR1@180` sends 3 minutes before the limit
     cluster.run(["scancel", "--batch", "--signal=USR1", str(job_id)])
-    info = wait_through_requeue(cluster, job_id, output)
-    text = read(output)
-    assert_completed(info, output)
-    runs = runs_of(text)
-    assert len(runs) == 2, f"expected 2 runs of job {job_id} (Restarts={info.get('Restarts')}):\n{text}"
-    first, second = runs
+    first, second, text = two_runs(cluster, job_id, output)
     nodes = NODES if script == "hpcnn-multi-node.sbatch" else 1
     assert f"on {nodes} node(s)" in first and f"launcher {launcher}" in first, text
     # the script stops the ranks with SIGUSR1 through srun (which would turn

@@ -188,25 +188,15 @@ def make_plans(g, P, machine, names=PLAN_NAMES) -> dict:
             return {"c": P}
         return {"n": P}
 
-    out = {}
-    for name in names:
-        if name == "data-parallel":
-            out[name] = data_parallel(g, P)
-        elif name == "owt":
-            out[name] = owt(g, P)
-        elif name == "model-parallel":
-            out[name] = model_parallel(g, P)
-        elif name == "searched":
-            plan, _ = search_plan(g, P, machine, with_baselines=False)
-            plan.name = "searched"
-            out[name] = plan
-        elif name == "spatial-h":
-            out[name] = custom(name, spatial_h)
-        elif name == "spatial-hw":
-            out[name] = custom(name, spatial_hw)
-        elif name == "mixed":
-            out[name] = custom(name, mixed)
-    return out
+    def searched(name):
+        plan, _ = search_plan(g, P, machine, with_baselines=False)
+        plan.name = name
+        return plan
+    build = {"data-parallel": lambda name: data_parallel(g, P), "owt": lambda name: owt(g, P),
+             "model-parallel": lambda name: model_parallel(g, P), "searched": searched,
+             "spatial-h": lambda name: custom(name, spatial_h),
+             "spatial-hw": lambda name: custom(name, spatial_hw), "mixed": lambda name: custom(name, mixed)}
+    return {name: build[name](name) for name in names}
 
 
 # ---- the measurement (collective) --------------------------------------------------------
