@@ -210,13 +210,14 @@ def _measure(args) -> dict:
     from mpi4py import MPI
 
     from hpcnn.backend import Backend
-    from hpcnn.bench.runtime_profile import Sampler, fit_samples, interleave, plan_tile_jobs
+    from hpcnn.bench.runtime_profile import Sampler, interleave, plan_tile_jobs
     from hpcnn.models import build_model
     from hpcnn.runtime.executor import DistributedModel
     from hpcnn.runtime.node_setup import setup_node
     from hpcnn.runtime.sgd import SGD
     from hpcnn.strategy.cost_model import CostModel
     from hpcnn.strategy.machine import Machine
+    from hpcnn.strategy.runtime_fit import fit_samples
 
     world = MPI.COMM_WORLD
     P, me = world.Get_size(), world.Get_rank()
