@@ -1,13 +1,13 @@
-"""hpcnn bench model: its plans, and the fit of the runtime figures (pure
-parts, no MPI; the benchmark itself is run by hand, see
-docs/performance.md "Cost model accuracy")."""
+"""hpcnn bench model: its plans, and the fit of the runtime figures
+(hpcnn.strategy.runtime_fit; pure parts, no MPI; the benchmark itself is run
+by hand, see docs/performance.md "Cost model accuracy")."""
 import math
 
 import numpy as np
 import pytest
 
 from hpcnn.bench.model import PLAN_NAMES, make_plans
-from hpcnn.bench.runtime_profile import plan_tile_jobs
+from hpcnn.calibration.tiles import plan_tile_jobs
 from hpcnn.models import build_model
 from hpcnn.strategy.machine import RuntimeFigures, load_machine
 from hpcnn.strategy.runtime_fit import PARAMS, _features, _figures, _nnls, fit_samples, synthetic_networks

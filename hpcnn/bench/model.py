@@ -26,7 +26,8 @@ measured figure is the median over all timed steps.
 Predicted: ``CostModel.evaluate(plan).total``.  The cost model needs this
 machine's figures for jobs of P ranks (``RuntimeFigures``: op tiles timed
 with all ranks computing, and the executor, exchange and allreduce figures
-fitted to synthetic networks, see hpcnn/bench/runtime_profile.py).  By
+fitted to synthetic networks, see hpcnn/calibration/runtime_sampler.py and
+hpcnn/strategy/runtime_fit.py).  By
 default they are measured in this run, as the paper profiles each layer on
 the device before predicting: ``--calibration-rounds`` rounds of the
 calibration's pieces (tiles of this run's plans, steps of the synthetic
@@ -73,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-profile", action="store_true",
                    help="predict from the machine file alone; by default the run also measures this "
                         "machine's figures for P ranks (op tiles of the plans, synthetic networks; "
-                        "hpcnn.bench.runtime_profile), interleaved with the timed steps so that "
+                        "hpcnn.calibration.runtime_sampler), interleaved with the timed steps so that "
                         "calibration and measurement share the machine's load")
     p.add_argument("--detail", action="store_true",
                    help="also print predicted against measured time per category (compute, "
@@ -210,7 +211,8 @@ def _measure(args) -> dict:
     from mpi4py import MPI
 
     from hpcnn.backend import Backend
-    from hpcnn.bench.runtime_profile import Sampler, interleave, plan_tile_jobs
+    from hpcnn.calibration.runtime_sampler import Sampler, interleave
+    from hpcnn.calibration.tiles import plan_tile_jobs
     from hpcnn.models import build_model
     from hpcnn.runtime.executor import DistributedModel
     from hpcnn.runtime.node_setup import setup_node

@@ -1,6 +1,6 @@
 """Measure hpcnn's runtime on this machine with P ranks running at once:
-the figures the cost model uses for jobs of P ranks on one node
-(``hpcnn.strategy.machine.RuntimeFigures``).
+what the runtime figures of jobs of P ranks on one node are fitted from
+(``hpcnn.strategy.runtime_fit``, ``hpcnn.strategy.machine.RuntimeFigures``).
 
 Everything here is collective over an mpi4py communicator of P ranks, and
 every rank works at the same moment, so that what is measured is what a
@@ -10,44 +10,51 @@ share the cores, a rank waiting in MPI keeps polling, and every collective
 or exchange costs scheduling time -- milliseconds rather than microseconds
 -- because the ranks it waits for may not be running.
 
-1. ``profile_tiles``: op tiles, forward + backward through the op API, every
-   rank running the same tile back to back at the same time (at least ~20 ms
-   in all); the figure is the mean over ranks of the mean time per run: the
-   compute a rank gets when all ranks compute.
+1. ``profile_tiles``: op tiles (``TileJob``), forward + backward through the
+   op API, every rank running the same tile back to back at the same time
+   (at least ~20 ms in all); the figure is the mean over ranks of the mean
+   time per run: the compute a rank gets when all ranks compute.
 2. ``measure_copy``: bytes per second of copying a tile into a region.
 3. Training steps of the synthetic networks of
-   ``hpcnn.strategy.runtime_fit``, which fits the figures to them
-   (``fit_samples``).
+   ``runtime_fit.synthetic_networks``, run by hpcnn's own executor
+   (``TimedNetwork``); ``runtime_fit.fit_samples`` fits the figures to them.
 
-``Sampler`` takes the measurements in rounds (collective); ``fit_samples``
-pools them (medians) and fits; ``runtime_figures`` does both; ``python -m
-hpcnn.bench.runtime_profile SPEC OUT`` (under mpiexec, started by ``hpcnn
-calibrate``) writes the figures.
-This module is a measurement tool, like the benchmarks beside it: the cost
-model and the search never import it.
+``Sampler`` takes the measurements in rounds (collective) and pools them;
+``runtime_figures`` samples and fits.  ``measure_runtime`` (``hpcnn
+calibrate``) starts ``mpiexec -n P python -m mpi4py -m
+hpcnn.calibration.runtime_sampler SPEC OUT``, whose ``main`` writes the
+figures.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
+from hpcnn.calibration.tiles import TileJob, by_flops, model_specs, plan_tile_jobs, random_tile, tile_jobs
+from hpcnn.launcher import child_env, find_mpiexec
 from hpcnn.strategy.runtime_fit import fit_samples, synthetic_networks
+
+#: the module mpiexec starts: this one
+WORKER = "hpcnn.calibration.runtime_sampler"
 
 
 # ---- op tiles ----------------------------------------------------------------------------
-def tile_time(node, obox, ins, dtype, repeats, rng, comm=None, min_total=0.02):
-    """Mean seconds of forward + backward of ``node`` on one tile, over runs
-    back to back (at least ``repeats`` and about ``min_total`` seconds).
-    With ``comm``, every rank runs the tile at once, makes the same number
-    of runs, and the figure is the mean over ranks."""
-    from hpcnn.strategy.calibrate import random_tile
-    op = node.op
-    xs, params, buffers, ctx = random_tile(node, obox, ins, dtype, rng)
+def tile_time(job: TileJob, dtype, repeats, rng, comm=None, min_total=0.02) -> float:
+    """Mean seconds of forward + backward of one tile, over runs back to
+    back (at least ``repeats`` and about ``min_total`` seconds).  With
+    ``comm``, every rank runs the tile at once, makes the same number of
+    runs, and the figure is the mean over ranks."""
+    op = job.node.op
+    xs, params, buffers, ctx = random_tile(job, dtype, rng)
 
     def once():
         y, saved = op.forward(xs, params, buffers, ctx)
@@ -71,39 +78,38 @@ def tile_time(node, obox, ins, dtype, repeats, rng, comm=None, min_total=0.02):
 
 
 def profile_tiles(comm, jobs: dict, dtype, repeats=5, budget=None) -> dict:
-    """{key: seconds} for ``jobs`` ({key: (node, obox, ins[, flops])}, the
-    same on every rank), every rank running each tile at the same time;
-    most flops first when a ``budget`` (seconds) may cut the list short."""
+    """{key: seconds} for ``jobs`` ({key: TileJob}, the same on every rank),
+    every rank running each tile at the same time; most flops first when a
+    ``budget`` (seconds) may cut the list short."""
     from mpi4py import MPI
     rng = np.random.default_rng(comm.Get_rank())
-    # the same order on every rank: most flops first (when known), then by key
-    keys = sorted(jobs, key=lambda k: (-(jobs[k][3] if len(jobs[k]) > 3 else 0.0), k))
     out = {}
     t_end = None if budget is None else time.perf_counter() + budget
-    for key in keys:
+    for key in by_flops(jobs):
         if t_end is not None and comm.allreduce(time.perf_counter() > t_end, op=MPI.LOR):
             break
-        node, obox, ins = jobs[key][:3]
         comm.Barrier()
-        out[key] = tile_time(node, obox, ins, dtype, repeats, rng, comm)
+        out[key] = tile_time(jobs[key], dtype, repeats, rng, comm)
     return out
 
 
-def plan_tile_jobs(graph, plans, dtype) -> dict:
-    """{key: (node, obox, ins)} of the representative tile of every layer
-    under each of ``plans`` (the tiles the cost model prices them with)."""
-    from hpcnn.parallel.layout import degrees_from_config
-    from hpcnn.strategy.cost_model import NodeGeometry, tile_key
-    jobs, geoms = {}, {}
-    for plan in plans:
-        for n in graph:
-            if n.kind == "input":
-                continue
-            geom = geoms.setdefault(n.name, NodeGeometry(n))
-            deg = degrees_from_config(n.shape, plan.config(n.name))
-            ins, out, obox = geom.tile(deg)
-            jobs.setdefault(tile_key(n, ins, out, np.dtype(dtype).name), (n, obox, ins))
-    return jobs
+def within_budget(jobs: dict, budget, rounds, P, repeats, solo, slots, min_total=0.02) -> dict:
+    """The tiles of ``jobs`` ({key: TileJob}; most flops first) whose
+    estimated timing fits ``budget`` seconds over ``rounds`` rounds: a tile
+    costs about max(repeats runs, min_total) at its solo time (``solo``,
+    else 1 ms) slowed by P / slots."""
+    if budget is None:
+        return jobs
+    out, spent = {}, 0.0
+    slow = max(1.0, P / max(1, slots))
+    for k in by_flops(jobs):
+        t = solo.get(k, 1e-3) * slow
+        cost = rounds * max(repeats * t, min_total) + rounds * 2e-3
+        if spent + cost > budget and out:
+            break
+        out[k] = jobs[k]
+        spent += cost
+    return out
 
 
 # ---- memory copies -------------------------------------------------------------------------
@@ -123,6 +129,7 @@ def measure_copy(comm, nbytes=2 << 20, runs=50) -> float:
     return float(nbytes / per) if per > 0 else float("inf")
 
 
+# ---- training steps ------------------------------------------------------------------------
 class TimedNetwork:
     """A network under a plan, built once (collective), whose training
     steps are timed on demand: the slowest rank's step, from a barrier."""
@@ -166,12 +173,13 @@ class TimedNetwork:
 
 class Sampler:
     """Everything the figures are fitted from, sampled in rounds (collective):
-    the op tiles of ``jobs`` and of the synthetic networks, the copy
-    bandwidth, and the synthetic networks' training steps.  ``items()``
-    gives one round as a list of small collective pieces of work, so that a
-    caller can interleave its own (``hpcnn bench model`` times its plans
-    between them): a change of the machine's load then touches calibration
-    and measurement alike.  ``samples()`` pools what was measured."""
+    the op tiles of ``jobs`` ({key: TileJob}) and of the synthetic networks,
+    the copy bandwidth, and the synthetic networks' training steps.
+    ``items()`` gives one round as a list of small collective pieces of
+    work, so that a caller can interleave its own (``hpcnn bench model``
+    times its plans between them): a change of the machine's load then
+    touches calibration and measurement alike.  ``samples()`` pools what was
+    measured."""
 
     def __init__(self, comm, jobs: dict, dtype="float32", repeats=5, steps=3):
         from hpcnn.backend import get_backend
@@ -180,11 +188,12 @@ class Sampler:
         self.P = comm.Get_size()
         self.info = setup_node(comm, get_backend(), verbose=False)
         self.jobs = dict(jobs)
-        self.networks = [TimedNetwork(comm, name, g, plan, dtype) for name, g, plan in synthetic_networks(self.P)]
+        self.networks = [TimedNetwork(comm, net.name, net.graph, net.plan, dtype)
+                         for net in synthetic_networks(self.P)]
         for net in self.networks:
-            self.jobs.update(plan_tile_jobs(net.graph, [net.plan], dtype))
-        # the same order on every rank: most flops first (when known), then by key
-        self.keys = sorted(self.jobs, key=lambda k: (-(self.jobs[k][3] if len(self.jobs[k]) > 3 else 0.0), k))
+            for key, job in plan_tile_jobs(net.graph, [net.plan], dtype).items():
+                self.jobs.setdefault(key, job)
+        self.keys = by_flops(self.jobs)          # the same order on every rank
         self.ops: dict = {}
         self.copy: list = []
         self.load: list = []
@@ -221,7 +230,8 @@ class Sampler:
         return [it for _ in range(rounds) for it in self.items(chunks)]
 
     def samples(self) -> dict:
-        """The pooled measurements (plain data, the same on every rank)."""
+        """The pooled measurements (plain data, the same on every rank), as
+        ``runtime_fit.fit_samples`` reads them."""
         return {"ranks": self.P, "blas_threads": self.info.blas_threads,
                 "ops": {k: list(v) for k, v in self.ops.items()},
                 "copy_bandwidth": list(self.copy),
@@ -243,14 +253,13 @@ def interleave(a: list, b: list) -> list:
     return [x for _, _, x in sorted(keyed, key=lambda t: (t[0], t[1]))]
 
 
-# ---- everything --------------------------------------------------------------------------------
 def runtime_figures(comm, machine, jobs: dict, dtype="float32", repeats=5, rounds=3,
                     solo_ops: dict | None = None, steps=4):
     """RuntimeFigures for P = comm's size (collective; every rank gets them)
     and a dict of the raw measurements: ``rounds`` rounds of a Sampler, the
-    fit on rank 0.  ``jobs``: the op tiles to time ({key: (node, obox, ins[,
-    flops])}); ``solo_ops``: times of tiles alone (the machine file's), for
-    the slow-down factor of tiles not timed here."""
+    fit on rank 0.  ``jobs``: the op tiles to time ({key: TileJob});
+    ``solo_ops``: times of tiles alone (the machine file's), for the
+    slow-down factor of tiles not timed here."""
     sampler = Sampler(comm, jobs, dtype, repeats, steps)
     for _ in range(rounds):
         sampler.run_round()
@@ -263,49 +272,76 @@ def runtime_figures(comm, machine, jobs: dict, dtype="float32", repeats=5, round
     return rf, raw
 
 
-def within_budget(jobs, budget, rounds, P, repeats, solo, slots, min_total=0.02):
-    """The tiles (most flops first) whose estimated timing fits ``budget``
-    seconds over ``rounds`` rounds: a tile costs about max(repeats runs,
-    min_total) at its solo time (``solo``, else 1 ms) slowed by P / slots."""
-    if budget is None:
-        return jobs
-    order = sorted(jobs, key=lambda k: (-(jobs[k][3] if len(jobs[k]) > 3 else 0.0), k))
-    out, spent = {}, 0.0
-    slow = max(1.0, P / max(1, slots))
-    for k in order:
-        t = solo.get(k, 1e-3) * slow
-        cost = rounds * max(repeats * t, min_total) + rounds * 2e-3
-        if spent + cost > budget and out:
-            break
-        out[k] = jobs[k]
-        spent += cost
-    return out
+# ---- the worker of hpcnn calibrate -------------------------------------------------------------
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """What the worker measures: the op tiles of ``models`` (NAME or
+    NAME@SIDE) at batch ``batch``, within ``budget`` seconds of tiles, in
+    ``rounds`` rounds of ``repeats`` runs per tile."""
+    models: tuple
+    batch: int
+    dtype: str = "float32"
+    repeats: int = 5
+    budget: float | None = None
+    rounds: int = 3
+    max_kinds: int = 2
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "models": list(self.models)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "RuntimeSpec":
+        d = json.loads(text)
+        return cls(**{**d, "models": tuple(d["models"])})
+
+
+def measure_runtime(machine_path, P: int, spec: RuntimeSpec, timeout=3600):
+    """Start ``mpiexec -n P python -m mpi4py -m
+    hpcnn.calibration.runtime_sampler SPEC OUT`` and read its
+    RuntimeFigures (and raw measurements)."""
+    from hpcnn.strategy.machine import RuntimeFigures
+    exe = find_mpiexec()
+    if exe is None:
+        raise RuntimeError("mpiexec not found: install an MPI (pip install mpich) or pass --no-runtime")
+    env = child_env()
+    with tempfile.TemporaryDirectory() as d:
+        spec_path = Path(d) / "spec.json"
+        out = Path(d) / "runtime.json"
+        spec_path.write_text(spec.to_json())
+        r = subprocess.run([exe, "-n", str(P), sys.executable, "-m", "mpi4py", "-m", WORKER,
+                            str(machine_path), str(spec_path), str(out)],
+                           env=env, capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0 or not out.exists():
+            raise RuntimeError(f"the runtime measurement with {P} ranks failed (exit {r.returncode}): "
+                               f"{r.stderr[-2000:]}")
+        res = json.loads(out.read_text())
+    return RuntimeFigures.from_dict(res["figures"]), res["raw"]
 
 
 def main(argv=None) -> int:
     """Worker of ``hpcnn calibrate``: ``mpiexec -n P python -m mpi4py -m
-    hpcnn.bench.runtime_profile SPEC.json OUT.json``.  SPEC names the
-    machine file so far, the models (NAME or NAME@SIDE), batch, dtype,
-    repeats and the tile budget; rank 0 writes the figures."""
+    hpcnn.calibration.runtime_sampler MACHINE.json SPEC.json OUT.json``.
+    MACHINE is the machine file so far (its solo tile times), SPEC a
+    RuntimeSpec; rank 0 writes the figures."""
     from mpi4py import MPI
 
-    from hpcnn.strategy.calibrate import model_specs, tile_jobs
     from hpcnn.strategy.machine import Machine
     argv = sys.argv[1:] if argv is None else argv
-    with open(argv[0]) as f:
-        spec = json.load(f)
+    if len(argv) != 3:
+        print("usage: mpiexec -n P python -m mpi4py -m hpcnn.calibration.runtime_sampler "
+              "MACHINE.json SPEC.json OUT.json (started by hpcnn calibrate)", file=sys.stderr)
+        return 2
+    machine = Machine.load(argv[0])
+    spec = RuntimeSpec.from_json(Path(argv[1]).read_text())
     comm = MPI.COMM_WORLD
     P = comm.Get_size()
-    machine = Machine.load(spec["machine"])
-    jobs = tile_jobs(model_specs(spec["models"]), [P], spec["batch"], spec["dtype"], spec.get("max_kinds", 2))
-    jobs = {k: (v[0], v[2], v[3], v[5]) for k, v in jobs.items()}
-    jobs = within_budget(jobs, spec.get("budget"), spec.get("rounds", 3), P, spec.get("repeats", 5),
-                         (machine.measured or {}).get("ops", {}), machine.slots_per_node or 1)
-    rf, raw = runtime_figures(comm, machine, jobs, spec["dtype"], spec.get("repeats", 5),
-                              spec.get("rounds", 3), solo_ops=(machine.measured or {}).get("ops"))
+    solo = (machine.measured or {}).get("ops", {})
+    jobs = tile_jobs(model_specs(spec.models), [P], spec.batch, spec.dtype, spec.max_kinds)
+    jobs = within_budget(jobs, spec.budget, spec.rounds, P, spec.repeats, solo, machine.slots_per_node or 1)
+    rf, raw = runtime_figures(comm, machine, jobs, spec.dtype, spec.repeats, spec.rounds,
+                              solo_ops=(machine.measured or {}).get("ops"))
     if comm.Get_rank() == 0:
-        with open(argv[1], "w") as f:
-            json.dump({"figures": rf.to_dict(), "raw": raw}, f)
+        Path(argv[2]).write_text(json.dumps({"figures": rf.to_dict(), "raw": raw}))
     return 0
 
 
