@@ -141,6 +141,23 @@ def agree(comm, fn, expected=(Exception,)):
     return out
 
 
+def choose_plan(job, graph, world: int) -> tuple:
+    """(Plan, the search's report or None) that ``plan.mode`` names for
+    ``graph`` on ``world`` ranks: "search", "data-parallel" (the baseline
+    the benchmarks run under that name) or a plan file."""
+    from hpcnn.strategy.baselines import data_parallel
+    from hpcnn.strategy.plan import Plan
+    mode = job["plan"]["mode"]
+    if mode == "search":
+        from hpcnn.strategy import search_plan
+        from hpcnn.strategy.machine import load_machine
+        machine = load_machine(job["plan"]["machine"])
+        return search_plan(graph, world, machine, memory_gib=job["plan"]["memory_gib"] or None)
+    if mode == "data-parallel":
+        return data_parallel(graph, world), None
+    return Plan.load(job.resolve(mode)), None
+
+
 class Trainer:
     def __init__(self, job, comm, trace_steps=20):
         self.job, self.comm = job, comm
@@ -192,23 +209,13 @@ class Trainer:
             num_classes=classes, in_channels=c), (GraphError, KeyError, ValueError))
 
     def make_plan(self):
-        from hpcnn.strategy.plan import Plan, PlanError, data_parallel
+        from hpcnn.strategy.plan import Plan, PlanError
         j, g = self.job, self.graph
-        mode = j["plan"]["mode"]
         text, err, self.plan_report = None, None, None
         t0 = time.perf_counter()
         if self.rank == 0:
             try:
-                if mode == "search":
-                    from hpcnn.strategy import search_plan
-                    from hpcnn.strategy.machine import load_machine
-                    machine = load_machine(j["plan"]["machine"])
-                    mem = j["plan"]["memory_gib"] or None
-                    plan, self.plan_report = search_plan(g, self.world, machine, memory_gib=mem)
-                elif mode == "data-parallel":
-                    plan = data_parallel(g, self.world)
-                else:
-                    plan = Plan.load(j.resolve(mode))
+                plan, self.plan_report = choose_plan(j, g, self.world)
                 text = plan.to_json()
             except (PlanError, OSError, ValueError, KeyError) as exc:
                 err = f"plan: {exc}"

@@ -165,3 +165,4 @@ def test_baselines_are_valid_for_the_zoo_and_keep_the_fold_groups(name):
             for grp in folded:
                 root = plan.config(grp.root)
                 assert all(plan.config(m) == root for m in grp.members), (plan.name, P, grp.root)
+        assert {str(c) for c in data_parallel(g, P).configs.values()} == {str({"n": min(P, 8)})}

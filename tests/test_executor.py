@@ -10,7 +10,8 @@ from hpcnn.backend import Backend
 from hpcnn.models import build_model
 from hpcnn.runtime.sequential import SequentialModel
 from hpcnn.runtime.sgd import SGD
-from hpcnn.strategy.plan import Plan, PlanError, data_parallel
+from hpcnn.strategy.baselines import data_parallel
+from hpcnn.strategy.plan import Plan, PlanError
 
 
 def _model(g, plan, **kw):

@@ -5,7 +5,8 @@ Table 4 on this machine).
 Plans (at P ranks; at 1 rank they are all the sequential program, measured
 once; a plan equal to another is measured once and listed under both names):
 
-  data-parallel  every layer split over samples (hpcnn.strategy.baselines)
+  data-parallel  every layer split over samples on min(P, batch) ranks
+                 (hpcnn.strategy.baselines, as hpcnn train's plan.mode)
   owt            data-parallel images, channel-parallel fully connected
   model-parallel channels everywhere (samples for the loss)
   searched       the plan ``hpcnn plan`` finds with the machine file

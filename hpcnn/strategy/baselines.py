@@ -1,6 +1,8 @@
-"""The strategies layer-wise parallelism is compared with:
+"""The strategies layer-wise parallelism is compared with.  The job
+(``plan.mode = "data-parallel"``), the benchmarks and the planner's
+comparison all build them here, so one name means one plan:
 
-data-parallel   every layer split over samples on all ranks;
+data-parallel   every layer split over samples on min(ranks, batch) ranks;
 model-parallel  every layer split over channels on all ranks ("channel split
                 everywhere"); a layer that cannot split channels (the loss)
                 splits samples instead;
@@ -9,9 +11,12 @@ owt             Krizhevsky's "one weird trick": layers with image outputs
                 parallel, fully connected layers channel parallel, everything
                 else (flatten, global pooling, loss) data parallel.
 
-Degrees are fitted by the rules of the searched space
+Model-parallel and OWT degrees are fitted by the rules of the searched space
 (``config_space.fit_config``: a layer's rank count divides the job's or is a
 power of two), so that they are admissible for their layer and the job.
+Data parallelism is what a user means by it, all the samples' ranks, even
+where the searched space would use fewer (10 of 12 ranks for a batch of
+10); the cost model prices plans outside the searched space too.
 
 Every baseline is built per fold group of the search
 (``config_space.fold_groups``): the group's configuration comes from its
@@ -44,7 +49,10 @@ def _fitted(ranks: int, want):
 
 
 def data_parallel(graph, ranks: int) -> Plan:
-    return _build(graph, ranks, "data-parallel", _fitted(ranks, lambda n: {"n": ranks}))
+    """Every layer split over samples on min(ranks, batch) ranks."""
+    def config_of(grp: LayerGroup, root) -> dict:
+        return {"n": min(ranks, grp.shape[0]) if "n" in grp.splittable else 1}
+    return _build(graph, ranks, "data-parallel", config_of)
 
 
 def model_parallel(graph, ranks: int) -> Plan:
