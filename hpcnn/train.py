@@ -334,7 +334,7 @@ class Trainer:
                 if start_batch >= bpe:      # epoch finished
                     ev = j["train"]["eval_every"]
                     if self.test_data is not None and ev and (epoch + 1) % ev == 0 and step < total:
-                        acc = self.evaluate()
+                        acc = self.test_accuracy()
                         self.log(f"epoch {epoch + 1}/{epochs}: test accuracy {acc:.4f}")
                         metrics.write(kind="eval", step=step, epoch=epoch + 1, test_accuracy=acc)
                     epoch, start_batch = epoch + 1, 0
@@ -368,7 +368,7 @@ class Trainer:
             self.save(ckdir, step, epoch, start_batch)
         acc = None
         if self.test_data is not None:
-            acc = self.evaluate()
+            acc = self.test_accuracy()
             self.log(f"final test accuracy {acc:.4f} after {step} steps")
         if images and self.rank == 0:
             self.log(f"trained {images} images in {elapsed:.1f} s ({images / elapsed:.1f} images/s "
@@ -395,7 +395,7 @@ class Trainer:
             trace_events.extend(ev)
         self.model.events = []
 
-    def evaluate(self) -> float:
+    def test_accuracy(self) -> float:
         """Accuracy on the test split (all of it: the last short batch is
         padded and the padding is not counted)."""
         d, B = self.test_data, self.graph.batch
@@ -411,7 +411,7 @@ class Trainer:
             x = None
             if box is not None:
                 x = d.read_rows(rows[box[0][0]:box[0][1]], box[1:])
-            c, k = self.model.evaluate(x, labels, valid=valid)
+            c, k = self.model.count_correct(x, labels, valid=valid)
             correct += c
             count += k
         return correct / max(1, count)
