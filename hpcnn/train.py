@@ -7,81 +7,26 @@ network, reads only its own box of each batch from the HDF5 file, and trains.
 Rank 0 shows progress, writes the metrics file and, at the end, a per-layer
 table of predicted against measured time.
 
-Failure handling (hpcnn.failsafe): errors that every rank sees (a bad job
-file, a missing data file, a plan for another world size) end every rank
-with one clear message and exit status 2; an unexpected exception on one rank
-aborts all ranks with that rank's traceback; a NaN or infinite loss stops the
-job naming the step (status 3); SIGTERM/SIGUSR1 write a checkpoint at the
-next step boundary and exit with status 0.
+Failure handling (hpcnn.failsafe, hpcnn.job_errors): errors that every
+rank sees (a bad job file, a missing data file, a plan for another world
+size) end every rank with one clear message and exit status 2; an
+unexpected exception on one rank aborts all ranks with that rank's
+traceback; a NaN or infinite loss stops the job naming the step (status 3);
+SIGTERM/SIGUSR1 write a checkpoint at the next step boundary and exit with
+status 0.  Faults for the tests of these paths: hpcnn.fault_injection.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-EXIT_USAGE, EXIT_DIVERGED = 2, 3
-
-
-class Faults:
-    """Fault injection for tests of the failure paths (never set in normal
-    runs).  HPCNN_FAULT is a comma-separated list of
-        raise:STEP:RANK          raise an exception after step STEP on RANK
-        kill:STEP:RANK           SIGKILL the rank after step STEP
-        sleep:STEP:RANK:SECONDS  stall the rank after step STEP
-        kill-in-checkpoint:RANK  SIGKILL rank RANK (0 writes) in the middle of a checkpoint write
-    """
-
-    def __init__(self, rank: int, spec: str | None = None):
-        spec = os.environ.get("HPCNN_FAULT", "") if spec is None else spec
-        self.rank, self.items = rank, []
-        for part in filter(None, (x.strip() for x in spec.split(","))):
-            f = part.split(":")
-            try:
-                if f[0] in ("raise", "kill"):
-                    self.items.append((f[0], int(f[1]), int(f[2]), 0.0))
-                elif f[0] == "sleep":
-                    self.items.append((f[0], int(f[1]), int(f[2]), float(f[3])))
-                elif f[0] == "kill-in-checkpoint":
-                    self.items.append((f[0], -1, int(f[1]), 0.0))
-                else:
-                    raise ValueError
-            except (ValueError, IndexError):
-                raise JobFailure(f"HPCNN_FAULT: cannot parse {part!r}") from None
-
-    def after_step(self, step: int):
-        for kind, s, r, secs in self.items:
-            if r != self.rank or s != step:
-                continue
-            if kind == "raise":
-                raise RuntimeError(f"injected fault on rank {r} after step {s} (HPCNN_FAULT)")
-            if kind == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if kind == "sleep":
-                time.sleep(secs)
-
-    def checkpoint_hook(self):
-        if not any(k == "kill-in-checkpoint" and r == self.rank for k, _, r, _ in self.items):
-            return None
-
-        def hook(i, n, path):
-            if i >= n // 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return hook
-
-
-class JobFailure(Exception):
-    """An error every rank agrees on: printed once by rank 0, exit status ``code``."""
-
-    def __init__(self, msg, code=EXIT_USAGE):
-        super().__init__(msg)
-        self.code = code
+from hpcnn.fault_injection import Faults
+from hpcnn.job_errors import EXIT_DIVERGED, JobFailure, agree
 
 
 def add_arguments(p):
@@ -121,24 +66,6 @@ def run(args) -> int:
         if rank == 0:
             print(f"hpcnn train: {exc}", file=sys.stderr, flush=True)
         return exc.code
-
-
-def agree(comm, fn, expected=(Exception,)):
-    """Run ``fn`` on every rank; if it raises one of ``expected`` on any
-    rank, every rank raises JobFailure with the first failing rank's
-    message.  Keeps ranks in step: nobody continues alone into a collective."""
-    err = None
-    try:
-        out = fn()
-    except expected as exc:  # noqa: PERF203
-        out, err = None, str(exc)
-    errs = comm.allgather(err)
-    bad = [(r, e) for r, e in enumerate(errs) if e is not None]
-    if bad:
-        r, e = bad[0]
-        where = "" if all(x == e for x in errs) else f" (rank {r})"
-        raise JobFailure(f"{e}{where}")
-    return out
 
 
 def choose_plan(job, graph, world: int) -> tuple:

@@ -25,7 +25,7 @@ LAYER = {
     "hpcnn.runtime": 6,
     "hpcnn.data": 7, "hpcnn.checkpoint": 7, "hpcnn.calibration": 7,
     "hpcnn.train": 8, "hpcnn.cli": 8, "hpcnn.job": 8, "hpcnn.failsafe": 8, "hpcnn.progress": 8,
-    "hpcnn.checkpoint_command": 8, "hpcnn.bench": 8,
+    "hpcnn.checkpoint_command": 8, "hpcnn.bench": 8, "hpcnn.job_errors": 8, "hpcnn.fault_injection": 8,
 }
 # modules of a layer that may import MPI (the rest of that layer may not)
 MPI_ALLOWED = ("hpcnn.backend", "hpcnn.parallel.comm", "hpcnn.parallel.groups", "hpcnn.runtime",
