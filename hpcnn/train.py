@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +86,26 @@ def choose_plan(job, graph, world: int) -> tuple:
     return Plan.load(job.resolve(mode)), None
 
 
+@dataclass
+class Position:
+    """Where a run is: the next step, epoch and batch of the epoch, the step
+    of the last checkpoint, images trained, and what stopped it (a signal's
+    name, or None)."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    checkpointed: int = 0
+    images: int = 0
+    stopped: str | None = None
+
+
 class Trainer:
     def __init__(self, job, comm, trace_steps=20):
         self.job, self.comm = job, comm
         self.rank, self.world = comm.Get_rank(), comm.Get_size()
         self.trace_steps = trace_steps
+        self.tracing = bool(job["log"]["trace"])
+        self.ckdir = job.resolve(job["checkpoint"]["dir"]) if job["checkpoint"]["dir"] else None
 
     def log(self, text):
         if self.rank == 0:
@@ -156,14 +172,35 @@ class Trainer:
         if self.rank == 0 and j["plan"]["save"]:
             plan.save(j.resolve(j["plan"]["save"]))
 
-    # ---- the run ----------------------------------------------------------------
-    def run(self) -> int:
-        from hpcnn.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-        from hpcnn.failsafe import StallWatchdog, StopSignals
-        from hpcnn.progress import MetricsWriter, Progress
+    def setup_training(self):
+        """The distributed model, the optimiser and the learning-rate
+        schedule; the step limit."""
         from hpcnn.runtime.executor import DistributedModel
         from hpcnn.runtime.lr_schedule import Schedule
         from hpcnn.runtime.sgd import SGD
+        j = self.job
+        self.model = DistributedModel(self.graph, self.plan, self.comm, dtype=np.dtype(j["job"]["dtype"]),
+                                      seed=j["job"]["seed"], trace=True)
+        opt = j["optimizer"]
+        self.opt = SGD(lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"],
+                       weight_decay=opt["weight_decay"])
+        self.epochs, bpe = j["train"]["epochs"], self.batches_per_epoch
+        self.total = self.epochs * bpe
+        if j["train"]["max_steps"]:
+            self.total = min(self.total, j["train"]["max_steps"])
+        sch = j["schedule"]
+        self.schedule = Schedule(sch["kind"], opt["lr"], total_steps=self.epochs * bpe,
+                                 warmup_steps=int(sch["warmup_epochs"] * bpe),
+                                 milestones=[int(m * bpe) for m in sch["milestones"]], gamma=sch["gamma"])
+
+    # ---- the run ----------------------------------------------------------------
+    def run(self) -> int:
+        """Set up, resume, train epoch after epoch until the step limit, the
+        last epoch or a stop signal, and report.  Returns the exit status
+        (0, also after a stop signal); errors all ranks agree on raise
+        JobFailure."""
+        from hpcnn.failsafe import StallWatchdog, StopSignals
+        from hpcnn.progress import MetricsWriter, Progress
 
         j = self.job
         self.stop = StopSignals()
@@ -171,103 +208,22 @@ class Trainer:
         self.open_data()
         self.build_graph()
         self.make_plan()
-        tracing = bool(j["log"]["trace"])
-        self.model = DistributedModel(self.graph, self.plan, self.comm, dtype=np.dtype(j["job"]["dtype"]),
-                                      seed=j["job"]["seed"], trace=True)
-        opt = j["optimizer"]
-        self.opt = SGD(lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"],
-                       weight_decay=opt["weight_decay"])
-        epochs, bpe = j["train"]["epochs"], self.batches_per_epoch
-        total = epochs * bpe
-        if j["train"]["max_steps"]:
-            total = min(total, j["train"]["max_steps"])
-        sch = j["schedule"]
-        self.schedule = Schedule(sch["kind"], opt["lr"], total_steps=epochs * bpe,
-                                 warmup_steps=int(sch["warmup_epochs"] * bpe),
-                                 milestones=[int(m * bpe) for m in sch["milestones"]], gamma=sch["gamma"])
-        # ---- resume
-        step, epoch, start_batch = 0, 0, 0
-        ckdir = j.resolve(j["checkpoint"]["dir"]) if j["checkpoint"]["dir"] else None
-        if ckdir is not None and j["checkpoint"]["resume"]:
-            latest = latest_checkpoint(ckdir)
-            if latest is not None:
-                meta = agree(self.comm, lambda: load_checkpoint(latest, self.model, self.opt),
-                             (CheckpointError, OSError))
-                step, epoch = int(meta["step"]), int(meta["epoch"])
-                start_batch = int(meta.get("batch_in_epoch", 0))
-                if start_batch >= bpe:
-                    epoch, start_batch = epoch + 1, 0
-                self.log(f"resumed from {latest} at step {step} (epoch {epoch}, batch {start_batch}; "
-                         f"written on {meta.get('world')} ranks)")
+        self.setup_training()
+        pos = self.resume()
         self.describe()
-        self.progress = Progress(total, j["log"]["progress"], j["train"]["log_every"],
-                                 initial=min(step, total)) if self.rank == 0 else None
-        metrics = MetricsWriter(j["log"]["metrics"] if self.rank == 0 else None)
+        self.progress = Progress(self.total, j["log"]["progress"], j["train"]["log_every"],
+                                 initial=min(pos.step, self.total)) if self.rank == 0 else None
+        self.metrics = MetricsWriter(j["log"]["metrics"] if self.rank == 0 else None)
         watchdog = StallWatchdog(self.comm, j["log"]["stall_seconds"])
         self.node_time: dict = {}
-        trace_events, trace_t0 = [], time.perf_counter()
-        stopped = None
-        last_ck_step = step
+        self.trace_events, self.trace_t0 = [], time.perf_counter()
         t_run = time.perf_counter()
-        images = 0
         collective_cleanup = False    # only when every rank leaves the loop together
         try:
-            while step < total and epoch < epochs:
-                box = self.model.input_box()
-                items = [(epoch, b) for b in range(start_batch, bpe)]
-                reader = self.train_data.prefetch(items, box=box if box is not None else
-                                                  ((0, 0), (0, 0), (0, 0), (0, 0)),
-                                                  depth=max(1, j["data"]["prefetch"]))
-                try:
-                    for batch in reader:
-                        t0 = time.perf_counter()
-                        labels = self.train_data.batch_labels(epoch, batch.index)
-                        x = batch.x if box is not None else None
-                        lr = self.schedule(step)
-                        loss = self.model.train_step(x, labels, self.opt, lr=lr, step=step)
-                        if not math.isfinite(loss):
-                            raise JobFailure(
-                                f"the loss is {loss} at step {step} (epoch {epoch}, batch {batch.index}): "
-                                f"training diverged; lower optimizer.lr (now {lr:.4g}) or check the data. "
-                                f"The last good checkpoint is kept.", EXIT_DIVERGED)
-                        dt = time.perf_counter() - t0
-                        self._account(step, tracing, trace_events)
-                        images += self.graph.batch
-                        if self.rank == 0:
-                            ips = self.graph.batch / dt if dt > 0 else 0.0
-                            self.progress.update(step, loss, ips, lr, epoch)
-                            if (step + 1) % j["train"]["log_every"] == 0:
-                                metrics.write(kind="train", step=step + 1, epoch=epoch, loss=loss, lr=lr,
-                                              images_per_s=ips, step_seconds=dt,
-                                              bytes_sent_rank0=sum(self.model.step_bytes().values()))
-                        self.faults.after_step(step)
-                        watchdog.arrived(step)
-                        step += 1
-                        start_batch = batch.index + 1
-                        stop_now = self.comm.allreduce(1 if self.stop.requested else 0)
-                        every = j["checkpoint"]["every_steps"]
-                        if ckdir is not None and (stop_now or (every and step % every == 0)):
-                            self.save(ckdir, step, epoch, start_batch)
-                            last_ck_step = step
-                        if stop_now:
-                            stopped = self.stop.requested or "a signal on another rank"
-                            break
-                        if step >= total:
-                            break
-                finally:
-                    reader.close()
-                if stopped:
-                    break
-                if start_batch >= bpe:      # epoch finished
-                    ev = j["train"]["eval_every"]
-                    if self.test_data is not None and ev and (epoch + 1) % ev == 0 and step < total:
-                        acc = self.test_accuracy()
-                        self.log(f"epoch {epoch + 1}/{epochs}: test accuracy {acc:.4f}")
-                        metrics.write(kind="eval", step=step, epoch=epoch + 1, test_accuracy=acc)
-                    epoch, start_batch = epoch + 1, 0
-                    if ckdir is not None and not j["checkpoint"]["every_steps"] and last_ck_step != step:
-                        self.save(ckdir, step, epoch, start_batch)
-                        last_ck_step = step
+            while pos.step < self.total and pos.epoch < self.epochs and not pos.stopped:
+                self.run_epoch(pos, watchdog)
+                if not pos.stopped and pos.batch >= self.batches_per_epoch:
+                    self.end_epoch(pos)
             collective_cleanup = True
         except JobFailure:
             collective_cleanup = True   # agreed on every rank (the loss is global)
@@ -283,33 +239,133 @@ class Trainer:
             if self.progress is not None:
                 self.progress.close()
             self.progress = None
-        elapsed = time.perf_counter() - t_run
-        if stopped:
-            self.log(f"stopped by {stopped} at step {step}"
-                     + (f"; checkpoint written to {ckdir}" if ckdir is not None else
+        return self.report(pos, time.perf_counter() - t_run)
+
+    # ---- the steps of the run ---------------------------------------------------------
+    def resume(self) -> "Position":
+        """Where training starts: the beginning, or the latest checkpoint in
+        checkpoint.dir when checkpoint.resume is set (every rank loads its
+        share)."""
+        from hpcnn.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+        pos = Position()
+        if self.ckdir is None or not self.job["checkpoint"]["resume"]:
+            return pos
+        latest = latest_checkpoint(self.ckdir)
+        if latest is None:
+            return pos
+        meta = agree(self.comm, lambda: load_checkpoint(latest, self.model, self.opt),
+                     (CheckpointError, OSError))
+        pos.step, pos.epoch = int(meta["step"]), int(meta["epoch"])
+        pos.batch = int(meta.get("batch_in_epoch", 0))
+        if pos.batch >= self.batches_per_epoch:
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+        pos.checkpointed = pos.step
+        self.log(f"resumed from {latest} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch}; "
+                 f"written on {meta.get('world')} ranks)")
+        return pos
+
+    def run_epoch(self, pos: "Position", watchdog) -> None:
+        """The batches of epoch ``pos.epoch`` from ``pos.batch`` on, until the
+        epoch ends, the step limit is reached or the ranks agree to stop."""
+        box = self.model.input_box()
+        items = [(pos.epoch, b) for b in range(pos.batch, self.batches_per_epoch)]
+        reader = self.train_data.prefetch(items, box=box if box is not None else
+                                          ((0, 0), (0, 0), (0, 0), (0, 0)),
+                                          depth=max(1, self.job["data"]["prefetch"]))
+        try:
+            for batch in reader:
+                self.train_step(pos, batch, box is not None)
+                self.faults.after_step(pos.step)
+                watchdog.arrived(pos.step)
+                pos.step += 1
+                pos.batch = batch.index + 1
+                if self.checkpoint_or_stop(pos) or pos.step >= self.total:
+                    break
+        finally:
+            reader.close()
+
+    def train_step(self, pos: "Position", batch, has_input: bool) -> None:
+        """One training step on ``batch``: the update, the divergence check,
+        the time accounting, progress and metrics."""
+        j = self.job
+        t0 = time.perf_counter()
+        labels = self.train_data.batch_labels(pos.epoch, batch.index)
+        x = batch.x if has_input else None
+        lr = self.schedule(pos.step)
+        loss = self.model.train_step(x, labels, self.opt, lr=lr, step=pos.step)
+        if not math.isfinite(loss):
+            raise JobFailure(
+                f"the loss is {loss} at step {pos.step} (epoch {pos.epoch}, batch {batch.index}): "
+                f"training diverged; lower optimizer.lr (now {lr:.4g}) or check the data. "
+                f"The last good checkpoint is kept.", EXIT_DIVERGED)
+        dt = time.perf_counter() - t0
+        self._account(pos.step)
+        pos.images += self.graph.batch
+        if self.rank == 0:
+            ips = self.graph.batch / dt if dt > 0 else 0.0
+            self.progress.update(pos.step, loss, ips, lr, pos.epoch)
+            if (pos.step + 1) % j["train"]["log_every"] == 0:
+                self.metrics.write(kind="train", step=pos.step + 1, epoch=pos.epoch, loss=loss, lr=lr,
+                                   images_per_s=ips, step_seconds=dt,
+                                   bytes_sent_rank0=sum(self.model.step_bytes().values()))
+
+    def checkpoint_or_stop(self, pos: "Position") -> bool:
+        """After a step: agree whether a stop signal arrived on any rank;
+        write a checkpoint then, or every checkpoint.every_steps steps.
+        True when the run stops."""
+        stop_now = self.comm.allreduce(1 if self.stop.requested else 0)
+        every = self.job["checkpoint"]["every_steps"]
+        if self.ckdir is not None and (stop_now or (every and pos.step % every == 0)):
+            self.checkpoint(pos)
+        if stop_now:
+            pos.stopped = self.stop.requested or "a signal on another rank"
+        return bool(stop_now)
+
+    def end_epoch(self, pos: "Position") -> None:
+        """After an epoch's last batch: the test accuracy every
+        train.eval_every epochs (unless the run ends now and reports it
+        anyway), the next epoch, and its checkpoint when checkpoints are
+        written per epoch."""
+        j = self.job
+        ev = j["train"]["eval_every"]
+        if self.test_data is not None and ev and (pos.epoch + 1) % ev == 0 and pos.step < self.total:
+            acc = self.test_accuracy()
+            self.log(f"epoch {pos.epoch + 1}/{self.epochs}: test accuracy {acc:.4f}")
+            self.metrics.write(kind="eval", step=pos.step, epoch=pos.epoch + 1, test_accuracy=acc)
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+        if self.ckdir is not None and not j["checkpoint"]["every_steps"] and pos.checkpointed != pos.step:
+            self.checkpoint(pos)
+
+    def report(self, pos: "Position", elapsed: float) -> int:
+        """The end of the run: after a stop, say so; otherwise the last
+        checkpoint, the final test accuracy, throughput, the per-layer table
+        and the trace.  Returns the exit status."""
+        if pos.stopped:
+            self.log(f"stopped by {pos.stopped} at step {pos.step}"
+                     + (f"; checkpoint written to {self.ckdir}" if self.ckdir is not None else
                         " (no checkpoint.dir: nothing saved)"))
-            metrics.write(kind="stopped", step=step, signal=stopped)
-            metrics.close()
+            self.metrics.write(kind="stopped", step=pos.step, signal=pos.stopped)
+            self.metrics.close()
             return 0
-        if ckdir is not None and last_ck_step != step:
-            self.save(ckdir, step, epoch, start_batch)
+        if self.ckdir is not None and pos.checkpointed != pos.step:
+            self.checkpoint(pos)
         acc = None
         if self.test_data is not None:
             acc = self.test_accuracy()
-            self.log(f"final test accuracy {acc:.4f} after {step} steps")
-        if images and self.rank == 0:
-            self.log(f"trained {images} images in {elapsed:.1f} s ({images / elapsed:.1f} images/s "
+            self.log(f"final test accuracy {acc:.4f} after {pos.step} steps")
+        if pos.images and self.rank == 0:
+            self.log(f"trained {pos.images} images in {elapsed:.1f} s ({pos.images / elapsed:.1f} images/s "
                      f"on {self.world} ranks)")
-        metrics.write(kind="final", step=step, test_accuracy=acc, seconds=elapsed,
-                      images_per_s=images / elapsed if elapsed > 0 else None)
-        metrics.close()
-        self.layer_table(step)
-        if tracing:
-            self.write_trace(trace_events, trace_t0)
+        self.metrics.write(kind="final", step=pos.step, test_accuracy=acc, seconds=elapsed,
+                           images_per_s=pos.images / elapsed if elapsed > 0 else None)
+        self.metrics.close()
+        self.layer_table(pos.step)
+        if self.tracing:
+            self.write_trace(self.trace_events, self.trace_t0)
         return 0
 
-    # ---- pieces of the loop ---------------------------------------------------------
-    def _account(self, step, tracing, trace_events):
+    # ---- pieces of the steps ---------------------------------------------------------
+    def _account(self, step):
         """Per-node measured time from the executor's events (summed over
         steps after the first, which warms caches), and the trace."""
         ev = self.model.events
@@ -318,9 +374,14 @@ class Trainer:
                 key = (node, cat)
                 self.node_time[key] = self.node_time.get(key, 0.0) + (t1 - t0)
             self._timed_steps = getattr(self, "_timed_steps", 0) + 1
-        if tracing and step < self.trace_steps:
-            trace_events.extend(ev)
+        if self.tracing and step < self.trace_steps:
+            self.trace_events.extend(ev)
         self.model.events = []
+
+    def checkpoint(self, pos: "Position"):
+        """A checkpoint of the model and optimiser at ``pos``."""
+        self.save(self.ckdir, pos.step, pos.epoch, pos.batch)
+        pos.checkpointed = pos.step
 
     def test_accuracy(self) -> float:
         """Accuracy on the test split (all of it: the last short batch is
