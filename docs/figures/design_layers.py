@@ -9,7 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
 LAYERS = [
-    ("8  job, CLI, benchmarks", "train.py  cli.py  job.py  failsafe.py  progress.py  bench/",
+    ("8  job, CLI, benchmarks",
+     "train.py  cli.py  job.py  job_errors.py  failsafe.py  fault_injection.py  progress.py  bench/",
      "#f4d6d6"),
     ("7  data, checkpoints, calibration",
      "data/ (HDF5 box reads)   checkpoint.py (whole tensors, any plan)   calibration/ (measures)",
