@@ -7,81 +7,27 @@ network, reads only its own box of each batch from the HDF5 file, and trains.
 Rank 0 shows progress, writes the metrics file and, at the end, a per-layer
 table of predicted against measured time.
 
-Failure handling (hpcnn.failsafe): errors that every rank sees (a bad job
-file, a missing data file, a plan for another world size) end every rank
-with one clear message and exit status 2; an unexpected exception on one rank
-aborts all ranks with that rank's traceback; a NaN or infinite loss stops the
-job naming the step (status 3); SIGTERM/SIGUSR1 write a checkpoint at the
-next step boundary and exit with status 0.
+Failure handling (hpcnn.failsafe, hpcnn.job_errors): errors that every
+rank sees (a bad job file, a missing data file, a plan for another world
+size) end every rank with one clear message and exit status 2; an
+unexpected exception on one rank aborts all ranks with that rank's
+traceback; a NaN or infinite loss stops the job naming the step (status 3);
+SIGTERM/SIGUSR1 write a checkpoint at the next step boundary and exit with
+status 0.  Faults for the tests of these paths: hpcnn.fault_injection.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-EXIT_USAGE, EXIT_DIVERGED = 2, 3
-
-
-class Faults:
-    """Fault injection for tests of the failure paths (never set in normal
-    runs).  HPCNN_FAULT is a comma-separated list of
-        raise:STEP:RANK          raise an exception after step STEP on RANK
-        kill:STEP:RANK           SIGKILL the rank after step STEP
-        sleep:STEP:RANK:SECONDS  stall the rank after step STEP
-        kill-in-checkpoint:RANK  SIGKILL rank RANK (0 writes) in the middle of a checkpoint write
-    """
-
-    def __init__(self, rank: int, spec: str | None = None):
-        spec = os.environ.get("HPCNN_FAULT", "") if spec is None else spec
-        self.rank, self.items = rank, []
-        for part in filter(None, (x.strip() for x in spec.split(","))):
-            f = part.split(":")
-            try:
-                if f[0] in ("raise", "kill"):
-                    self.items.append((f[0], int(f[1]), int(f[2]), 0.0))
-                elif f[0] == "sleep":
-                    self.items.append((f[0], int(f[1]), int(f[2]), float(f[3])))
-                elif f[0] == "kill-in-checkpoint":
-                    self.items.append((f[0], -1, int(f[1]), 0.0))
-                else:
-                    raise ValueError
-            except (ValueError, IndexError):
-                raise JobFailure(f"HPCNN_FAULT: cannot parse {part!r}") from None
-
-    def after_step(self, step: int):
-        for kind, s, r, secs in self.items:
-            if r != self.rank or s != step:
-                continue
-            if kind == "raise":
-                raise RuntimeError(f"injected fault on rank {r} after step {s} (HPCNN_FAULT)")
-            if kind == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if kind == "sleep":
-                time.sleep(secs)
-
-    def checkpoint_hook(self):
-        if not any(k == "kill-in-checkpoint" and r == self.rank for k, _, r, _ in self.items):
-            return None
-
-        def hook(i, n, path):
-            if i >= n // 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return hook
-
-
-class JobFailure(Exception):
-    """An error every rank agrees on: printed once by rank 0, exit status ``code``."""
-
-    def __init__(self, msg, code=EXIT_USAGE):
-        super().__init__(msg)
-        self.code = code
+from hpcnn.fault_injection import Faults
+from hpcnn.job_errors import EXIT_DIVERGED, JobFailure, agree
 
 
 def add_arguments(p):
@@ -123,22 +69,34 @@ def run(args) -> int:
         return exc.code
 
 
-def agree(comm, fn, expected=(Exception,)):
-    """Run ``fn`` on every rank; if it raises one of ``expected`` on any
-    rank, every rank raises JobFailure with the first failing rank's
-    message.  Keeps ranks in step: nobody continues alone into a collective."""
-    err = None
-    try:
-        out = fn()
-    except expected as exc:  # noqa: PERF203
-        out, err = None, str(exc)
-    errs = comm.allgather(err)
-    bad = [(r, e) for r, e in enumerate(errs) if e is not None]
-    if bad:
-        r, e = bad[0]
-        where = "" if all(x == e for x in errs) else f" (rank {r})"
-        raise JobFailure(f"{e}{where}")
-    return out
+def choose_plan(job, graph, world: int) -> tuple:
+    """(Plan, the search's report or None) that ``plan.mode`` names for
+    ``graph`` on ``world`` ranks: "search", "data-parallel" (the baseline
+    the benchmarks run under that name) or a plan file."""
+    from hpcnn.strategy.baselines import data_parallel
+    from hpcnn.strategy.plan import Plan
+    mode = job["plan"]["mode"]
+    if mode == "search":
+        from hpcnn.strategy import search_plan
+        from hpcnn.strategy.machine import load_machine
+        machine = load_machine(job["plan"]["machine"])
+        return search_plan(graph, world, machine, memory_gib=job["plan"]["memory_gib"] or None)
+    if mode == "data-parallel":
+        return data_parallel(graph, world), None
+    return Plan.load(job.resolve(mode)), None
+
+
+@dataclass
+class Position:
+    """Where a run is: the next step, epoch and batch of the epoch, the step
+    of the last checkpoint, images trained, and what stopped it (a signal's
+    name, or None)."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    checkpointed: int = 0
+    images: int = 0
+    stopped: str | None = None
 
 
 class Trainer:
@@ -146,6 +104,8 @@ class Trainer:
         self.job, self.comm = job, comm
         self.rank, self.world = comm.Get_rank(), comm.Get_size()
         self.trace_steps = trace_steps
+        self.tracing = bool(job["log"]["trace"])
+        self.ckdir = job.resolve(job["checkpoint"]["dir"]) if job["checkpoint"]["dir"] else None
 
     def log(self, text):
         if self.rank == 0:
@@ -192,23 +152,13 @@ class Trainer:
             num_classes=classes, in_channels=c), (GraphError, KeyError, ValueError))
 
     def make_plan(self):
-        from hpcnn.strategy.plan import Plan, PlanError, data_parallel
+        from hpcnn.strategy.plan import Plan, PlanError
         j, g = self.job, self.graph
-        mode = j["plan"]["mode"]
         text, err, self.plan_report = None, None, None
         t0 = time.perf_counter()
         if self.rank == 0:
             try:
-                if mode == "search":
-                    from hpcnn.strategy import search_plan
-                    from hpcnn.strategy.machine import load_machine
-                    machine = load_machine(j["plan"]["machine"])
-                    mem = j["plan"]["memory_gib"] or None
-                    plan, self.plan_report = search_plan(g, self.world, machine, memory_gib=mem)
-                elif mode == "data-parallel":
-                    plan = data_parallel(g, self.world)
-                else:
-                    plan = Plan.load(j.resolve(mode))
+                plan, self.plan_report = choose_plan(j, g, self.world)
                 text = plan.to_json()
             except (PlanError, OSError, ValueError, KeyError) as exc:
                 err = f"plan: {exc}"
@@ -222,14 +172,35 @@ class Trainer:
         if self.rank == 0 and j["plan"]["save"]:
             plan.save(j.resolve(j["plan"]["save"]))
 
-    # ---- the run ----------------------------------------------------------------
-    def run(self) -> int:
-        from hpcnn.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-        from hpcnn.failsafe import StallWatchdog, StopSignals
-        from hpcnn.progress import MetricsWriter, Progress
+    def setup_training(self):
+        """The distributed model, the optimiser and the learning-rate
+        schedule; the step limit."""
         from hpcnn.runtime.executor import DistributedModel
         from hpcnn.runtime.lr_schedule import Schedule
         from hpcnn.runtime.sgd import SGD
+        j = self.job
+        self.model = DistributedModel(self.graph, self.plan, self.comm, dtype=np.dtype(j["job"]["dtype"]),
+                                      seed=j["job"]["seed"], trace=True)
+        opt = j["optimizer"]
+        self.opt = SGD(lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"],
+                       weight_decay=opt["weight_decay"])
+        self.epochs, bpe = j["train"]["epochs"], self.batches_per_epoch
+        self.total = self.epochs * bpe
+        if j["train"]["max_steps"]:
+            self.total = min(self.total, j["train"]["max_steps"])
+        sch = j["schedule"]
+        self.schedule = Schedule(sch["kind"], opt["lr"], total_steps=self.epochs * bpe,
+                                 warmup_steps=int(sch["warmup_epochs"] * bpe),
+                                 milestones=[int(m * bpe) for m in sch["milestones"]], gamma=sch["gamma"])
+
+    # ---- the run ----------------------------------------------------------------
+    def run(self) -> int:
+        """Set up, resume, train epoch after epoch until the step limit, the
+        last epoch or a stop signal, and report.  Returns the exit status
+        (0, also after a stop signal); errors all ranks agree on raise
+        JobFailure."""
+        from hpcnn.failsafe import StallWatchdog, StopSignals
+        from hpcnn.progress import MetricsWriter, Progress
 
         j = self.job
         self.stop = StopSignals()
@@ -237,103 +208,22 @@ class Trainer:
         self.open_data()
         self.build_graph()
         self.make_plan()
-        tracing = bool(j["log"]["trace"])
-        self.model = DistributedModel(self.graph, self.plan, self.comm, dtype=np.dtype(j["job"]["dtype"]),
-                                      seed=j["job"]["seed"], trace=True)
-        opt = j["optimizer"]
-        self.opt = SGD(lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"],
-                       weight_decay=opt["weight_decay"])
-        epochs, bpe = j["train"]["epochs"], self.batches_per_epoch
-        total = epochs * bpe
-        if j["train"]["max_steps"]:
-            total = min(total, j["train"]["max_steps"])
-        sch = j["schedule"]
-        self.schedule = Schedule(sch["kind"], opt["lr"], total_steps=epochs * bpe,
-                                 warmup_steps=int(sch["warmup_epochs"] * bpe),
-                                 milestones=[int(m * bpe) for m in sch["milestones"]], gamma=sch["gamma"])
-        # ---- resume
-        step, epoch, start_batch = 0, 0, 0
-        ckdir = j.resolve(j["checkpoint"]["dir"]) if j["checkpoint"]["dir"] else None
-        if ckdir is not None and j["checkpoint"]["resume"]:
-            latest = latest_checkpoint(ckdir)
-            if latest is not None:
-                meta = agree(self.comm, lambda: load_checkpoint(latest, self.model, self.opt),
-                             (CheckpointError, OSError))
-                step, epoch = int(meta["step"]), int(meta["epoch"])
-                start_batch = int(meta.get("batch_in_epoch", 0))
-                if start_batch >= bpe:
-                    epoch, start_batch = epoch + 1, 0
-                self.log(f"resumed from {latest} at step {step} (epoch {epoch}, batch {start_batch}; "
-                         f"written on {meta.get('world')} ranks)")
+        self.setup_training()
+        pos = self.resume()
         self.describe()
-        self.progress = Progress(total, j["log"]["progress"], j["train"]["log_every"],
-                                 initial=min(step, total)) if self.rank == 0 else None
-        metrics = MetricsWriter(j["log"]["metrics"] if self.rank == 0 else None)
+        self.progress = Progress(self.total, j["log"]["progress"], j["train"]["log_every"],
+                                 initial=min(pos.step, self.total)) if self.rank == 0 else None
+        self.metrics = MetricsWriter(j["log"]["metrics"] if self.rank == 0 else None)
         watchdog = StallWatchdog(self.comm, j["log"]["stall_seconds"])
         self.node_time: dict = {}
-        trace_events, trace_t0 = [], time.perf_counter()
-        stopped = None
-        last_ck_step = step
+        self.trace_events, self.trace_t0 = [], time.perf_counter()
         t_run = time.perf_counter()
-        images = 0
         collective_cleanup = False    # only when every rank leaves the loop together
         try:
-            while step < total and epoch < epochs:
-                box = self.model.input_box()
-                items = [(epoch, b) for b in range(start_batch, bpe)]
-                reader = self.train_data.prefetch(items, box=box if box is not None else
-                                                  ((0, 0), (0, 0), (0, 0), (0, 0)),
-                                                  depth=max(1, j["data"]["prefetch"]))
-                try:
-                    for batch in reader:
-                        t0 = time.perf_counter()
-                        labels = self.train_data.batch_labels(epoch, batch.index)
-                        x = batch.x if box is not None else None
-                        lr = self.schedule(step)
-                        loss = self.model.train_step(x, labels, self.opt, lr=lr, step=step)
-                        if not math.isfinite(loss):
-                            raise JobFailure(
-                                f"the loss is {loss} at step {step} (epoch {epoch}, batch {batch.index}): "
-                                f"training diverged; lower optimizer.lr (now {lr:.4g}) or check the data. "
-                                f"The last good checkpoint is kept.", EXIT_DIVERGED)
-                        dt = time.perf_counter() - t0
-                        self._account(step, tracing, trace_events)
-                        images += self.graph.batch
-                        if self.rank == 0:
-                            ips = self.graph.batch / dt if dt > 0 else 0.0
-                            self.progress.update(step, loss, ips, lr, epoch)
-                            if (step + 1) % j["train"]["log_every"] == 0:
-                                metrics.write(kind="train", step=step + 1, epoch=epoch, loss=loss, lr=lr,
-                                              images_per_s=ips, step_seconds=dt,
-                                              bytes_sent_rank0=sum(self.model.step_bytes().values()))
-                        self.faults.after_step(step)
-                        watchdog.arrived(step)
-                        step += 1
-                        start_batch = batch.index + 1
-                        stop_now = self.comm.allreduce(1 if self.stop.requested else 0)
-                        every = j["checkpoint"]["every_steps"]
-                        if ckdir is not None and (stop_now or (every and step % every == 0)):
-                            self.save(ckdir, step, epoch, start_batch)
-                            last_ck_step = step
-                        if stop_now:
-                            stopped = self.stop.requested or "a signal on another rank"
-                            break
-                        if step >= total:
-                            break
-                finally:
-                    reader.close()
-                if stopped:
-                    break
-                if start_batch >= bpe:      # epoch finished
-                    ev = j["train"]["eval_every"]
-                    if self.test_data is not None and ev and (epoch + 1) % ev == 0 and step < total:
-                        acc = self.evaluate()
-                        self.log(f"epoch {epoch + 1}/{epochs}: test accuracy {acc:.4f}")
-                        metrics.write(kind="eval", step=step, epoch=epoch + 1, test_accuracy=acc)
-                    epoch, start_batch = epoch + 1, 0
-                    if ckdir is not None and not j["checkpoint"]["every_steps"] and last_ck_step != step:
-                        self.save(ckdir, step, epoch, start_batch)
-                        last_ck_step = step
+            while pos.step < self.total and pos.epoch < self.epochs and not pos.stopped:
+                self.run_epoch(pos, watchdog)
+                if not pos.stopped and pos.batch >= self.batches_per_epoch:
+                    self.end_epoch(pos)
             collective_cleanup = True
         except JobFailure:
             collective_cleanup = True   # agreed on every rank (the loss is global)
@@ -349,33 +239,133 @@ class Trainer:
             if self.progress is not None:
                 self.progress.close()
             self.progress = None
-        elapsed = time.perf_counter() - t_run
-        if stopped:
-            self.log(f"stopped by {stopped} at step {step}"
-                     + (f"; checkpoint written to {ckdir}" if ckdir is not None else
+        return self.report(pos, time.perf_counter() - t_run)
+
+    # ---- the steps of the run ---------------------------------------------------------
+    def resume(self) -> "Position":
+        """Where training starts: the beginning, or the latest checkpoint in
+        checkpoint.dir when checkpoint.resume is set (every rank loads its
+        share)."""
+        from hpcnn.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+        pos = Position()
+        if self.ckdir is None or not self.job["checkpoint"]["resume"]:
+            return pos
+        latest = latest_checkpoint(self.ckdir)
+        if latest is None:
+            return pos
+        meta = agree(self.comm, lambda: load_checkpoint(latest, self.model, self.opt),
+                     (CheckpointError, OSError))
+        pos.step, pos.epoch = int(meta["step"]), int(meta["epoch"])
+        pos.batch = int(meta.get("batch_in_epoch", 0))
+        if pos.batch >= self.batches_per_epoch:
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+        pos.checkpointed = pos.step
+        self.log(f"resumed from {latest} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch}; "
+                 f"written on {meta.get('world')} ranks)")
+        return pos
+
+    def run_epoch(self, pos: "Position", watchdog) -> None:
+        """The batches of epoch ``pos.epoch`` from ``pos.batch`` on, until the
+        epoch ends, the step limit is reached or the ranks agree to stop."""
+        box = self.model.input_box()
+        items = [(pos.epoch, b) for b in range(pos.batch, self.batches_per_epoch)]
+        reader = self.train_data.prefetch(items, box=box if box is not None else
+                                          ((0, 0), (0, 0), (0, 0), (0, 0)),
+                                          depth=max(1, self.job["data"]["prefetch"]))
+        try:
+            for batch in reader:
+                self.train_step(pos, batch, box is not None)
+                self.faults.after_step(pos.step)
+                watchdog.arrived(pos.step)
+                pos.step += 1
+                pos.batch = batch.index + 1
+                if self.checkpoint_or_stop(pos) or pos.step >= self.total:
+                    break
+        finally:
+            reader.close()
+
+    def train_step(self, pos: "Position", batch, has_input: bool) -> None:
+        """One training step on ``batch``: the update, the divergence check,
+        the time accounting, progress and metrics."""
+        j = self.job
+        t0 = time.perf_counter()
+        labels = self.train_data.batch_labels(pos.epoch, batch.index)
+        x = batch.x if has_input else None
+        lr = self.schedule(pos.step)
+        loss = self.model.train_step(x, labels, self.opt, lr=lr, step=pos.step)
+        if not math.isfinite(loss):
+            raise JobFailure(
+                f"the loss is {loss} at step {pos.step} (epoch {pos.epoch}, batch {batch.index}): "
+                f"training diverged; lower optimizer.lr (now {lr:.4g}) or check the data. "
+                f"The last good checkpoint is kept.", EXIT_DIVERGED)
+        dt = time.perf_counter() - t0
+        self._account(pos.step)
+        pos.images += self.graph.batch
+        if self.rank == 0:
+            ips = self.graph.batch / dt if dt > 0 else 0.0
+            self.progress.update(pos.step, loss, ips, lr, pos.epoch)
+            if (pos.step + 1) % j["train"]["log_every"] == 0:
+                self.metrics.write(kind="train", step=pos.step + 1, epoch=pos.epoch, loss=loss, lr=lr,
+                                   images_per_s=ips, step_seconds=dt,
+                                   bytes_sent_rank0=sum(self.model.step_bytes().values()))
+
+    def checkpoint_or_stop(self, pos: "Position") -> bool:
+        """After a step: agree whether a stop signal arrived on any rank;
+        write a checkpoint then, or every checkpoint.every_steps steps.
+        True when the run stops."""
+        stop_now = self.comm.allreduce(1 if self.stop.requested else 0)
+        every = self.job["checkpoint"]["every_steps"]
+        if self.ckdir is not None and (stop_now or (every and pos.step % every == 0)):
+            self.checkpoint(pos)
+        if stop_now:
+            pos.stopped = self.stop.requested or "a signal on another rank"
+        return bool(stop_now)
+
+    def end_epoch(self, pos: "Position") -> None:
+        """After an epoch's last batch: the test accuracy every
+        train.eval_every epochs (unless the run ends now and reports it
+        anyway), the next epoch, and its checkpoint when checkpoints are
+        written per epoch."""
+        j = self.job
+        ev = j["train"]["eval_every"]
+        if self.test_data is not None and ev and (pos.epoch + 1) % ev == 0 and pos.step < self.total:
+            acc = self.test_accuracy()
+            self.log(f"epoch {pos.epoch + 1}/{self.epochs}: test accuracy {acc:.4f}")
+            self.metrics.write(kind="eval", step=pos.step, epoch=pos.epoch + 1, test_accuracy=acc)
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+        if self.ckdir is not None and not j["checkpoint"]["every_steps"] and pos.checkpointed != pos.step:
+            self.checkpoint(pos)
+
+    def report(self, pos: "Position", elapsed: float) -> int:
+        """The end of the run: after a stop, say so; otherwise the last
+        checkpoint, the final test accuracy, throughput, the per-layer table
+        and the trace.  Returns the exit status."""
+        if pos.stopped:
+            self.log(f"stopped by {pos.stopped} at step {pos.step}"
+                     + (f"; checkpoint written to {self.ckdir}" if self.ckdir is not None else
                         " (no checkpoint.dir: nothing saved)"))
-            metrics.write(kind="stopped", step=step, signal=stopped)
-            metrics.close()
+            self.metrics.write(kind="stopped", step=pos.step, signal=pos.stopped)
+            self.metrics.close()
             return 0
-        if ckdir is not None and last_ck_step != step:
-            self.save(ckdir, step, epoch, start_batch)
+        if self.ckdir is not None and pos.checkpointed != pos.step:
+            self.checkpoint(pos)
         acc = None
         if self.test_data is not None:
-            acc = self.evaluate()
-            self.log(f"final test accuracy {acc:.4f} after {step} steps")
-        if images and self.rank == 0:
-            self.log(f"trained {images} images in {elapsed:.1f} s ({images / elapsed:.1f} images/s "
+            acc = self.test_accuracy()
+            self.log(f"final test accuracy {acc:.4f} after {pos.step} steps")
+        if pos.images and self.rank == 0:
+            self.log(f"trained {pos.images} images in {elapsed:.1f} s ({pos.images / elapsed:.1f} images/s "
                      f"on {self.world} ranks)")
-        metrics.write(kind="final", step=step, test_accuracy=acc, seconds=elapsed,
-                      images_per_s=images / elapsed if elapsed > 0 else None)
-        metrics.close()
-        self.layer_table(step)
-        if tracing:
-            self.write_trace(trace_events, trace_t0)
+        self.metrics.write(kind="final", step=pos.step, test_accuracy=acc, seconds=elapsed,
+                           images_per_s=pos.images / elapsed if elapsed > 0 else None)
+        self.metrics.close()
+        self.layer_table(pos.step)
+        if self.tracing:
+            self.write_trace(self.trace_events, self.trace_t0)
         return 0
 
-    # ---- pieces of the loop ---------------------------------------------------------
-    def _account(self, step, tracing, trace_events):
+    # ---- pieces of the steps ---------------------------------------------------------
+    def _account(self, step):
         """Per-node measured time from the executor's events (summed over
         steps after the first, which warms caches), and the trace."""
         ev = self.model.events
@@ -384,11 +374,16 @@ class Trainer:
                 key = (node, cat)
                 self.node_time[key] = self.node_time.get(key, 0.0) + (t1 - t0)
             self._timed_steps = getattr(self, "_timed_steps", 0) + 1
-        if tracing and step < self.trace_steps:
-            trace_events.extend(ev)
+        if self.tracing and step < self.trace_steps:
+            self.trace_events.extend(ev)
         self.model.events = []
 
-    def evaluate(self) -> float:
+    def checkpoint(self, pos: "Position"):
+        """A checkpoint of the model and optimiser at ``pos``."""
+        self.save(self.ckdir, pos.step, pos.epoch, pos.batch)
+        pos.checkpointed = pos.step
+
+    def test_accuracy(self) -> float:
         """Accuracy on the test split (all of it: the last short batch is
         padded and the padding is not counted)."""
         d, B = self.test_data, self.graph.batch
@@ -404,7 +399,7 @@ class Trainer:
             x = None
             if box is not None:
                 x = d.read_rows(rows[box[0][0]:box[0][1]], box[1:])
-            c, k = self.model.evaluate(x, labels, valid=valid)
+            c, k = self.model.count_correct(x, labels, valid=valid)
             correct += c
             count += k
         return correct / max(1, count)

@@ -1,15 +1,16 @@
-"""hpcnn bench model: its plans, and the fit of the runtime figures (pure
-parts, no MPI; the benchmark itself is run by hand, see
-docs/performance.md "Cost model accuracy")."""
+"""hpcnn bench model: its plans, and the fit of the runtime figures
+(hpcnn.strategy.runtime_fit; pure parts, no MPI; the benchmark itself is run
+by hand, see docs/performance.md "Cost model accuracy")."""
 import math
 
 import numpy as np
 import pytest
 
 from hpcnn.bench.model import PLAN_NAMES, make_plans
-from hpcnn.bench.runtime_profile import PARAMS, _features, _figures, _nnls, _synthetic, fit_samples, plan_tile_jobs
+from hpcnn.calibration.tiles import plan_tile_jobs
 from hpcnn.models import build_model
 from hpcnn.strategy.machine import RuntimeFigures, load_machine
+from hpcnn.strategy.runtime_fit import PARAMS, _features, _figures, _nnls, fit_samples, synthetic_networks
 
 
 @pytest.mark.parametrize("P", [2, 4])
@@ -45,7 +46,7 @@ def test_the_fit_recovers_figures_that_made_the_steps(P):
     """Synthetic steps priced by the cost model with known figures (and a
     known saturation of the skew) are fitted back to those figures."""
     machine = load_machine("paper_p100_cluster")
-    cases = _synthetic(P)
+    cases = synthetic_networks(P)
     rng = np.random.default_rng(P)
     ops = {}
     for _, g, plan in cases:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hpcnn.graph import Graph
-from hpcnn.models import build_model
+from hpcnn.models import MODELS, build_model
 from hpcnn.strategy.baselines import baselines, data_parallel, model_parallel, owt
 from hpcnn.strategy.config_space import (ConfigSpace, ConfigSpaceError, SpaceOptions,
                                          allowed_rank_counts, enumerate_configs, fit_config,
@@ -149,3 +149,20 @@ def test_fit_config_and_baselines():
     assert mp.config("conv2d_1")["c"] == 4 and mp.config("loss") == {"n": 4}
     assert ow.config("conv2d_1") == {"n": 4} and ow.config("linear_1")["c"] == 4
     assert ow.config("dropout_1") == ow.config("linear_1")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_baselines_are_valid_for_the_zoo_and_keep_the_fold_groups(name):
+    """At 1..16 ranks every baseline of every zoo model validates, and the
+    ops folded into a layer take its configuration, as in the search."""
+    g = build_model(name, batch=8)
+    groups, _ = fold_groups(g)
+    folded = [grp for grp in groups if len(grp.members) > 1]
+    assert folded
+    for P in range(1, 17):
+        for plan in baselines(g, P).values():
+            plan.validate(g, P)
+            for grp in folded:
+                root = plan.config(grp.root)
+                assert all(plan.config(m) == root for m in grp.members), (plan.name, P, grp.root)
+        assert {str(c) for c in data_parallel(g, P).configs.values()} == {str({"n": min(P, 8)})}

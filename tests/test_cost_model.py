@@ -278,7 +278,7 @@ def test_machine_errors_are_named(tmp_path):
 @pytest.mark.slow
 def test_calibrate_writes_a_machine_the_cost_model_uses(tmp_path, capsys):
     from hpcnn.cli import main
-    from hpcnn.strategy.calibrate import fit_link
+    from hpcnn.calibration.links import fit_link
     out = tmp_path / "local.json"
     rc = main(["calibrate", "--model", "lenet5", "--ranks", "1", "2", "--batch", "4", "--repeats", "1",
                "--budget", "20", "--runtime-ranks", "2", "--runtime-rounds", "1", "--runtime-budget", "5",

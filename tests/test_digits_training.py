@@ -10,7 +10,7 @@ from hpcnn.data.digits import write_digits
 from hpcnn.models import build_model
 from hpcnn.runtime.lr_schedule import Schedule
 from hpcnn.runtime.sequential import SequentialModel
-from hpcnn.runtime.sequential_trainer import TrainerError, evaluate, train_sequential
+from hpcnn.runtime.sequential_trainer import TrainerError, loss_and_accuracy, train_sequential
 from hpcnn.runtime.sgd import SGD
 
 BATCH = 32
@@ -70,7 +70,7 @@ def test_evaluation_pads_the_short_last_batch_exactly(digits_file):
         if "running_mean" in b:
             b["running_mean"][...] = 0.1
             b["running_var"][...] = 2.0
-    loss, acc = evaluate(model, test)
+    loss, acc = loss_and_accuracy(model, test)
     whole = SequentialModel(build_model("digits_cnn", batch=n), seed=1)
     for node in whole.params:
         for k in whole.params[node]:

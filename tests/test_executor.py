@@ -10,7 +10,8 @@ from hpcnn.backend import Backend
 from hpcnn.models import build_model
 from hpcnn.runtime.sequential import SequentialModel
 from hpcnn.runtime.sgd import SGD
-from hpcnn.strategy.plan import Plan, PlanError, data_parallel
+from hpcnn.strategy.baselines import data_parallel
+from hpcnn.strategy.plan import Plan, PlanError
 
 
 def _model(g, plan, **kw):
@@ -40,7 +41,7 @@ def test_one_rank_equals_sequential():
     assert {"forward", "backward"} <= cats
     # the layer of every event is a node of the graph
     assert {n for _, n, _, _ in dm.events} <= set(g.nodes)
-    correct, count = dm.evaluate(x, y, valid=[True, True, False])
+    correct, count = dm.count_correct(x, y, valid=[True, True, False])
     assert count == 2 and 0 <= correct <= 2
     assert dm.param_box("conv1", "weight") == ((0, 8), (0, 3), (0, 3), (0, 3))
     dm.free()

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from hpcnn.models import build_model
-from hpcnn.strategy.baselines import baselines
-from hpcnn.strategy.plan import SCHEMA_VERSION, Plan, PlanError, data_parallel
+from hpcnn.strategy.baselines import baselines, data_parallel
+from hpcnn.strategy.plan import SCHEMA_VERSION, Plan, PlanError
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,24 @@ def test_bad_json_and_schema():
         Plan.from_json(json.dumps({"model": "x"}))
     with pytest.raises(PlanError, match="schema version 99"):
         Plan.from_json(json.dumps({"schema_version": 99}))
+
+
+def test_the_job_and_the_benchmarks_mean_one_data_parallel_plan():
+    """LeNet-5, batch 10, 12 ranks: hpcnn train's plan.mode = "data-parallel"
+    and the benchmarks' "data-parallel" are the same plan, every layer on
+    the 10 ranks that hold a sample each (they once were n=10 against n=8)."""
+    from pathlib import Path
+
+    from hpcnn.bench.model import make_plans
+    from hpcnn.job import Job
+    from hpcnn.strategy.machine import load_machine
+    from hpcnn.train import choose_plan
+    g = build_model("lenet5", batch=10)
+    job = Job.load(Path(__file__).resolve().parents[1] / "jobs/digits.toml",
+                   ['plan.mode="data-parallel"', "train.batch=10"])
+    plan, report = choose_plan(job, g, 12)
+    assert report is None
+    bench = make_plans(g, 12, load_machine("paper_p100_cluster"), ["data-parallel"])["data-parallel"]
+    assert plan == bench == baselines(g, 12)["data-parallel"]
+    assert {json.dumps(c) for c in plan.configs.values()} == {'{"n": 10}'}
+    plan.validate(g, 12)

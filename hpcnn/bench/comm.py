@@ -226,7 +226,8 @@ def _training_step_share(args, world, backend) -> dict:
     from hpcnn.models import build_model
     from hpcnn.runtime.executor import DistributedModel
     from hpcnn.runtime.sgd import SGD
-    from hpcnn.strategy.plan import Plan, data_parallel
+    from hpcnn.strategy.baselines import data_parallel
+    from hpcnn.strategy.plan import Plan
 
     P, me = world.Get_size(), world.Get_rank()
     g = build_model(args.model, batch=args.batch, image_size=args.image_size)

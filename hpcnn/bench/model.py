@@ -5,7 +5,8 @@ Table 4 on this machine).
 Plans (at P ranks; at 1 rank they are all the sequential program, measured
 once; a plan equal to another is measured once and listed under both names):
 
-  data-parallel  every layer split over samples (hpcnn.strategy.baselines)
+  data-parallel  every layer split over samples on min(P, batch) ranks
+                 (hpcnn.strategy.baselines, as hpcnn train's plan.mode)
   owt            data-parallel images, channel-parallel fully connected
   model-parallel channels everywhere (samples for the loss)
   searched       the plan ``hpcnn plan`` finds with the machine file
@@ -26,7 +27,8 @@ measured figure is the median over all timed steps.
 Predicted: ``CostModel.evaluate(plan).total``.  The cost model needs this
 machine's figures for jobs of P ranks (``RuntimeFigures``: op tiles timed
 with all ranks computing, and the executor, exchange and allreduce figures
-fitted to synthetic networks, see hpcnn/bench/runtime_profile.py).  By
+fitted to synthetic networks, see hpcnn/calibration/runtime_sampler.py and
+hpcnn/strategy/runtime_fit.py).  By
 default they are measured in this run, as the paper profiles each layer on
 the device before predicting: ``--calibration-rounds`` rounds of the
 calibration's pieces (tiles of this run's plans, steps of the synthetic
@@ -73,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-profile", action="store_true",
                    help="predict from the machine file alone; by default the run also measures this "
                         "machine's figures for P ranks (op tiles of the plans, synthetic networks; "
-                        "hpcnn.bench.runtime_profile), interleaved with the timed steps so that "
+                        "hpcnn.calibration.runtime_sampler), interleaved with the timed steps so that "
                         "calibration and measurement share the machine's load")
     p.add_argument("--detail", action="store_true",
                    help="also print predicted against measured time per category (compute, "
@@ -210,13 +212,15 @@ def _measure(args) -> dict:
     from mpi4py import MPI
 
     from hpcnn.backend import Backend
-    from hpcnn.bench.runtime_profile import Sampler, fit_samples, interleave, plan_tile_jobs
+    from hpcnn.calibration.runtime_sampler import Sampler, interleave
+    from hpcnn.calibration.tiles import plan_tile_jobs
     from hpcnn.models import build_model
     from hpcnn.runtime.executor import DistributedModel
     from hpcnn.runtime.node_setup import setup_node
     from hpcnn.runtime.sgd import SGD
     from hpcnn.strategy.cost_model import CostModel
     from hpcnn.strategy.machine import Machine
+    from hpcnn.strategy.runtime_fit import fit_samples
 
     world = MPI.COMM_WORLD
     P, me = world.Get_size(), world.Get_rank()

@@ -93,7 +93,8 @@ def run_hpcnn(a) -> dict:
     from hpcnn.models import build_model
     from hpcnn.runtime.executor import DistributedModel
     from hpcnn.runtime.sgd import SGD
-    from hpcnn.strategy.plan import Plan, data_parallel
+    from hpcnn.strategy.baselines import data_parallel
+    from hpcnn.strategy.plan import Plan
 
     world = MPI.COMM_WORLD
     P, me = world.Get_size(), world.Get_rank()

@@ -57,10 +57,6 @@ def box_shape(box) -> tuple:
     return tuple(max(0, hi - lo) for lo, hi in box)
 
 
-def box_is_empty(box) -> bool:
-    return any(hi <= lo for lo, hi in box)
-
-
 def box_pads(box, shape) -> tuple:
     """Per dimension, how far ``box`` reaches below 0 and above ``size``:
     the padding the op must supply around the clipped region."""

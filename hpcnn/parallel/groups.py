@@ -78,22 +78,6 @@ class ReplicaGroups:
     def group(self, node) -> tuple | None:
         return self.node_group.get(node)
 
-    def allreduce(self, arr, node, category="batchnorm"):
-        """Sum ``arr`` over ``node``'s replica group (a copy when alone)."""
-        return self.cm.allreduce(arr, self.comm(node), category=category, key=node)
-
-    def allreduce_gradients(self, grads: dict, bucket_bytes: int = 4 << 20,
-                            category="allreduce", events=None) -> dict:
-        """Sum every parameter gradient over its replica group, in place.
-
-        grads[node][name] is this rank's gradient shard (every rank of a
-        group holds the same nodes and shapes).  Returns grads."""
-        red = self.start_reduction(bucket_bytes, category, events)
-        for node in self.node_group:
-            if node in grads:
-                red.ready(node, grads[node])
-        return red.finish(grads)
-
     def start_reduction(self, bucket_bytes: int = 4 << 20, category="allreduce",
                         events=None) -> "GradientReduction":
         """A gradient allreduce that overlaps the backward pass: hand it each

@@ -347,7 +347,7 @@ class DistributedModel:
         optimizer.step_nodes(self.params, self.backward(), lr)
         return loss
 
-    def evaluate(self, x_tile, labels, valid=None) -> tuple:
+    def count_correct(self, x_tile, labels, valid=None) -> tuple:
         """(correct predictions, samples) of the batch in inference mode,
         summed over all ranks.  ``valid``: optional boolean mask over the
         whole batch; samples where it is False (padding) are not counted."""

@@ -68,7 +68,7 @@ def _check_eval_data(ds, batch):
                            f"open it with drop_last=False")
 
 
-def evaluate(model: SequentialModel, ds) -> tuple[float, float]:
+def loss_and_accuracy(model: SequentialModel, ds) -> tuple[float, float]:
     """(mean loss, accuracy) of ``model`` in inference mode over every sample
     of ``ds``.  A short last batch is padded to the graph's batch size with
     copies of its last sample, whose outputs are ignored (in inference mode
@@ -145,7 +145,7 @@ def train_sequential(graph, dataset, epochs: int, optimizer, schedule=None, test
         test_loss = test_acc = None
         last = epoch == start_epoch + int(epochs) - 1
         if test_dataset is not None and (last or (epoch - start_epoch + 1) % max(1, eval_every) == 0):
-            test_loss, test_acc = evaluate(model, test_dataset)
+            test_loss, test_acc = loss_and_accuracy(model, test_dataset)
         m = EpochMetrics(epoch=epoch, loss=float(np.mean(losses)), train_accuracy=correct / seen,
                          test_loss=test_loss, test_accuracy=test_acc,
                          lr=float(lr if lr is not None else getattr(optimizer, "lr", float("nan"))),

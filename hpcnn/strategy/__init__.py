@@ -3,7 +3,8 @@
     >>> from hpcnn.strategy import search_plan
     >>> plan, report = search_plan(graph, ranks=4, machine="paper_p100_cluster")
 """
-from hpcnn.strategy.plan import Plan, PlanError, data_parallel, uniform_plan
+from hpcnn.strategy.baselines import data_parallel
+from hpcnn.strategy.plan import Plan, PlanError, uniform_plan
 
 
 def search_plan(graph, ranks, machine, memory=None, **kw):

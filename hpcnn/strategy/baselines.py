@@ -1,8 +1,8 @@
-"""The strategies layer-wise parallelism is compared with, built by the same
-configuration rules as the searched space (``config_space.fit_config``), so
-that every degree is admissible for its layer and the job:
+"""The strategies layer-wise parallelism is compared with.  The job
+(``plan.mode = "data-parallel"``), the benchmarks and the planner's
+comparison all build them here, so one name means one plan:
 
-data-parallel   every layer split over samples on all ranks;
+data-parallel   every layer split over samples on min(ranks, batch) ranks;
 model-parallel  every layer split over channels on all ranks ("channel split
                 everywhere"); a layer that cannot split channels (the loss)
                 splits samples instead;
@@ -11,36 +11,54 @@ owt             Krizhevsky's "one weird trick": layers with image outputs
                 parallel, fully connected layers channel parallel, everything
                 else (flatten, global pooling, loss) data parallel.
 
-Folded elementwise ops (ReLU, batch norm, dropout) take their producer's
-configuration in every baseline, as in the search.
+Model-parallel and OWT degrees are fitted by the rules of the searched space
+(``config_space.fit_config``: a layer's rank count divides the job's or is a
+power of two), so that they are admissible for their layer and the job.
+Data parallelism is what a user means by it, all the samples' ranks, even
+where the searched space would use fewer (10 of 12 ranks for a batch of
+10); the cost model prices plans outside the searched space too.
+
+Every baseline is built per fold group of the search
+(``config_space.fold_groups``): the group's configuration comes from its
+root's shape and splittable dimensions, and the elementwise ops folded into
+it (ReLU, batch norm, dropout) inherit it, as in the search.
 """
 from __future__ import annotations
 
-from hpcnn.strategy.config_space import FOLDABLE_KINDS, fit_config
+from hpcnn.strategy.config_space import LayerGroup, fit_config, fold_groups
 from hpcnn.strategy.plan import Plan
 
 
-def _build(graph, ranks: int, name: str, want) -> Plan:
+def _build(graph, ranks: int, name: str, config_of) -> Plan:
+    """A plan with ``config_of(group, root node)`` for every fold group."""
+    groups, _ = fold_groups(graph)
     configs = {}
-    for n in graph:
-        if n.kind in FOLDABLE_KINDS and len(n.inputs) == 1 and n.inputs[0] in configs \
-                and tuple(graph[n.inputs[0]].shape) == tuple(n.shape):
-            cfg = dict(configs[n.inputs[0]])
-            if all(v == 1 or d in n.op.splittable for d, v in cfg.items()):
-                configs[n.name] = cfg
-                continue
-        configs[n.name] = fit_config(n.shape, n.op.splittable, ranks, want(n))
+    for grp in groups:
+        cfg = config_of(grp, graph[grp.root])
+        for member in grp.members:
+            configs[member] = dict(cfg)
     return Plan(graph.name, ranks, graph.batch, configs, name=name)
 
 
+def _fitted(ranks: int, want):
+    """config_of for a wanted configuration ``want(root node)`` fitted by
+    the searched space's rules."""
+    def config_of(grp: LayerGroup, root) -> dict:
+        return fit_config(grp.shape, grp.splittable, ranks, want(root))
+    return config_of
+
+
 def data_parallel(graph, ranks: int) -> Plan:
-    return _build(graph, ranks, "data-parallel", lambda n: {"n": ranks})
+    """Every layer split over samples on min(ranks, batch) ranks."""
+    def config_of(grp: LayerGroup, root) -> dict:
+        return {"n": min(ranks, grp.shape[0]) if "n" in grp.splittable else 1}
+    return _build(graph, ranks, "data-parallel", config_of)
 
 
 def model_parallel(graph, ranks: int) -> Plan:
     def want(n):
         return {"c": ranks} if "c" in n.op.splittable and len(n.shape) >= 2 else {"n": ranks}
-    return _build(graph, ranks, "model-parallel", want)
+    return _build(graph, ranks, "model-parallel", _fitted(ranks, want))
 
 
 def owt(graph, ranks: int) -> Plan:
@@ -48,7 +66,7 @@ def owt(graph, ranks: int) -> Plan:
         if n.kind == "linear":
             return {"c": ranks}
         return {"n": ranks}
-    return _build(graph, ranks, "owt", want)
+    return _build(graph, ranks, "owt", _fitted(ranks, want))
 
 
 BASELINES = {"data-parallel": data_parallel, "model-parallel": model_parallel, "owt": owt}

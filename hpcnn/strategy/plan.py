@@ -149,8 +149,3 @@ def uniform_plan(graph, world: int, config: dict, name: str = "", fallback=None)
             c[d] = deg
         configs[n.name] = c
     return Plan(graph.name, world, graph.batch, configs, name=name)
-
-
-def data_parallel(graph, world: int) -> Plan:
-    """Every layer split over samples on all ranks (degree min(world, batch))."""
-    return uniform_plan(graph, world, {"n": world}, name="data-parallel")

@@ -149,9 +149,9 @@ def check_plan(model, build_plan, opt, backend, transport="p2p"):
             if len(hs) > 1 and me == 0:
                 problems.append(f"replicas of {node}.{name} {box} differ: {list(hs.values())}")
         # accuracy in inference mode (running statistics) equals sequential
-        correct, count = dm.evaluate(xt, y)
+        correct, count = dm.count_correct(xt, y)
         if (correct, count) != (ref["correct"], g.batch):
-            problems.append(f"evaluate gave {correct}/{count}, sequential {ref['correct']}/{g.batch}")
+            problems.append(f"count_correct gave {correct}/{count}, sequential {ref['correct']}/{g.batch}")
         dm.free()
 
     run_or_abort(run)

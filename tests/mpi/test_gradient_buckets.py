@@ -10,7 +10,7 @@ import pytest
 
 from hpcnn.runtime.executor import DistributedModel
 from hpcnn.runtime.sgd import SGD
-from hpcnn.strategy.plan import data_parallel
+from hpcnn.strategy.baselines import data_parallel
 
 from equivalence import SEED, STEPS, data, gradient_problems, graph, reference
 from mpi_helpers import WORLD, agree, run_or_abort
