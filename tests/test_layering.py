@@ -20,11 +20,12 @@ LAYER = {
     "hpcnn.data": 7, "hpcnn.checkpoint": 7,
     "hpcnn.train": 8, "hpcnn.cli": 8, "hpcnn.job": 8, "hpcnn.failsafe": 8, "hpcnn.progress": 8,
     "hpcnn.checkpoint_command": 8, "hpcnn.bench": 8,
+    "hpcnn.cluster": 8,
 }
 # modules of a layer that may import MPI (the rest of that layer may not)
 MPI_ALLOWED = ("hpcnn.backend", "hpcnn.parallel.comm", "hpcnn.parallel.groups", "hpcnn.runtime",
                "hpcnn.checkpoint", "hpcnn.train", "hpcnn.failsafe", "hpcnn.bench",
-               "hpcnn.strategy.calibrate")
+               "hpcnn.strategy.calibrate", "hpcnn.cluster.probe")
 
 
 def layer_of(mod: str) -> int:
