@@ -269,7 +269,8 @@ class Trainer:
         self.progress = Progress(total, j["log"]["progress"], j["train"]["log_every"],
                                  initial=min(step, total)) if self.rank == 0 else None
         metrics = MetricsWriter(j["log"]["metrics"] if self.rank == 0 else None)
-        watchdog = StallWatchdog(self.comm, j["log"]["stall_seconds"])
+        watchdog = StallWatchdog(self.comm, j["log"]["stall_seconds"], end_after=j["log"]["stall_end_seconds"],
+                                 peer_timeout=j["log"]["heartbeat_timeout"])
         self.node_time: dict = {}
         trace_events, trace_t0 = [], time.perf_counter()
         stopped = None
