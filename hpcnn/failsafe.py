@@ -117,7 +117,7 @@ class StallWatchdog:
     """
 
     def __init__(self, comm, limit: float = 300.0, end_after: float = 1800.0, peer_timeout: float = 30.0,
-                 stream=None, beat: float | None = None, connect_timeout: float = 30.0, exit=os._exit):
+                 stream=None, beat: float | None = None, connect_timeout: float = 30.0):
         self.limit = float(limit)
         self.end_after = float(end_after or 0)
         self.peer_timeout = float(peer_timeout)
@@ -126,7 +126,6 @@ class StallWatchdog:
         self.size = comm.Get_size()
         self.enabled = self.size > 1
         self.reports: list[str] = []
-        self._exit = exit
         if not self.enabled:
             return
         self.beat = float(beat) if beat else min(1.0, self.peer_timeout / 10)
@@ -175,9 +174,6 @@ class StallWatchdog:
             self.stream.flush()
             self.enabled = False
         else:
-            self._heard = time.monotonic()
-            self._bye = False
-            self._buf = b""
             self._thread = threading.Thread(target=self._watch_rank, name="hpcnn-watchdog", daemon=True)
             self._thread.start()
 
@@ -218,28 +214,48 @@ class StallWatchdog:
         self.enabled = False
 
     # ---------------------------------------------------------------- threads
+    def _guarded(self, loop):
+        """Run a thread's loop; a failure of the watchdog itself is reported
+        and the loop goes on (the heartbeats must not stop: peers would take
+        this rank for lost)."""
+        failed = False
+        while not self._stop.is_set():
+            try:
+                if loop() is False:
+                    return
+            except Exception as exc:  # noqa: BLE001 - report, never kill the job
+                if not failed:
+                    self._report(f"rank {self.rank}: the watchdog failed ({exc!r}); it keeps its heartbeats "
+                                 f"but may miss a stall")
+                failed = True
+                self._checks = False
+                time.sleep(self.beat)
+
     def _watch_root(self):
         import selectors
         sel = selectors.DefaultSelector()
         sel.register(self._listener, selectors.EVENT_READ, None)
-        sent = 0.0
-        while not self._stop.is_set():
-            lost = self._poll_root(sel, self.beat / 2)
-            if lost and self._checks:
-                # the other ranks of a killed node close their connections at
-                # the same moment: name them too
-                lost += self._poll_root(sel, 0.05)
-                self._lost(lost, "ended without finishing the job (the heartbeat connection closed: the "
-                                 "process died or was killed)")
-            now = time.monotonic()
-            if now - sent >= self.beat:
-                sent = now
-                for p in list(self.peers.values()):
-                    if not p.closed:
-                        _send(p.sock, b"BEAT\n")
-            if self._checks:
-                self._check_peers(now)
-                self._check_progress(now)
+        self._sent = 0.0
+        self._guarded(lambda: self._root_round(sel))
+
+    def _root_round(self, sel):
+        """One round of rank 0's thread: read, beat, judge."""
+        lost = self._poll_root(sel, self.beat / 2)
+        if lost and self._checks:
+            # the other ranks of a killed node close their connections at
+            # the same moment: name them too
+            lost += self._poll_root(sel, 0.05)
+            self._lost(lost, "ended without finishing the job (the heartbeat connection closed: the "
+                             "process died or was killed)")
+        now = time.monotonic()
+        if now - self._sent >= self.beat:
+            self._sent = now
+            for p in list(self.peers.values()):
+                if not p.closed:
+                    _send(p.sock, b"BEAT\n")
+        if self._checks:
+            self._check_peers(now)
+            self._check_progress(now)
 
     def _poll_root(self, sel, timeout) -> list[int]:
         """Accept connections and read heartbeats for up to ``timeout`` s;
@@ -326,31 +342,35 @@ class StallWatchdog:
         import selectors
         sel = selectors.DefaultSelector()
         sel.register(self._sock, selectors.EVENT_READ)
-        peer = _Peer(self._sock, 0, time.monotonic())
-        sent = 0.0
+        self._peer0 = _Peer(self._sock, 0, time.monotonic())
+        self._sent = 0.0
+        self._guarded(lambda: self._rank_round(sel))
+
+    def _rank_round(self, sel):
+        """One round of a non-zero rank's thread; False when rank 0 is gone."""
+        peer = self._peer0
         me = f"rank {self.rank} on node {self.hosts[self.rank]}"
         zero = f"rank 0 on node {self.hosts[0]} (pid {self.pids[0]})"
-        while not self._stop.is_set():
-            if sel.select(timeout=self.beat / 2):
-                for msg in self._read(peer):
-                    word, _, arg = msg.partition(" ")
-                    if word == "END" and self._checks:
-                        self._end(f"{me}: rank 0 ended the job: {arg}")
-                    elif word == "BYE":
-                        peer.bye = True
-                if peer.closed:
-                    sel.unregister(self._sock)
-                    if not peer.bye and self._checks:
-                        self._end(f"{me}: {zero} ended without finishing the job (its heartbeat connection "
-                                  f"closed: the process died or was killed)")
-                    return
-            now = time.monotonic()
-            if now - sent >= self.beat:
-                sent = now
-                _send(self._sock, f"BEAT {self._step}\n".encode())
-            if self._checks and not peer.bye and now - peer.heard > self.peer_timeout:
-                self._end(f"{me}: {zero} is unreachable: no heartbeat for {self.peer_timeout:.0f} s "
-                          f"(log.heartbeat_timeout = {self.peer_timeout:g})")
+        if sel.select(timeout=self.beat / 2):
+            for msg in self._read(peer):
+                word, _, arg = msg.partition(" ")
+                if word == "END" and self._checks:
+                    self._end(f"{me}: rank 0 ended the job: {arg}")
+                elif word == "BYE":
+                    peer.bye = True
+            if peer.closed:
+                sel.unregister(self._sock)
+                if not peer.bye and self._checks:
+                    self._end(f"{me}: {zero} ended without finishing the job (its heartbeat connection "
+                              f"closed: the process died or was killed)")
+                return False
+        now = time.monotonic()
+        if now - self._sent >= self.beat:
+            self._sent = now
+            _send(self._sock, f"BEAT {self._step}\n".encode())
+        if self._checks and not peer.bye and now - peer.heard > self.peer_timeout:
+            self._end(f"{me}: {zero} is unreachable: no heartbeat for {self.peer_timeout:.0f} s "
+                      f"(log.heartbeat_timeout = {self.peer_timeout:g})")
 
     @staticmethod
     def _read(peer) -> list[str]:
@@ -382,11 +402,13 @@ class StallWatchdog:
             for r, p in list(self.peers.items()):
                 if r not in self.unreachable and not p.closed:
                     _send(p.sock, note)
-            time.sleep(0.2)        # let the notes leave before the process ends
+            # the launcher tears the job down when this process ends: give the
+            # other ranks a moment to print why first
+            time.sleep(0.5)
         try:
             self.stream.flush()
         finally:
-            self._exit(EXIT_WATCHDOG)
+            os._exit(EXIT_WATCHDOG)
 
 
 def _addresses(host: str) -> list[str]:
