@@ -33,6 +33,7 @@ skips with that reason.  Anything else that goes wrong raises
 Run by hand to get a cluster to play with::
 
     sudo python tests/slurm_cluster.py [NODES]   # prints the SLURM_CONF to export
+    sudo hpcnn cluster up --name lab && sudo python tests/slurm_cluster.py 2 --emulated lab
 """
 from __future__ import annotations
 
@@ -394,22 +395,35 @@ GresTypes=gpu
 
 
 if __name__ == "__main__":
+    import argparse
+    import signal
     import sys
+    ap = argparse.ArgumentParser(description="a Slurm cluster on this machine, until Ctrl-C")
+    ap.add_argument("nodes", type=int, nargs="?", default=1)
+    ap.add_argument("--emulated", default=None, metavar="NAME",
+                    help="put each slurmd on a node of this emulated cluster (hpcnn cluster up --name NAME)")
+    opts = ap.parse_args()
     reason = skip_reason()
     if reason:
         sys.exit(reason)
-    import signal
+    emulated = None
+    if opts.emulated:
+        from hpcnn.cluster import EmulatedCluster
+        emulated = EmulatedCluster.attach(opts.emulated)
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    c = SlurmCluster(nodes=int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+    c = SlurmCluster(nodes=opts.nodes, emulated=emulated)
     try:
         with c:
             print(f"{c.installed}; cluster up in {c.dir}")
             print(f"export SLURM_CONF={c.env['SLURM_CONF']}")
+            if emulated is not None:
+                print(f"client commands run on the first node: ip netns exec {c.nodes[0]} sbatch ...; "
+                      f"export UCX_TLS=tcp,self for MPI jobs")
             print("Ctrl-C stops it")
             try:
                 while True:

@@ -164,6 +164,7 @@ def test_mpi_equivalence_suite_across_two_nodes(cluster):
     assert r.returncode == 0, tail
     counts = [int(m) for m in re.findall(r"(?m)^(\d+) passed", r.stdout)]
     assert len(counts) == 4 and len(set(counts)) == 1 and counts[0] > 20, tail
+    print(f"tests/mpi at 4 ranks on 2 nodes: {counts[0]} passed on every rank; links sent {moved} bytes")
     assert min(moved.values()) > 1 << 20, f"the links carried {moved} bytes"
 
 

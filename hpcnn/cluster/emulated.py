@@ -507,16 +507,26 @@ exec ip netns exec "$host" unshare --uts sh -c {shlex.quote(node_init() + ' && e
                 elif tbf:
                     _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *tbf])
         except ClusterError as exc:
-            for ns, dev in ends:       # all or nothing: back to unshaped
+            # all or nothing: the links as they were (or unshaped)
+            previous = (self.rate, self.delay)
+            for ns, dev in ends:
                 _run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
             self.rate = self.delay = None
+            now = "unshaped"
+            if previous != (None, None) and previous != (rate, delay):
+                try:
+                    self.shape(*previous)
+                    now = "shaped as before (" + ", ".join(f"{k} {v}" for k, v in zip(("rate", "delay"), previous)
+                                                           if v) + ")"
+                except ClusterError:
+                    pass
             if self.dir.exists():
                 self._save()
             if "netem" in str(exc) and "unknown" in str(exc):
-                raise ClusterError("this kernel has no netem queueing discipline (CONFIG_NET_SCH_NETEM, module "
-                                   "sch_netem), so a link delay cannot be emulated here; shape the rate only "
-                                   "(the links are unshaped now)") from None
-            raise ClusterError(f"{exc} (the links are unshaped now)") from None
+                raise ClusterError(f"this kernel has no netem queueing discipline (CONFIG_NET_SCH_NETEM, module "
+                                   f"sch_netem), so a link delay cannot be emulated here; shape the rate only "
+                                   f"(the links are {now})") from None
+            raise ClusterError(f"{exc} (the links are {now})") from None
         self.rate, self.delay = rate, delay
         if self.dir.exists():
             self._save()
