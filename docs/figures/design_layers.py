@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
 LAYERS = [
-    ("8  job, CLI, benchmarks", "train.py  cli.py  job.py  failsafe.py  progress.py  bench/",
+    ("8  job, CLI, benchmarks", "train.py  cli.py  job.py  failsafe.py  progress.py  bench/  cluster/",
      "#f4d6d6"),
     ("7  data and checkpoints", "data/ (HDF5 box reads, prefetch)   checkpoint.py (whole tensors, any plan)",
      "#f6e3c9"),
