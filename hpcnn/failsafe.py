@@ -7,15 +7,18 @@
 - ``StopSignals``: SIGTERM (what Slurm sends at the time limit or on
   preemption) and SIGUSR1 set a flag; the job loop agrees on it at the next
   step boundary, writes a checkpoint and exits cleanly.
-- ``StallWatchdog``: every rank reports each finished step to rank 0 in the
-  background; when some ranks lag behind the others (or nobody progresses)
-  for longer than the stall limit, rank 0 names the ranks that have not
-  arrived.
+- ``StallWatchdog``: heartbeats between every rank and rank 0 over TCP
+  sockets (not MPI: it works at any MPI thread level and while a rank is
+  blocked in MPI over a dead link).  A rank that falls silent or dies is
+  named with its node and the job ends (exit status 4) instead of waiting in
+  MPI forever; ranks that lag behind the others (or no progress at all) are
+  reported after the stall limit and end the job after a longer one.
 """
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -71,120 +74,384 @@ class StopSignals:
             signal.signal(s, h)
 
 
-class StallWatchdog:
-    """Background heartbeats of finished steps, checked by rank 0.
+#: exit status of a rank that the watchdog ends (a peer lost, no progress)
+EXIT_WATCHDOG = 4
 
-    Every rank calls ``arrived(step)`` after each step.  Non-zero ranks send
-    the step number to rank 0 (a small non-blocking message on a duplicated
-    communicator); rank 0's thread receives them and, when the slowest rank
-    has been behind the fastest for more than ``limit`` seconds (or no rank
-    finished a step for that long), prints which ranks have not arrived.
-    Needs MPI_THREAD_MULTIPLE; without it the watchdog stays off and says so.
+
+class _Peer:
+    """One end of a heartbeat connection, as the watchdog thread sees it."""
+
+    def __init__(self, sock, rank=None, now=0.0):
+        self.sock, self.rank = sock, rank
+        self.buf = b""
+        self.heard = now
+        self.bye = False
+        self.closed = False
+
+
+class StallWatchdog:
+    """Heartbeats over TCP (not MPI) and a thread on every rank that never
+    calls MPI, so it works at any MPI thread level and while the main thread
+    is blocked inside an MPI call.
+
+    At start (collective, the only MPI call: one allgather) rank 0 opens a
+    listening socket and every rank learns rank 0's address and every rank's
+    host and pid; every other rank connects to rank 0.  Each thread then
+    sends a heartbeat every ``beat`` seconds: the other ranks send their
+    last finished step (``arrived``), rank 0 answers with its own beat.
+
+    - A peer lost: when rank 0 hears nothing from some ranks for
+      ``peer_timeout`` seconds (a node whose link went down), or their
+      connection closes without a goodbye (their process ended), it names
+      those ranks and their nodes, tells every reachable rank, and ends
+      itself; a rank that hears nothing from rank 0 for ``peer_timeout``, or
+      whose connection to it closes, or that rank 0 told to end, ends too.
+    - No progress: rank 0 reports (``limit`` seconds) the ranks that have not
+      finished the step the first rank finished, or that no rank finished a
+      step; after ``end_after`` seconds (0 = never) it ends the job.
+
+    Ending is ``os._exit(EXIT_WATCHDOG)`` after the message, so that the
+    launcher (mpiexec, srun) tears the job down; checkpoints are written
+    under a temporary name and renamed, so the last one stays intact.
+    Covers the time between construction and ``close()``.
     """
 
-    TAG = 4242
-
-    def __init__(self, comm, limit: float = 300.0, stream=None, poll: float = 0.5):
-        from mpi4py import MPI
-        self.MPI = MPI
+    def __init__(self, comm, limit: float = 300.0, end_after: float = 1800.0, peer_timeout: float = 30.0,
+                 stream=None, beat: float | None = None, connect_timeout: float = 30.0):
         self.limit = float(limit)
+        self.end_after = float(end_after or 0)
+        self.peer_timeout = float(peer_timeout)
         self.stream = stream or sys.stderr
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
-        self.enabled = self.size > 1 and MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+        self.enabled = self.size > 1
         self.reports: list[str] = []
-        self._pending = []
         if not self.enabled:
             return
-        self.comm = comm.Dup()
-        self.poll = poll
+        self.beat = float(beat) if beat else min(1.0, self.peer_timeout / 10)
         self._stop = threading.Event()
-        self.last = [-1] * self.size
-        self.when = [time.monotonic()] * self.size
-        self._reported = None
-        self._sent = 0
-        self._received = [0] * self.size
+        self._checks = True
+        self._lock = threading.Lock()
+        host = socket.gethostname()
+        listener, where = None, None
         if self.rank == 0:
-            self._thread = threading.Thread(target=self._watch, name="hpcnn-stall-watchdog", daemon=True)
+            listener = socket.create_server(("", 0), backlog=max(16, self.size))
+            listener.setblocking(False)
+            where = (listener.getsockname()[1], _addresses(host))
+        info = comm.allgather((host, os.getpid(), where))
+        self.hosts = [h for h, _, _ in info]
+        self.pids = [p for _, p, _ in info]
+        now = time.monotonic()
+        self.last = [-1] * self.size
+        self.when = [now] * self.size
+        self._reported = None
+        self.unreachable: list[int] = []
+        if self.rank == 0:
+            self._listener = listener
+            self.peers: dict = {}
+            self._thread = threading.Thread(target=self._watch_root, name="hpcnn-watchdog", daemon=True)
+            self._thread.start()
+            self._sock, why = None, None
+        else:
+            self._step = -1
+            port, addrs = info[0][2]
+            self._sock, why = _connect(_candidates(host, info[0][0], addrs), port, self.rank, connect_timeout)
+        ok = comm.allgather(why is None)
+        self.unwatched = [r for r in range(1, self.size) if not ok[r]]
+        if self.rank == 0:
+            if self.unwatched:
+                self._report(f"ranks {self.unwatched} could not connect to rank 0 on {host} (port "
+                             f"{where[0]}); the loss of those ranks will not be noticed")
+            with self._lock:
+                self.expected = set(range(1, self.size)) - set(self.unwatched)
+                start = time.monotonic()
+                for p in self.peers.values():
+                    p.heard = start
+                self._start = start
+        elif why is not None:
+            self.stream.write(f"[hpcnn watchdog] rank {self.rank} on {host}: cannot reach rank 0 on "
+                              f"{info[0][0]} for heartbeats ({why}); this rank will not notice rank 0's loss\n")
+            self.stream.flush()
+            self.enabled = False
+        else:
+            self._thread = threading.Thread(target=self._watch_rank, name="hpcnn-watchdog", daemon=True)
             self._thread.start()
 
+    # ---------------------------------------------------------------- main thread
     def arrived(self, step: int):
+        """This rank finished ``step`` (no communication: the thread sends it)."""
         if not self.enabled:
             return
         if self.rank == 0:
             self.last[0], self.when[0] = step, time.monotonic()
-            return
-        import numpy as np
-        buf = np.array([step], dtype=np.int64)
-        self._pending = [(r, b) for r, b in self._pending if not r.Test()]
-        self._pending.append((self.comm.Isend(buf, dest=0, tag=self.TAG), buf))
-        self._sent += 1
+        else:
+            self._step = step
 
-    def _watch(self):
-        import numpy as np
-        MPI = self.MPI
-        status = MPI.Status()
-        buf = np.zeros(1, dtype=np.int64)
+    def abandon(self):
+        """On an error path: stop judging progress and peers (the job is
+        being aborted), without communicating.  The heartbeats go on until
+        the process ends, so that no peer mistakes this rank for lost."""
+        self._checks = False
+
+    def close(self):
+        """Stop the thread and say goodbye to the peers (not collective)."""
+        if not self.enabled:
+            return
+        self._checks = False
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self.rank == 0:
+            socks = [p.sock for p in list(self.peers.values()) if not p.closed]
+            self._listener.close()
+        else:
+            socks = [self._sock]
+        for s in socks:
+            _send(s, b"BYE\n")
+            try:
+                s.close()
+            except OSError:
+                pass
+        self.enabled = False
+
+    # ---------------------------------------------------------------- threads
+    def _guarded(self, loop):
+        """Run a thread's loop; a failure of the watchdog itself is reported
+        and the loop goes on (the heartbeats must not stop: peers would take
+        this rank for lost)."""
+        failed = False
         while not self._stop.is_set():
-            while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=self.TAG, status=status):
-                src = status.Get_source()
-                self.comm.Recv(buf, source=src, tag=self.TAG)
-                self._received[src] += 1
-                self.last[src], self.when[src] = int(buf[0]), time.monotonic()
-            now = time.monotonic()
-            ahead = max(self.last)
-            behind = [r for r in range(self.size) if self.last[r] < ahead]
-            if behind:
-                since = now - min(self.when[r] for r in range(self.size) if self.last[r] == ahead)
-                key = (ahead, tuple(behind))
-                if since > self.limit and self._reported != key:
-                    self._report(f"stall: ranks {behind} have not finished step {ahead} "
-                                 f"{since:.0f} s after the first rank did (last steps: "
-                                 f"{dict((r, self.last[r]) for r in behind)})")
-                    self._reported = key
-            else:
-                since = now - max(self.when)
-                key = ("all", ahead)
-                if since > self.limit and self._reported != key:
-                    self._report(f"stall: no rank has finished a step for {since:.0f} s "
-                                 f"(all at step {ahead})")
-                    self._reported = key
-            self._stop.wait(self.poll)
+            try:
+                if loop() is False:
+                    return
+            except Exception as exc:  # noqa: BLE001 - report, never kill the job
+                if not failed:
+                    self._report(f"rank {self.rank}: the watchdog failed ({exc!r}); it keeps its heartbeats "
+                                 f"but may miss a stall")
+                failed = True
+                self._checks = False
+                time.sleep(self.beat)
+
+    def _watch_root(self):
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ, None)
+        self._sent = 0.0
+        self._guarded(lambda: self._root_round(sel))
+
+    def _root_round(self, sel):
+        """One round of rank 0's thread: read, beat, judge."""
+        lost = self._poll_root(sel, self.beat / 2)
+        if lost and self._checks:
+            # the other ranks of a killed node close their connections at
+            # the same moment: name them too
+            lost += self._poll_root(sel, 0.05)
+            self._lost(lost, "ended without finishing the job (the heartbeat connection closed: the "
+                             "process died or was killed)")
+        now = time.monotonic()
+        if now - self._sent >= self.beat:
+            self._sent = now
+            for p in list(self.peers.values()):
+                if not p.closed:
+                    _send(p.sock, b"BEAT\n")
+        if self._checks:
+            self._check_peers(now)
+            self._check_progress(now)
+
+    def _poll_root(self, sel, timeout) -> list[int]:
+        """Accept connections and read heartbeats for up to ``timeout`` s;
+        the ranks whose connection closed without a goodbye."""
+        import selectors
+        lost = []
+        for key, _ in sel.select(timeout=timeout):
+            if key.data is None:
+                try:
+                    conn, _ = self._listener.accept()
+                except OSError:
+                    continue
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sel.register(conn, selectors.EVENT_READ, _Peer(conn, now=time.monotonic()))
+                continue
+            peer = key.data
+            for msg in self._read(peer):
+                self._on_message(peer, msg)
+            if peer.closed:
+                sel.unregister(peer.sock)
+                peer.sock.close()
+                if peer.rank is not None and not peer.bye:
+                    lost.append(peer.rank)
+        return lost
+
+    def _on_message(self, peer, msg: str):
+        word, _, arg = msg.partition(" ")
+        if word == "HELLO" and arg.isdigit():
+            peer.rank = int(arg)
+            with self._lock:
+                self.peers[peer.rank] = peer
+        elif word == "BEAT" and peer.rank is not None:
+            step = int(arg) if arg.lstrip("-").isdigit() else -1
+            if step != self.last[peer.rank]:
+                self.last[peer.rank], self.when[peer.rank] = step, time.monotonic()
+        elif word == "BYE":
+            peer.bye = True
+
+    def _check_peers(self, now):
+        with self._lock:
+            expected = getattr(self, "expected", None)
+            if expected is None:
+                return
+            start = self._start
+            silent = []
+            for r in sorted(expected):
+                p = self.peers.get(r)
+                heard = p.heard if p is not None else start
+                if (p is None or not p.bye) and now - heard > self.peer_timeout:
+                    silent.append(r)
+        if silent:
+            self._lost(silent, f"unreachable: no heartbeat for {self.peer_timeout:.0f} s "
+                               f"(log.heartbeat_timeout = {self.peer_timeout:g})")
+
+    def _check_progress(self, now):
+        ahead = max(self.last)
+        behind = [r for r in range(self.size) if self.last[r] < ahead]
+        if behind:
+            since = now - min(self.when[r] for r in range(self.size) if self.last[r] == ahead)
+            key = (ahead, tuple(behind))
+            msg = (f"stall: ranks {behind} have not finished step {ahead} {since:.0f} s after the first rank "
+                   f"did (last steps: {dict((r, self.last[r]) for r in behind)})")
+        else:
+            since = now - max(self.when)
+            key = ("all", ahead)
+            msg = f"stall: no rank has finished a step for {since:.0f} s (all at step {ahead})"
+        if self.end_after and since > self.end_after:
+            self._end(f"{msg}, longer than log.stall_end_seconds = {self.end_after:g}")
+        if since > self.limit and self._reported != key:
+            self._report(msg)
+            self._reported = key
+
+    def _lost(self, ranks, what):
+        self.unreachable = sorted(ranks)
+        where = {}
+        for r in self.unreachable:
+            where.setdefault(self.hosts[r], []).append(r)
+        names = "; ".join(f"{'rank' if len(rs) == 1 else 'ranks'} {', '.join(map(str, rs))} on node {h}"
+                          for h, rs in where.items())
+        self._end(f"{names} {what}")
+
+    def _watch_rank(self):
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ)
+        self._peer0 = _Peer(self._sock, 0, time.monotonic())
+        self._sent = 0.0
+        self._guarded(lambda: self._rank_round(sel))
+
+    def _rank_round(self, sel):
+        """One round of a non-zero rank's thread; False when rank 0 is gone."""
+        peer = self._peer0
+        me = f"rank {self.rank} on node {self.hosts[self.rank]}"
+        zero = f"rank 0 on node {self.hosts[0]} (pid {self.pids[0]})"
+        if sel.select(timeout=self.beat / 2):
+            for msg in self._read(peer):
+                word, _, arg = msg.partition(" ")
+                if word == "END" and self._checks:
+                    self._end(f"{me}: rank 0 ended the job: {arg}")
+                elif word == "BYE":
+                    peer.bye = True
+            if peer.closed:
+                sel.unregister(self._sock)
+                if not peer.bye and self._checks:
+                    self._end(f"{me}: {zero} ended without finishing the job (its heartbeat connection "
+                              f"closed: the process died or was killed)")
+                return False
+        now = time.monotonic()
+        if now - self._sent >= self.beat:
+            self._sent = now
+            _send(self._sock, f"BEAT {self._step}\n".encode())
+        if self._checks and not peer.bye and now - peer.heard > self.peer_timeout:
+            self._end(f"{me}: {zero} is unreachable: no heartbeat for {self.peer_timeout:.0f} s "
+                      f"(log.heartbeat_timeout = {self.peer_timeout:g})")
+
+    @staticmethod
+    def _read(peer) -> list[str]:
+        try:
+            data = peer.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            peer.closed = True
+            return []
+        peer.heard = time.monotonic()
+        peer.buf += data
+        *lines, peer.buf = peer.buf.split(b"\n")
+        return [line.decode(errors="replace").strip() for line in lines if line.strip()]
 
     def _report(self, msg):
         self.reports.append(msg)
         self.stream.write(f"[hpcnn watchdog] {msg}\n")
         self.stream.flush()
 
-    def abandon(self):
-        """Stop the thread without communicating (error paths)."""
-        if self.enabled and self.rank == 0:
-            self._stop.set()
-        self.enabled = False
+    def _end(self, msg):
+        """Print why, tell the other ranks (rank 0), and end this process."""
+        whom = "the job" if self.rank == 0 else "this rank"
+        self._report(f"{msg}; ending {whom} (exit status {EXIT_WATCHDOG})")
+        if self.rank == 0:
+            note = f"END {msg}\n".encode(errors="replace")
+            for r, p in list(self.peers.items()):
+                if r not in self.unreachable and not p.closed:
+                    _send(p.sock, note)
+            # the launcher tears the job down when this process ends: give the
+            # other ranks a moment to print why first
+            time.sleep(0.5)
+        try:
+            self.stream.flush()
+        finally:
+            os._exit(EXIT_WATCHDOG)
 
-    def close(self):
-        """Stop the thread and receive every heartbeat still in flight
-        (collective)."""
-        if not self.enabled:
-            return
-        if self.rank == 0:
-            self._stop.set()
-            self._thread.join(timeout=10)
-        counts = self.comm.gather(self._sent, root=0)
-        if self.rank == 0:
-            import numpy as np
-            buf = np.zeros(1, dtype=np.int64)
-            for src in range(1, self.size):
-                while self._received[src] < counts[src]:
-                    self.comm.Recv(buf, source=src, tag=self.TAG)
-                    self._received[src] += 1
-        else:
-            for r, _ in self._pending:
-                r.Wait()
-            self._pending = []
-        self.comm.Barrier()
-        self.comm.Free()
-        self.enabled = False
+
+def _addresses(host: str) -> list[str]:
+    """This host's IPv4 addresses as its name resolves (best effort)."""
+    try:
+        return [a for a in socket.gethostbyname_ex(host)[2] if not a.startswith("127.")]
+    except OSError:
+        return []
+
+
+def _candidates(me: str, host0: str, addrs0: list[str]) -> list[str]:
+    """Where rank 0 may be reached from this rank, in order."""
+    out = (["127.0.0.1"] if me == host0 else []) + [host0] + list(addrs0)
+    return list(dict.fromkeys(out))
+
+
+def _connect(candidates, port, rank, timeout):
+    """A connected, non-blocking socket to rank 0 after sending HELLO, and
+    None; or None and why no candidate answered within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    errors = {}
+    while True:
+        for host in candidates:
+            try:
+                s = socket.create_connection((host, port), timeout=min(5.0, timeout))
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.sendall(f"HELLO {rank}\n".encode())
+                s.setblocking(False)
+                return s, None
+            except OSError as exc:
+                errors[host] = str(exc)
+        if time.monotonic() > deadline:
+            return None, "; ".join(f"{h}:{port}: {e}" for h, e in errors.items())
+        time.sleep(0.5)
+
+
+def _send(sock, data: bytes):
+    """Best-effort send that never blocks (a dead link only fills the
+    buffer; the other side notices the silence)."""
+    try:
+        sock.send(data, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
 
 
 def pid_info() -> str:

@@ -214,7 +214,8 @@ class Trainer:
         self.progress = Progress(self.total, j["log"]["progress"], j["train"]["log_every"],
                                  initial=min(pos.step, self.total)) if self.rank == 0 else None
         self.metrics = MetricsWriter(j["log"]["metrics"] if self.rank == 0 else None)
-        watchdog = StallWatchdog(self.comm, j["log"]["stall_seconds"])
+        watchdog = StallWatchdog(self.comm, j["log"]["stall_seconds"], end_after=j["log"]["stall_end_seconds"],
+                                 peer_timeout=j["log"]["heartbeat_timeout"])
         self.node_time: dict = {}
         self.trace_events, self.trace_t0 = [], time.perf_counter()
         t_run = time.perf_counter()

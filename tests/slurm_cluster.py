@@ -7,10 +7,15 @@ MUNGE socket, state, spool, pid and log files all live there too, and the
 ports are free ones picked at start), runs ``munged``, ``slurmctld`` and
 ``slurmd`` in the foreground as children of this process, and waits until
 ``sinfo`` shows the nodes idle.  With ``nodes=N > 1`` it runs N slurmd
-daemons on this machine (Debian's Slurm is built with multiple-slurmd
-support), each a node of its own name and port, so that multi-node job
-scripts run for real: each node offers all of this machine's cores and
-``gpus`` GPUs.  Leaving the ``with`` block (also after an
+daemons on this machine, so that multi-node job scripts run for real: each
+node offers all of this machine's cores and ``gpus`` GPUs.  Given an
+``emulated`` cluster (hpcnn.cluster.EmulatedCluster, network namespaces
+joined by a bridge), each slurmd runs on a node of its own: in that node's
+namespace, under its host name, at its address; slurmctld runs on the first
+node, and the client commands (sbatch, squeue, ...) run there too, as on a
+login node.  Without one, the slurmd daemons share this machine's name and
+address, each with its own port (Debian's Slurm is built with
+multiple-slurmd support).  Leaving the ``with`` block (also after an
 error) cancels every job of the cluster, waits for them to go, and stops the
 three daemons it started.  Nothing outside the temporary directory is
 touched except the package installation.
@@ -28,6 +33,7 @@ skips with that reason.  Anything else that goes wrong raises
 Run by hand to get a cluster to play with::
 
     sudo python tests/slurm_cluster.py [NODES]   # prints the SLURM_CONF to export
+    sudo hpcnn cluster up --name lab && sudo python tests/slurm_cluster.py 2 --emulated lab
 """
 from __future__ import annotations
 
@@ -111,7 +117,7 @@ class SlurmCluster:
     ``nodes`` the node names."""
 
     def __init__(self, nodes: int = 1, cpus: int | None = None, gpus: int = GPUS, kill_wait: int = 15,
-                 start_timeout: float = 60, extra_conf: str = ""):
+                 start_timeout: float = 60, extra_conf: str = "", emulated=None):
         self.cpus = cpus or os.cpu_count() or 1
         self.gpus = gpus
         self.kill_wait = kill_wait
@@ -119,15 +125,30 @@ class SlurmCluster:
         self.extra_conf = extra_conf
         self.dir: Path | None = None
         self.procs: dict[str, subprocess.Popen] = {}
-        host = socket.gethostname().split(".")[0]
-        # one node: this machine's name; several: node1..nodeN, all on this machine
-        self.nodes = [host] if nodes == 1 else [f"node{i}" for i in range(1, nodes + 1)]
+        self.emulated = emulated
+        if emulated is not None:
+            if nodes > len(emulated.nodes):
+                raise SlurmClusterError(f"{nodes} Slurm nodes on an emulated cluster of {len(emulated.nodes)}")
+            # a node per namespace; the controller on the first, at its address
+            self.nodes = emulated.hostnames[:nodes]
+            host = self.nodes[0]
+            self.host_addr = emulated.node(0).addr
+        else:
+            host = socket.gethostname().split(".")[0]
+            # one node: this machine's name; several: node1..nodeN, all on this machine
+            self.nodes = [host] if nodes == 1 else [f"node{i}" for i in range(1, nodes + 1)]
+            self.host_addr = "127.0.0.1"
         self.host = host
         self.partition = "hpcnn"
         # a clean client environment, even when the tests run inside a Slurm job
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))}
         self.env["PATH"] = self.env.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
+        if emulated is not None:
+            # the jobs' MPI ranks must talk over the emulated links (TCP), not
+            # through shared memory (see hpcnn/cluster/emulated.py)
+            from hpcnn.cluster.emulated import MPI_ENV
+            self.env.update(MPI_ENV)
         self.installed = ""
 
     # ---------------------------------------------------------------- setup
@@ -162,11 +183,11 @@ class SlurmCluster:
                                f"--seed-file={self.dir / 'munge' / 'munged.seed'}",
                                f"--log-file={self.dir / 'log' / 'munged.log'}"])
         self._wait_for(lambda: Path(self.munge_socket).exists(), "munged to create its socket")
-        self._start("slurmctld", ["slurmctld", "-D", "-c", "-f", self.env["SLURM_CONF"]])
+        self._start("slurmctld", ["slurmctld", "-D", "-c", "-f", self.env["SLURM_CONF"]], node=0)
         self._wait_for(lambda: self.run(["scontrol", "ping"], check=False).stdout.find("UP") >= 0,
                        "slurmctld to answer `scontrol ping`")
         for node in self.nodes:
-            self._start(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", self.env["SLURM_CONF"]])
+            self._start(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", self.env["SLURM_CONF"]], node=node)
         self._wait_for(self._nodes_idle, f"nodes {','.join(self.nodes)} to be idle in sinfo")
 
     @property
@@ -199,11 +220,14 @@ class SlurmCluster:
         for i in range(self.gpus):
             (d / "dev" / f"fakegpu{i}").symlink_to(devices[i])
         multi = len(self.nodes) > 1
+        emulated = self.emulated is not None
+        # in a node's namespace every port is free; on this machine pick free ones
+        ctld_port = 6817 if emulated else _free_port()
         conf = f"""\
 # test cluster of {len(self.nodes)} node(s) on one machine, written by tests/slurm_cluster.py
 ClusterName=hpcnntest
-SlurmctldHost={self.host}(127.0.0.1)
-SlurmctldPort={_free_port()}
+SlurmctldHost={self.host}({self.host_addr})
+SlurmctldPort={ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -237,10 +261,13 @@ GresTypes=gpu
         hardware = self._hardware()
         gres = f"Gres=gpu:{self.gpus} " if self.gpus else ""
         for node in self.nodes:
-            # several slurmd on one machine: same address, a port each
-            where = f"NodeHostname={self.host} " if multi else ""
-            conf += (f"NodeName={node} {where}NodeAddr=127.0.0.1 Port={_free_port()} {hardware} "
-                     f"RealMemory={mem_mib} {gres}State=UNKNOWN\n")
+            if emulated:
+                # a node of the emulated cluster: its own name, address and host name
+                where = f"NodeHostname={node} NodeAddr={self.emulated.node(node).addr} Port=6818"
+            else:
+                # several slurmd on one machine: same address, a port each
+                where = (f"NodeHostname={self.host} " if multi else "") + f"NodeAddr=127.0.0.1 Port={_free_port()}"
+            conf += f"NodeName={node} {where} {hardware} RealMemory={mem_mib} {gres}State=UNKNOWN\n"
         conf += (f"PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES "
                  f"MaxTime=INFINITE State=UP\n{self.extra_conf}\n")
         (d / "slurm.conf").write_text(conf)
@@ -250,7 +277,10 @@ GresTypes=gpu
         (d / "gres.conf").write_text(gres_conf)
         (d / "plugstack.conf").write_text("")
 
-    def _start(self, name: str, cmd: list[str]):
+    def _start(self, name: str, cmd: list[str], node=None):
+        """Start a daemon; on an emulated cluster, on ``node`` (index or name)."""
+        if node is not None and self.emulated is not None:
+            cmd = self.emulated.exec_argv(node, cmd)
         # what a daemon prints before it opens its log file (bad options or config)
         out = open(self.dir / "log" / f"{name}.out", "wb")
         try:
@@ -281,8 +311,12 @@ GresTypes=gpu
 
     # ------------------------------------------------------------- commands
     def run(self, cmd: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-        """Run a Slurm client command against this cluster."""
-        r = subprocess.run([str(c) for c in cmd], env=kw.pop("env", self.env), capture_output=True,
+        """Run a Slurm client command against this cluster (on an emulated
+        cluster: on its first node, where slurmctld is reachable)."""
+        argv = [str(c) for c in cmd]
+        if self.emulated is not None:
+            argv = self.emulated.exec_argv(0, argv)
+        r = subprocess.run(argv, env=kw.pop("env", self.env), capture_output=True,
                            text=True, timeout=timeout, **kw)
         if check and r.returncode != 0:
             raise SlurmClusterError(f"`{' '.join(map(str, cmd))}` failed with status {r.returncode}:\n"
@@ -361,22 +395,35 @@ GresTypes=gpu
 
 
 if __name__ == "__main__":
+    import argparse
+    import signal
     import sys
+    ap = argparse.ArgumentParser(description="a Slurm cluster on this machine, until Ctrl-C")
+    ap.add_argument("nodes", type=int, nargs="?", default=1)
+    ap.add_argument("--emulated", default=None, metavar="NAME",
+                    help="put each slurmd on a node of this emulated cluster (hpcnn cluster up --name NAME)")
+    opts = ap.parse_args()
     reason = skip_reason()
     if reason:
         sys.exit(reason)
-    import signal
+    emulated = None
+    if opts.emulated:
+        from hpcnn.cluster import EmulatedCluster
+        emulated = EmulatedCluster.attach(opts.emulated)
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    c = SlurmCluster(nodes=int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+    c = SlurmCluster(nodes=opts.nodes, emulated=emulated)
     try:
         with c:
             print(f"{c.installed}; cluster up in {c.dir}")
             print(f"export SLURM_CONF={c.env['SLURM_CONF']}")
+            if emulated is not None:
+                print(f"client commands run on the first node: ip netns exec {c.nodes[0]} sbatch ...; "
+                      f"export UCX_TLS=tcp,self for MPI jobs")
             print("Ctrl-C stops it")
             try:
                 while True:

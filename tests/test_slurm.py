@@ -1,5 +1,8 @@
 """The sbatch scripts in slurm/, run for real on a Slurm cluster of two
-nodes (two slurmd daemons) started on this machine (tests/slurm_cluster.py).
+nodes started on this machine (tests/slurm_cluster.py): each node a network
+namespace of an emulated cluster (hpcnn.cluster.EmulatedCluster) with its own
+slurmd, host name and address, so that a two-node job's ranks talk over the
+emulated link.
 
 Every training job is the real ``python -m hpcnn train digits.toml`` (the
 default job of jobs/, on data made by ``hpcnn data digits``), 2 ranks:
@@ -11,17 +14,18 @@ default job of jobs/, on data made by ``hpcnn data digits``), 2 ranks:
   ranks on one node) and slurm/hpcnn-multi-node.sbatch (2 nodes, 1 rank
   each): loss lines, the final accuracy, the metrics file, a checkpoint with
   the parameters that h5py and ``hpcnn ckpt inspect`` read;
-- preemption: ``scontrol requeue`` of a running one-node job; the ranks
-  checkpoint on SIGTERM, Slurm starts the job again and it resumes from that
-  checkpoint;
+- preemption: ``scontrol requeue`` of a running two-node job (srun); the
+  ranks checkpoint on SIGTERM, Slurm starts the job again on both nodes and
+  it resumes from that checkpoint;
 - the time-limit warning (``--signal=B:USR1@...``, sent here at once with
   ``scancel --batch --signal=USR1``) to a one-node job with srun and to a
   two-node job with the mpiexec launcher: the ranks checkpoint and stop, the
   script requeues the job, and it resumes and finishes;
 - errors: a missing job file, a bad job key (exit status 2, one message).
 
-Skipped (with the reason) only when not root; a failure to install or start
-Slurm fails with the daemons' logs.
+Skipped (with the reason) only when not root or when the emulated cluster's
+tools (ip, tc, unshare) are missing; a failure to install or start Slurm
+fails with the daemons' logs.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from pathlib import Path
 import h5py
 import pytest
 
+from hpcnn.cluster import EmulatedCluster, unavailable
 from mpi_launch import ROOT, mpi_env, mpiexec
 from slurm_cluster import SlurmCluster, SlurmClusterError, skip_reason
 
@@ -78,16 +83,17 @@ os.write(1, line.encode())   # one write: print() writes the newline apart, and 
 
 @pytest.fixture(scope="module")
 def cluster():
-    reason = skip_reason()
+    reason = skip_reason() or unavailable()
     if reason:
         pytest.skip(reason)
-    c = SlurmCluster(nodes=NODES)
-    try:
-        c.start()          # a failure here is a test error with the daemons' logs
-        yield c
-    finally:
-        c.stop()
-        c.cleanup()
+    with EmulatedCluster(NODES, rate="1gbit", prefix=f"hs{os.getpid()}") as nodes:
+        c = SlurmCluster(nodes=NODES, emulated=nodes)
+        try:
+            c.start()          # a failure here is a test error with the daemons' logs
+            yield c
+        finally:
+            c.stop()
+            c.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +270,10 @@ def test_each_rank_gets_its_own_gpu(cluster, workdir, script, launcher):
 @pytest.mark.parametrize("script", ["hpcnn-one-node.sbatch", "hpcnn-multi-node.sbatch"])
 def test_job_trains_and_checkpoints(cluster, workdir, script):
     name = script.split(".")[0]
+    before = cluster.emulated.link_bytes()
     job_id, output, ckpt_dir = submit(cluster, workdir, script, name, "srun", f"train.max_steps={SHORT_STEPS}")
     info = wait_done(cluster, job_id, output)
+    after = cluster.emulated.link_bytes()
     text = read(output)
     assert_completed(info, output)
     nodes = NODES if script == "hpcnn-multi-node.sbatch" else 1
@@ -280,6 +288,13 @@ def test_job_trains_and_checkpoints(cluster, workdir, script):
     records = metrics_of(ckpt_dir.parent)
     kinds = [r["kind"] for r in records]
     assert "train" in kinds and kinds[-1] == "final" and records[-1]["step"] == SHORT_STEPS, records
+    if nodes > 1:
+        # the gradients crossed the emulated link: every step each of the two
+        # ranks sends at least its whole gradient (float32) to the other
+        params = int(re.search(r"\(([\d,]+) parameters\)", text).group(1).replace(",", ""))
+        sent = {k: after[k]["tx"] - before[k]["tx"] for k in after}
+        assert min(sent.values()) >= SHORT_STEPS * params * 4, \
+            f"the nodes' links sent {sent} bytes, less than {SHORT_STEPS} steps of gradients:\n{text}"
 
 
 def two_runs(cluster, job_id, output) -> tuple:
@@ -294,11 +309,14 @@ def two_runs(cluster, job_id, output) -> tuple:
 
 
 def test_requeue_resumes_from_checkpoint(cluster, workdir):
-    job_id, output, ckpt_dir = submit(cluster, workdir, "hpcnn-one-node.sbatch", "preempted", "srun",
+    """``scontrol requeue`` of a two-node job (srun): it stops with a
+    checkpoint, runs again on both nodes and resumes from it."""
+    job_id, output, ckpt_dir = submit(cluster, workdir, "hpcnn-multi-node.sbatch", "preempted", "srun",
                                       *LONG_SETS)
     first_ckpt = wait_for_checkpoint(cluster, job_id, ckpt_dir, output)
     cluster.run(["scontrol", "requeue", str(job_id)])
     first, second, text = two_runs(cluster, job_id, output)
+    assert f"on {NODES} node(s)" in first and f"on {NODES} node(s)" in second, text
     # on a requeue Slurm signals the job step's tasks (SIGTERM) and the batch
     # shell, which passes the stop on as SIGUSR1 through srun: whichever
     # reaches the ranks first names the stop; both end it cleanly

@@ -10,7 +10,7 @@ from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
 LAYERS = [
     ("8  job, CLI, benchmarks",
-     "train.py  cli.py  job.py  job_errors.py  failsafe.py  fault_injection.py  progress.py  bench/",
+     "train.py  cli.py  job.py  job_errors.py  failsafe.py  fault_injection.py  progress.py  bench/  cluster/",
      "#f4d6d6"),
     ("7  data, checkpoints, calibration",
      "data/ (HDF5 box reads)   checkpoint.py (whole tensors, any plan)   calibration/ (measures)",
