@@ -158,6 +158,21 @@ class Graph:
     def batch(self) -> int:
         return self.nodes[self.input_name].shape[0]
 
+    def reaches_loss(self) -> set:
+        """The layers whose output reaches the loss (all of them in a graph
+        without one): only their gradients travel back in training."""
+        try:
+            todo = [self.loss_name]
+        except GraphError:
+            return set(self.nodes)
+        live = set()
+        while todo:
+            n = todo.pop()
+            if n not in live:
+                live.add(n)
+                todo.extend(self.nodes[n].inputs)
+        return live
+
     def edges(self) -> list[tuple[str, str, int]]:
         """(producer, consumer, input index) for every data edge."""
         return [(src, n.name, i) for n in self for i, src in enumerate(n.inputs)]

@@ -13,7 +13,8 @@ from hpcnn.calibration.tiles import (TileJob, by_flops, fit_roofline, plan_tile_
 from hpcnn.models import build_model
 from hpcnn.strategy.baselines import data_parallel, model_parallel
 from hpcnn.parallel.layout import degrees_from_config
-from hpcnn.strategy.cost_model import CostModel, NodeGeometry, tile_key
+from hpcnn.strategy.cost_model import CostModel
+from hpcnn.strategy.tile_geometry import NodeGeometry, tile_key
 from hpcnn.strategy.machine import load_machine
 
 

@@ -13,8 +13,12 @@ from hpcnn.models import build_model
 from hpcnn.parallel.layout import Layout
 from hpcnn.strategy.baselines import data_parallel, model_parallel, owt
 from hpcnn.strategy.config_space import SpaceOptions, enumerate_configs
-from hpcnn.strategy.cost_model import CostModel, CostModelError, tile_key
-from hpcnn.strategy.exchange_bytes import InputGeometry, exchange_tables, reference_exchange
+from hpcnn.parallel.exchange_counts import exchange_tables, rank_counts
+from hpcnn.parallel.exchange_plan import ExchangePlan, needed_boxes
+from hpcnn.parallel.input_geometry import InputGeometry
+from hpcnn.strategy.cost_model import CostModel, CostModelError
+from hpcnn.strategy.plan_pricing import gradient_sync, price_plan, rank_bytes
+from hpcnn.strategy.tile_geometry import tile_key
 from hpcnn.strategy.machine import Link, Machine, MachineError, allreduce_time, load_machine
 from hpcnn.strategy.plan import Plan, PlanError
 from hpcnn.strategy.planner import MemoryLimitError, search_plan
@@ -44,12 +48,33 @@ def every_op_graph(batch=8):
     return g
 
 
-def _node_port(ref):
-    nodes = set(ref["node_in"]) | set(ref["node_out"])
-    return max((max(ref["node_in"].get(m, 0), ref["node_out"].get(m, 0)) for m in nodes), default=0)
+def _plan_counts(plan, P, R):
+    """What an ExchangePlan moves, rank by rank: elements and messages sent
+    and received (to and from OTHER ranks), and the busiest node port."""
+    sent, recv, msent, mrecv = (np.zeros(P) for _ in range(4))
+    node_in, node_out = {}, {}
+    for s, d, box in plan.pieces:
+        if s == d:
+            continue
+        sent[s] += box.volume
+        recv[d] += box.volume
+        msent[s] += 1
+        mrecv[d] += 1
+        if s // R != d // R:
+            node_out[s // R] = node_out.get(s // R, 0) + box.volume
+            node_in[d // R] = node_in.get(d // R, 0) + box.volume
+    port = max([max(node_in.get(m, 0), node_out.get(m, 0)) for m in set(node_in) | set(node_out)], default=0)
+    return sent, recv, msent, mrecv, port
 
 
-def _check_edges(g, P, R, pairs_per_edge, seed):
+def _random_ranks(rng, k, P):
+    return [int(r) for r in rng.permutation(P)[:k]]
+
+
+def _check_edges(g, P, R, pairs_per_edge, seed, explicit=False):
+    """Every edge of ``g``: the tables of all configuration pairs, sampled
+    pairs checked rank by rank against the ExchangePlan the runtime
+    compiles (and, with ``explicit``, layouts on random explicit ranks)."""
     rng = np.random.default_rng(seed)
     checked = 0
     for node in g:
@@ -58,59 +83,71 @@ def _check_edges(g, P, R, pairs_per_edge, seed):
             A = enumerate_configs(T, g[src].op.splittable, P, SpaceOptions(max_kinds=3))
             B = enumerate_configs(node.shape, node.op.splittable, P, SpaceOptions(max_kinds=3))
             geom = InputGeometry(node.op, i, node.in_shapes, node.shape)
-            tab = exchange_tables(geom, A, B, P, R, want_total=True, per_rank=True)
+            tab = exchange_tables(geom, A, B, R)
             pairs = list(itertools.product(range(len(A)), range(len(B))))
             if pairs_per_edge is not None and len(pairs) > pairs_per_edge:
                 pairs = [pairs[k] for k in rng.choice(len(pairs), pairs_per_edge, replace=False)]
             for a, b in pairs:
-                ref = reference_exchange(Layout(T, A[a]), Layout(node.shape, B[b]), node.op, i,
-                                         node.in_shapes, R)
-                where = f"{node.name} input {i}: {tuple(A[a])} -> {tuple(B[b])} at P={P} R={R}"
-                assert tab.max_rank[a, b] == ref["max_rank"], where
-                assert tab.total[a, b] == ref["total"], where
-                assert tab.node_inter[a, b] == (_node_port(ref) if P > R else 0), where
-                assert (tab.peers[a, b] > 0) == (ref["max_rank"] > 0), where
-                for r in range(P):
-                    assert tab.sent[a, b, r] == ref["sent"].get(r, 0), f"{where}, rank {r} sends"
-                    assert tab.received[a, b, r] == ref["received"].get(r, 0), f"{where}, rank {r} receives"
+                Ls, Ld = Layout(T, A[a]), Layout(node.shape, B[b])
+                if explicit:
+                    Ls = Layout(T, A[a], _random_ranks(rng, Ls.k, P))
+                    Ld = Layout(node.shape, B[b], _random_ranks(rng, Ld.k, P))
+                xp = ExchangePlan.compile(Ls, needed_boxes(node.op, i, Ld, node.in_shapes), 1)
+                sent, recv, msent, mrecv, port = _plan_counts(xp, P, R)
+                rc = rank_counts(geom, Ls, Ld, P, R)
+                where = f"{node.name} input {i}: {Ls} -> {Ld} at P={P} R={R}"
+                assert np.array_equal(rc.sent, sent), where
+                assert np.array_equal(rc.received, recv), where
+                assert np.array_equal(rc.messages_sent, msent), where
+                assert np.array_equal(rc.messages_received, mrecv), where
+                assert rc.node_inter == (port if P > R else rc.node_inter), where
+                if not explicit:
+                    assert tab.max_rank[a, b] == np.maximum(sent, recv).max() == xp.max_rank_bytes(), where
+                    assert tab.total[a, b] == sent.sum() == xp.total_bytes(), where
+                    assert tab.messages[a, b] == (msent + mrecv).max(), where
+                    assert tab.node_inter[a, b] == (port if max(Ls.k, Ld.k) > R else 0), where
                 checked += 1
     return checked
 
 
 @pytest.mark.parametrize("P,R", [(4, 2), (8, 4), (6, 4), (12, 4), (3, 1)])
-def test_fast_tables_equal_the_box_reference(P, R):
+def test_exchange_counts_equal_the_exchange_plan(P, R):
     """Sampled pairs on every edge of a graph with every op kind, for
-    power-of-two and other rank counts (node blocks that are not products of
-    intervals take the rank-by-rank path)."""
+    power-of-two and other rank counts (node blocks that are not boxes of
+    the grid take the rank-by-rank path): bytes and messages per rank, the
+    busiest rank, the total and the busiest node port, from the tables of
+    all pairs and from one pair, equal the runtime's ExchangePlan."""
     assert _check_edges(every_op_graph(), P, R, pairs_per_edge=25, seed=P * 10 + R) > 300
 
 
-def test_fast_tables_equal_the_box_reference_on_every_pair():
+def test_exchange_counts_equal_the_exchange_plan_on_every_pair():
     assert _check_edges(every_op_graph(batch=6), 6, 4, pairs_per_edge=None, seed=0) > 5000
 
 
-def test_tables_equal_the_runtime_exchange_plan():
-    import hpcnn.parallel.exchange_plan as xp
-    g = every_op_graph()
-    rng = np.random.default_rng(7)
-    P, itemsize = 4, 4
-    for node in g:
-        for i, src in enumerate(node.inputs):
-            T = g[src].shape
-            A = enumerate_configs(T, g[src].op.splittable, P)
-            B = enumerate_configs(node.shape, node.op.splittable, P)
-            tab = exchange_tables(InputGeometry(node.op, i, node.in_shapes, node.shape), A, B, P, P,
-                                  want_total=True, per_rank=True)
-            for _ in range(15):
-                a, b = int(rng.integers(len(A))), int(rng.integers(len(B)))
-                out = Layout(node.shape, B[b])
-                plan = xp.ExchangePlan.compile(Layout(T, A[a]),
-                                               xp.needed_boxes(node.op, i, out, node.in_shapes), itemsize)
-                assert tab.max_rank[a, b] * itemsize == plan.max_rank_bytes()
-                assert tab.total[a, b] * itemsize == plan.total_bytes()
-                for r in range(P):
-                    assert tab.sent[a, b, r] * itemsize == plan.bytes_sent(r)
-                    assert tab.received[a, b, r] * itemsize == plan.bytes_received(r)
+@pytest.mark.parametrize("P,R", [(4, 2), (6, 4), (8, 3)])
+def test_exchange_counts_on_explicit_ranks_equal_the_exchange_plan(P, R):
+    assert _check_edges(every_op_graph(), P, R, pairs_per_edge=12, seed=P + R, explicit=True) > 150
+
+
+def test_messages_count_every_pair_of_ranks_that_exchange():
+    """A 3x3 convolution with padding 1 split four ways over height: the
+    inner ranks send two halos and receive two (4 messages), the outer ones
+    one and one; a 2x2 (n, c) to (h, w) redistribution: every rank sends to
+    and receives from all three others."""
+    g = Graph("halo")
+    x = g.input((4, 4, 16, 16))
+    c = g.conv(x, 4, 3, padding=1)
+    y = g.conv(c, 4, 3, padding=1)
+    g.loss(g.linear(g.global_avgpool(y), 2))
+    geom = InputGeometry(g[y].op, 0, g[y].in_shapes, g[y].shape)
+    h4 = np.array([[1, 1, 4, 1]])
+    tab = exchange_tables(geom, h4, h4)
+    rc = rank_counts(geom, Layout(g[c].shape, h4[0]), Layout(g[y].shape, h4[0]), 4)
+    assert list(rc.messages_sent) == [1, 2, 2, 1] and list(rc.messages_received) == [1, 2, 2, 1]
+    assert tab.messages[0, 0] == 4
+    tab = exchange_tables(InputGeometry(g[c].op, 0, g[c].in_shapes, g[c].shape),
+                          np.array([[2, 2, 1, 1]]), np.array([[1, 1, 2, 2]]))
+    assert tab.messages[0, 0] == 6
 
 
 def test_identity_edges_move_nothing_and_redistributions_do():
@@ -154,9 +191,9 @@ def test_inter_node_exchange_uses_the_slower_port():
     m = CostModel(g, 8, mach)
     n8 = np.array([[8, 1, 1, 1]])
     c8 = np.array([[1, 2, 1, 4]])
-    tab = m.edge_tables("conv2d_1", "relu_1", 0, n8, c8)
+    tab = m.edge_tables("relu_1", 0, n8, c8)
     assert tab.node_inter[0, 0] > 0
-    inside = m.edge_tables("conv2d_1", "relu_1", 0, np.array([[2, 1, 2, 1]]), np.array([[2, 1, 1, 2]]))
+    inside = m.edge_tables("relu_1", 0, np.array([[2, 1, 2, 1]]), np.array([[2, 1, 1, 2]]))
     assert inside.node_inter[0, 0] == 0 and inside.max_rank[0, 0] > 0
 
 
@@ -189,7 +226,7 @@ def test_search_on_real_tables_equals_brute_force(model, P):
         assert res.cost == pytest.approx(best, rel=1e-12)
     plan = Plan(g.name, P, g.batch, m.space.plan_configs(res.choice))
     plan.validate(g, P)
-    assert m.evaluate(plan).total == pytest.approx(res.cost, rel=1e-12)
+    assert price_plan(m, plan).total == pytest.approx(res.cost, rel=1e-12)
 
 
 def test_search_plan_report_and_baselines():
@@ -232,14 +269,14 @@ def test_memory_limit_excludes_binds_and_reports():
         search_plan(g, 4, mach, memory=-1)
 
 
-def test_evaluate_prices_any_plan_and_rejects_bad_ones():
+def test_price_plan_prices_any_plan_and_rejects_bad_ones():
     g = build_model("lenet5", batch=8)
     m = CostModel(g, 2, load_machine("paper_p100_cluster"))
     for plan in (data_parallel(g, 2), model_parallel(g, 2), owt(g, 2)):
-        pc = m.evaluate(plan)
+        pc = price_plan(m, plan)
         assert pc.total > 0 and len(pc.rows) == len(g)
     with pytest.raises(CostModelError, match="ranks"):
-        m.evaluate(data_parallel(g, 4))
+        price_plan(m, data_parallel(g, 4))
 
 
 def test_machine_files_state_their_figures():
@@ -319,7 +356,7 @@ def test_rank_bytes_equal_the_runtime_exchange_plans():
         from plan_cases import cases
     finally:
         sys.path.pop(0)
-    from hpcnn.parallel.exchange_plan import ExchangePlan, exchange_category, needed_boxes
+    from hpcnn.parallel.exchange_plan import exchange_category
     machine = load_machine("paper_p100_cluster")
     checked = 0
     for P in (2, 3, 4):
@@ -327,7 +364,7 @@ def test_rank_bytes_equal_the_runtime_exchange_plans():
             g = build_model(model, batch=5)
             plan = build(g, P)
             cm = CostModel(g, P, machine)
-            pred = cm.rank_bytes(plan)
+            pred = rank_bytes(cm, plan)
             L = plan.layouts(g)
             for n in g:
                 for i, src in enumerate(n.inputs):
@@ -335,8 +372,13 @@ def test_rank_bytes_equal_the_runtime_exchange_plans():
                     key = f"{src}->{n.name}[{i}]"
                     back = g[src].kind != "input"
                     for r in range(P):
-                        want = {"forward": xp.bytes_sent(r), "backward": xp.bytes_received(r) if back else 0}
-                        got = pred[r]["edges"].get(key, {"forward": 0, "backward": 0})
+                        want = {"forward": xp.bytes_sent(r), "backward": xp.bytes_received(r) if back else 0,
+                                "messages_forward": xp.messages_sent(r),
+                                "messages_backward": xp.messages_received(r) if back else 0}
+                        none = {"forward": 0, "backward": 0, "messages_forward": 0, "messages_backward": 0}
+                        got = pred[r]["edges"].get(key, none)
+                        if want["forward"] == want["backward"] == 0:
+                            want = none
                         assert got == want, f"{name} at {P} ranks, rank {r}, edge {key}"
                         checked += 1
             for r in range(P):
@@ -378,7 +420,7 @@ def test_runtime_figures_round_trip_and_price_a_job_of_their_size(tmp_path):
     update = nc.t_c[0] - (3e-3 + min(0.5 * 3e-3, 2e-4))      # the optimiser's shard update
     assert 0 <= update < 1e-4
     # the whole plan: executor overheads per layer and step, and the loss reduction
-    pc = cm.evaluate(data_parallel(g, 2))
+    pc = price_plan(cm, data_parallel(g, 2))
     layers = sum(1 for n in g if n.kind != "input")
     assert pc.t_o == pytest.approx(layers * 1e-5 + 3e-4 + 1e-3 + 2 * 8 / 2 / 2e9)
     assert pc.total == pytest.approx(pc.t_c + pc.t_s + pc.t_x + pc.t_o)
@@ -393,7 +435,7 @@ def test_runtime_figures_round_trip_and_price_a_job_of_their_size(tmp_path):
 
 
 def test_gradient_sync_follows_the_runtime_buckets():
-    """evaluate() prices the gradient allreduce per replica group and
+    """price_plan prices the gradient allreduce per replica group and
     bucket, as hpcnn.parallel.groups packs them; the payload per rank is
     the rank's gradient shards."""
     g = build_model("lenet5", batch=8)
@@ -402,7 +444,7 @@ def test_gradient_sync_follows_the_runtime_buckets():
     shards = sum(int(np.prod(sp.shape)) * 4 for n in g for sp in n.param_specs().values() if sp.trainable)
     for bucket in (1 << 30, 64 << 10):
         cm = CostModel(g, 2, m, bucket_bytes=bucket)
-        t, payload = cm.gradient_sync(plan.layouts(g))
+        t, payload = gradient_sync(cm, plan.layouts(g))
         assert list(payload) == [shards, shards]
         sizes = [int(np.prod(sp.shape)) * 4 for n in g for _, sp in sorted(n.param_specs().items())
                  if sp.trainable]
@@ -419,7 +461,7 @@ def test_gradient_sync_follows_the_runtime_buckets():
 
 
 def test_waits_follow_the_stretches_between_synchronisations():
-    """evaluate() charges min(skew * stretch, cap) after every stretch of
+    """price_plan charges min(skew * stretch, cap) after every stretch of
     compute that ends in a synchronisation: data parallel LeNet-5 (no batch
     norm, no exchange that moves data) has two stretches, forward and
     backward; splitting the first convolution over height adds the exchanges
@@ -432,14 +474,14 @@ def test_waits_follow_the_stretches_between_synchronisations():
     no_wait.runtime[2].skew = 0.0
     cm0 = CostModel(g, 2, no_wait)
     dp = data_parallel(g, 2)
-    assert cm.evaluate(dp).t_c - cm0.evaluate(dp).t_c == pytest.approx(2 * cap, rel=1e-6)
+    assert price_plan(cm, dp).t_c - price_plan(cm0, dp).t_c == pytest.approx(2 * cap, rel=1e-6)
     configs = {n: dict(c) for n, c in dp.configs.items()}
     configs["conv1"] = {"n": 1, "h": 2}
     mixed = Plan(g.name, 2, g.batch, configs)
     # forward: conv1 -> relu moves data and ends conv1's stretch (input ->
     # conv1 moves data too, but no compute precedes it: nothing to wait for);
     # backward: the adjoint of conv1 -> relu ends a stretch (none into the input)
-    assert cm.evaluate(mixed).t_c - cm0.evaluate(mixed).t_c == pytest.approx(4 * cap, rel=1e-6)
+    assert price_plan(cm, mixed).t_c - price_plan(cm0, mixed).t_c == pytest.approx(4 * cap, rel=1e-6)
 
 
 def test_waits_after_exchanges_use_their_own_figures():
@@ -457,27 +499,39 @@ def test_waits_after_exchanges_use_their_own_figures():
     dp = data_parallel(g, 2)
     # data parallel: the forward ends in the loss reduction, the backward in
     # the gradients' -- no exchange that moves data
-    assert cm.evaluate(dp).t_c - cm0.evaluate(dp).t_c == pytest.approx(2 * cap_r, rel=1e-6)
+    assert price_plan(cm, dp).t_c - price_plan(cm0, dp).t_c == pytest.approx(2 * cap_r, rel=1e-6)
     configs = {n: dict(c) for n, c in dp.configs.items()}
     configs["conv1"] = {"n": 1, "h": 2}
     mixed = Plan(g.name, 2, g.batch, configs)
     # conv1 -> relu ends a stretch by an exchange, forward and backward
     want = 2 * cap_x + 2 * cap_r
-    assert cm.evaluate(mixed).t_c - cm0.evaluate(mixed).t_c == pytest.approx(want, rel=1e-6)
+    assert price_plan(cm, mixed).t_c - price_plan(cm0, mixed).t_c == pytest.approx(want, rel=1e-6)
     from hpcnn.strategy.machine import RuntimeFigures
     again = RuntimeFigures.from_dict(rf.to_dict())
     assert (again.exchange_skew, again.exchange_skew_cap_s) == (1.0, cap_x)
     rf.exchange_skew = None                  # an older file: one skew for both
-    assert CostModel(g, 2, m).evaluate(mixed).t_c - cm0.evaluate(mixed).t_c == pytest.approx(4 * cap_r, rel=1e-6)
+    assert price_plan(CostModel(g, 2, m), mixed).t_c - price_plan(cm0, mixed).t_c == pytest.approx(4 * cap_r, rel=1e-6)
 
 
-def test_replica_groups_equal_the_layouts_groups():
-    from hpcnn.strategy.cost_model import replica_groups
-    rng = np.random.default_rng(3)
-    for deg in [(2, 2, 1, 1), (1, 4, 2, 1), (4, 1, 2, 2), (2, 3, 1, 1), (1, 1, 1, 1), (3, 2, 2, 1)]:
-        for ranks in (None, [int(r) for r in rng.permutation(24)[:int(np.prod(deg))]]):
-            L = Layout((8, 8, 8, 8), deg, ranks)
-            assert replica_groups(L) == L.groups(("n", "h", "w")), (deg, ranks)
-    for deg in [(2, 2), (1, 3), (4, 1)]:
-        L = Layout((8, 8), deg)
-        assert replica_groups(L) == L.groups(("n", "h", "w"))
+def test_ops_state_their_reductions_and_the_model_prices_them():
+    """Batch norm states its sums (two of the tile's channels forward, one
+    of twice that backward); the cost model's t_s and the byte counts are
+    exactly those, and an op that states none is charged none."""
+    from hpcnn.ops import REGISTRY
+    bn = REGISTRY["batchnorm"]()
+    assert bn.tile_reductions(6) == {"forward": [6, 6], "backward": [12]}
+    assert REGISTRY["relu"]().tile_reductions(6) == {"forward": [], "backward": []}
+    g = Graph("bn")
+    x = g.input((8, 6, 4, 4))
+    b = g.bn(g.conv(x, 6, 1, bias=False))
+    g.loss(g.linear(g.global_avgpool(b), 2))
+    m = CostModel(g, 4, load_machine("paper_p100_cluster"))
+    cf = np.array([[2, 2, 1, 1]])
+    link = m.group_link((2, 2, 1, 1), ("n", "c", "h", "w"))[0]
+    want = 2 * sum(m.allreduce_parts(3 * 4, 2, link)) + sum(m.allreduce_parts(6 * 4, 2, link))
+    lat, bw = m.allreduce_parts(2 * 3 * 4, 2, link)          # its gradients: weight and bias, 3 channels
+    want += bw + lat * 2 * 3 * 4 / m.bucket_bytes
+    assert m.node_cost(b, cf).t_s[0] == pytest.approx(want)
+    plan = Plan(g.name, 4, 8, {n.name: ({"n": 2, "c": 2} if n.name == b else {"n": 4}) for n in g})
+    per_rank = rank_bytes(m, plan)
+    assert [r["batchnorm"] for r in per_rank] == [12 * 4] * 4

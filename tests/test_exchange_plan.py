@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from hpcnn.ops import make_op
 from hpcnn.parallel import Box, Layout
-from hpcnn.parallel.exchange_plan import ExchangePlan, chunk_index_range, needed_boxes
+from hpcnn.parallel.exchange_plan import ExchangePlan, needed_boxes
+from hpcnn.parallel.overlap import chunks_touching
 from hpcnn.parallel.layout import LayoutError, split_bounds
 
 WORLD = 8
@@ -181,12 +182,12 @@ def test_compile_is_cached_and_validates():
 
 
 @given(st.integers(1, 40), st.integers(1, 12), st.data())
-def test_chunk_index_range_matches_bounds(size, parts, data):
+def test_chunks_touching_matches_bounds(size, parts, data):
     parts = min(parts, size)
     lo = data.draw(st.integers(0, size))
     hi = data.draw(st.integers(lo, size))
     want = [i for i, (a, b) in enumerate(split_bounds(size, parts)) if max(a, lo) < min(b, hi)]
-    assert list(chunk_index_range(size, parts, lo, hi)) == want
+    assert list(chunks_touching(size, parts, lo, hi)) == want
 
 
 @settings(max_examples=100, deadline=None)

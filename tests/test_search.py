@@ -4,11 +4,13 @@ that no series-parallel reduction removes, disconnected and multi-edge
 graphs) with random cost tables, its cost equals brute-force enumeration and
 its assignment achieves that cost."""
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hpcnn.strategy.search import SearchError, brute_force, evaluate, min_plus, solve
+from hpcnn.strategy.search import SearchError, assignment_cost, brute_force, min_plus, solve
 
 
 # ---- graph shapes (edge lists over nodes 0..n-1, i < j: a DAG) -------------
@@ -146,7 +148,7 @@ def test_search_equals_brute_force(label, costs, edges):
     assert len(res.choice) == len(costs)
     for v, c in enumerate(res.choice):
         assert 0 <= c < len(costs[v])
-    assert evaluate(costs, edges, res.choice) == pytest.approx(best, rel=1e-12, abs=1e-12)
+    assert assignment_cost(costs, edges, res.choice) == pytest.approx(best, rel=1e-12, abs=1e-12)
 
 
 def test_families_reach_the_fallback_and_the_reductions():
@@ -218,3 +220,24 @@ def test_too_wide_remainder_is_a_clear_error():
     es = [(u, v, np.zeros((10, 10))) for u, v in edges]
     with pytest.raises(SearchError, match="table of"):
         solve(costs, es, max_table=1000)
+
+
+PINS = Path(__file__).parent / "data" / "zoo_search_pins.json"
+
+
+def _pin_cases():
+    pins = json.loads(PINS.read_text())["pins"]
+    return [(k.split("/")[0], int(k.split("/")[1]), v) for k, v in sorted(pins.items())]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,ranks,pin", _pin_cases(), ids=[f"{m}-{p}" for m, p, _ in _pin_cases()])
+def test_the_zoo_searches_to_the_pinned_plans(model, ranks, pin):
+    """The search's plan and its cost for the zoo at 4-256 ranks of the
+    paper's cluster stay what they were when pinned (see the file's note)."""
+    from hpcnn.models import build_model
+    from hpcnn.strategy.planner import search_plan
+    g = build_model(model, batch=32 * ranks)
+    plan, rep = search_plan(g, ranks, "paper_p100_cluster", with_baselines=False)
+    assert rep["predicted"]["objective_s"] == pytest.approx(pin["objective_s"], rel=1e-9)
+    assert plan.configs == pin["configs"]

@@ -24,7 +24,7 @@ plans take turns, ``--rounds`` rounds of ``--iters`` timed steps each.  A step's
 slowest rank's, from a barrier to the end of its optimiser update; the
 measured figure is the median over all timed steps.
 
-Predicted: ``CostModel.evaluate(plan).total``.  The cost model needs this
+Predicted: ``plan_pricing.price_plan(model, plan).total``.  The cost model needs this
 machine's figures for jobs of P ranks (``RuntimeFigures``: op tiles timed
 with all ranks computing, and the executor, exchange and allreduce figures
 fitted to synthetic networks, see hpcnn/calibration/runtime_sampler.py and
@@ -219,6 +219,7 @@ def _measure(args) -> dict:
     from hpcnn.runtime.node_setup import setup_node
     from hpcnn.runtime.sgd import SGD
     from hpcnn.strategy.cost_model import CostModel
+    from hpcnn.strategy.plan_pricing import price_plan
     from hpcnn.strategy.machine import Machine
     from hpcnn.strategy.runtime_fit import fit_samples
 
@@ -304,8 +305,8 @@ def _measure(args) -> dict:
         r["dm"].free()
         if me != 0:
             continue
-        pf = file_model.evaluate(r["plan"], r["plan"].name)
-        pc = prof_model.evaluate(r["plan"], r["plan"].name) if profile is not None else pf
+        pf = price_plan(file_model, r["plan"], r["plan"].name)
+        pc = price_plan(prof_model, r["plan"], r["plan"].name) if profile is not None else pf
         measured = float(np.median(r["times"]))
         row = {"ranks": P, "plans": alias[r["key"]], "plan": r["plan"].to_dict(),
                "predicted_s": pc.total, "measured_s": measured,

@@ -157,6 +157,7 @@ def write_report(md_path="docs/paper-reproduction.md", img_dir="docs/img", machi
     import numpy as np
     from hpcnn.models import build_model
     from hpcnn.strategy.cost_model import CostModel
+    from hpcnn.strategy.plan_pricing import price_plan
     from hpcnn.strategy.machine import load_machine
     from hpcnn.strategy.planner import search_plan
 
@@ -195,8 +196,8 @@ def write_report(md_path="docs/paper-reproduction.md", img_dir="docs/img", machi
     vplan, vrep = search_plan(gv, 4, mach)
     cm = CostModel(gv, 4, mach)
     paper_plan = _paper_vgg_plan(gv, 4)
-    pc_paper = cm.evaluate(paper_plan)
-    pc_ours = cm.evaluate(vplan)
+    pc_paper = price_plan(cm, paper_plan)
+    pc_ours = price_plan(cm, vplan)
     layers = [n.name for n in gv if n.kind not in ("relu", "dropout")]
     kinds = {"n": "tab:blue", "c": "tab:red", "hw": "tab:green", "1": "tab:gray"}
 

@@ -3,7 +3,7 @@ the runtime sampler, and the roofline of this machine for the tiles that
 were not timed.
 
 A ``TileJob`` is one op at one tile shape: the representative tile the cost
-model prices a layer's configuration with (``cost_model.NodeGeometry``), and
+model prices a layer's configuration with (``tile_geometry.NodeGeometry``), and
 the key under which its time is stored in a machine file (``tile_key``).
 ``tile_jobs`` lists the tiles of every searched configuration of some models
 at some rank counts; ``plan_tile_jobs`` those of given plans.
@@ -18,7 +18,8 @@ import numpy as np
 from hpcnn.graph import Graph
 from hpcnn.ops import TileContext
 from hpcnn.parallel.layout import degrees_from_config
-from hpcnn.strategy.cost_model import BACKWARD_FLOPS, NodeGeometry, tile_key
+from hpcnn.strategy.cost_model import BACKWARD_FLOPS
+from hpcnn.strategy.tile_geometry import NodeGeometry, tile_key
 
 
 @dataclass(frozen=True, eq=False)

@@ -76,6 +76,12 @@ class ParamSpec:
     def size(self) -> int:
         return int(np.prod(self.shape))
 
+    def shard_size(self, parts: int) -> int:
+        """Elements of the largest shard when the output channels (axis 0)
+        are split ``parts`` ways (the split rule: the first shards get the
+        extra rows)."""
+        return -(-int(self.shape[0]) // int(parts)) * int(np.prod(self.shape[1:]))
+
 
 def init_param(spec: ParamSpec, key: str, seed: int, dtype=np.float32) -> np.ndarray:
     """The whole logical tensor of a parameter, a pure function of
@@ -232,6 +238,14 @@ class Op:
     def flops(self, in_shapes, out_shape) -> int:
         """Forward floating-point operations for the whole tensor."""
         return int(np.prod(out_shape))
+
+    def tile_reductions(self, channels: int) -> dict:
+        """The sums over other tiles that one training step of a tile with
+        ``channels`` output channels asks of ``ctx.allreduce`` (the runtime
+        sums over the tile's replica group: the ranks that hold the same
+        channels), as {'forward': [elements per call], 'backward': [...]}.
+        The cost model prices exactly these; the default is none."""
+        return {"forward": [], "backward": []}
 
     def check_dtype(self, x, what="input"):
         if x.dtype not in (np.float32, np.float64):

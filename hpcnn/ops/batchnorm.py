@@ -43,6 +43,10 @@ class BatchNorm(Op):
         return {"running_mean": ParamSpec((c,), "zeros", trainable=False),
                 "running_var": ParamSpec((c,), "ones", trainable=False)}
 
+    def tile_reductions(self, channels: int) -> dict:
+        # forward: the mean, then the variance; backward: both sums at once
+        return {"forward": [channels, channels], "backward": [2 * channels]}
+
     def _count(self, ctx):
         s = ctx.in_shapes[0]
         return int(np.prod(s)) // int(s[1])

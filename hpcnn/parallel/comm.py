@@ -66,14 +66,16 @@ def detect_cuda_aware(comm, backend) -> bool:
 class ByteCounter:
     """Bytes and messages sent to other ranks.
 
-    per_plan[key][direction] : cumulative bytes ('forward' / 'backward')
+    per_plan[key][direction] : cumulative bytes ('forward' / 'backward'),
+                               and MPI calls ('messages_forward' / ...)
     step[category]           : bytes since the last ``reset_step``
     total[category]          : bytes since creation
     calls[category]          : MPI calls (messages or collectives) since reset
     """
 
     def __init__(self):
-        self.per_plan = defaultdict(lambda: {"forward": 0, "backward": 0})
+        self.per_plan = defaultdict(lambda: {"forward": 0, "backward": 0,
+                                             "messages_forward": 0, "messages_backward": 0})
         self.step = defaultdict(int)
         self.total = defaultdict(int)
         self.calls = defaultdict(int)
@@ -86,6 +88,7 @@ class ByteCounter:
         self.seconds[category] += float(seconds)
         if key is not None:
             self.per_plan[key][direction] += int(nbytes)
+            self.per_plan[key]["messages_" + direction] += int(calls)
 
     def reset_step(self):
         self.step = defaultdict(int)

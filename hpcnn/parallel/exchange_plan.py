@@ -11,9 +11,13 @@ box.  A halo exchange and an all-to-all redistribution are the same plan at
 different layouts; when every destination needs exactly its own tile the plan
 is the identity and nothing is copied or moved.
 
-Pure data: no arrays, no MPI.  ``hpcnn.parallel.comm`` executes plans and the
-strategy's cost model reads their byte counts (remote bytes only: a rank's
-copy from its own tile is free).
+The pieces are built axis by axis from the interval overlaps of
+``hpcnn.parallel.overlap`` -- the same primitives from which
+``hpcnn.parallel.exchange_counts`` computes, for many layouts at once, the
+bytes and messages the cost model prices; tests hold the two equal.
+
+Pure data: no arrays, no MPI.  ``hpcnn.parallel.comm`` executes plans
+(remote bytes only are counted: a rank's copy from its own tile is free).
 """
 from __future__ import annotations
 
@@ -22,9 +26,10 @@ from itertools import product
 from typing import Mapping
 
 from hpcnn.parallel.box import Box
-from hpcnn.parallel.layout import Layout, LayoutError
+from hpcnn.parallel.layout import Layout, LayoutError, split_bounds
+from hpcnn.parallel.overlap import chunks_touching, interval_overlap
 
-__all__ = ["ExchangePlan", "needed_boxes", "chunk_index_range", "exchange_category", "HALO", "REDIST"]
+__all__ = ["ExchangePlan", "needed_boxes", "exchange_category", "HALO", "REDIST"]
 
 HALO, REDIST = "halo", "redistribution"
 
@@ -42,20 +47,6 @@ def needed_boxes(op, i: int, out_layout: Layout, in_shapes) -> dict[int, Box]:
     that its output tile reads (``op.input_box``), possibly empty."""
     in_shapes = [tuple(int(d) for d in s) for s in in_shapes]
     return {r: Box(op.input_box(i, out_layout.box(r), in_shapes)) for r in out_layout.ranks}
-
-
-def chunk_index_range(size: int, parts: int, lo: int, hi: int) -> range:
-    """Indices of the array_split chunks of ``range(size)`` over ``parts``
-    that intersect ``[lo, hi)`` (assumed inside ``[0, size]``)."""
-    if hi <= lo:
-        return range(0)
-    q, r = divmod(size, parts)
-    big = r * (q + 1)  # the first r chunks have q + 1 elements
-
-    def chunk_of(x):
-        return x // (q + 1) if x < big else r + (x - big) // q
-
-    return range(chunk_of(lo), chunk_of(hi - 1) + 1)
 
 
 def _needs_key(needs: Mapping) -> tuple:
@@ -138,9 +129,6 @@ class ExchangePlan:
                 and self._by_dst.get(rank, ()) == ((rank, box),)
                 and self._by_src.get(rank, ()) == ((rank, box),))
 
-    def involves(self, rank) -> bool:
-        return rank in self._by_src or rank in self._by_dst or rank in self._need
-
     def bytes_sent(self, rank) -> int:
         """Bytes ``rank`` sends to OTHER ranks (forward direction)."""
         return self._sent.get(rank, 0)
@@ -161,6 +149,14 @@ class ExchangePlan:
     def num_messages(self) -> int:
         return sum(1 for s, d, _ in self.pieces if s != d)
 
+    def messages_sent(self, rank) -> int:
+        """Messages ``rank`` sends to OTHER ranks (forward direction)."""
+        return sum(1 for d, _ in self.sends(rank) if d != rank)
+
+    def messages_received(self, rank) -> int:
+        """Messages ``rank`` receives from OTHER ranks (forward direction)."""
+        return sum(1 for s, _ in self.receives(rank) if s != rank)
+
     def __repr__(self):
         return (f"ExchangePlan(src={self.src!r}, {len(self.needs)} destinations, "
                 f"{self.num_messages()} messages, {self.total_bytes()} bytes"
@@ -170,17 +166,19 @@ class ExchangePlan:
 @lru_cache(maxsize=16384)
 def _compile_cached(src: Layout, needs: tuple, itemsize: int) -> ExchangePlan:
     clipped = tuple((r, b.clip(src.shape)) for r, b in needs)
+    bounds = [split_bounds(n, p) for n, p in zip(src.shape, src.degrees)]
     pieces = []
     for dst, need in clipped:
         if need.empty:
             continue
-        ranges = [chunk_index_range(s, p, lo, hi)
-                  for s, p, (lo, hi) in zip(src.shape, src.degrees, need)]
-        for coords in product(*ranges):
-            owner = src.rank_at(coords)
-            piece = src.box(owner).intersect(need)
-            if not piece.empty:
-                pieces.append((owner, dst, piece))
+        # along each axis: the source chunks the need meets and the overlap with each
+        axes = []
+        for a, (size, parts, (lo, hi)) in enumerate(zip(src.shape, src.degrees, need)):
+            axes.append([(c,) + tuple(int(v) for v in interval_overlap(*bounds[a][c], lo, hi))
+                         for c in chunks_touching(size, parts, lo, hi)])
+        for combo in product(*axes):
+            owner = src.rank_at(tuple(c for c, _, _ in combo))
+            pieces.append((owner, dst, Box((lo, hi) for _, lo, hi in combo)))
     pieces.sort(key=lambda t: (t[1], t[0]))
     identity = all(dst in src and need == src.box(dst) for dst, need in clipped)
     return ExchangePlan(src, clipped, itemsize, tuple(pieces), identity)

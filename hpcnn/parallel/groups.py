@@ -28,11 +28,10 @@ import time
 
 from mpi4py import MPI
 
-from hpcnn.parallel.layout import Layout
+from hpcnn.parallel.layout import REPLICA_DIMS, Layout
 
 __all__ = ["ReplicaGroups", "GradientReduction", "REPLICA_DIMS"]
 
-REPLICA_DIMS = ("n", "h", "w")
 
 
 class ReplicaGroups:

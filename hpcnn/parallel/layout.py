@@ -16,6 +16,12 @@ from hpcnn.parallel.box import Box
 
 DIM_NAMES = {1: ("n",), 2: ("n", "c"), 4: ("n", "c", "h", "w")}
 
+#: a layer's parameters are split over channels and replicated over these
+#: dimensions: the ranks that differ only in them hold the same parameter
+#: shard (its *replica group*) and sum their gradients, and normalisation
+#: statistics are summed over the same ranks
+REPLICA_DIMS = ("n", "h", "w")
+
 
 class LayoutError(ValueError):
     """Degrees or ranks that do not fit the tensor or the job."""
@@ -167,6 +173,21 @@ class Layout:
     def groups(self, dims) -> list[tuple]:
         """All groups (see ``group``), sorted."""
         return sorted(set(self._partition(dims).values()))
+
+    def replica_groups(self) -> list[tuple]:
+        """The replica groups (``groups(REPLICA_DIMS)``)."""
+        return self.groups(REPLICA_DIMS)
+
+    def extent(self, rank, dim: str) -> int:
+        """Length of ``rank``'s tile along ``dim`` (1 for a dimension the
+        tensor does not have, 0 when the rank holds no tile)."""
+        if dim not in self.dims:
+            return 1
+        box = self.box(rank)
+        if box is None:
+            return 0
+        lo, hi = box[self.dims.index(dim)]
+        return hi - lo
 
     # ---- identity, serialisation -------------------------------------------
     def key(self) -> tuple:

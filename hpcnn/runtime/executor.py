@@ -94,7 +94,7 @@ class DistributedModel:
         param_layouts = {n: self.layouts[n] for n in self.graph.nodes
                          if self.graph[n].param_specs() or self.graph[n].buffer_specs()}
         self.groups = ReplicaGroups(self.cm, param_layouts)
-        self._live = self._ancestors_of_loss()
+        self._live = graph.reaches_loss()
         self._local = self.cm.transport == "p2p"
         # the network's input needs no gradient: ops may skip computing it
         self._input_grads = {n.name: tuple(graph[src].kind != "input" for src in n.inputs) for n in graph}
@@ -140,17 +140,6 @@ class DistributedModel:
     def _c_range(self, node) -> tuple:
         box = self.layouts[node].box(self.rank)
         return tuple(box[1]) if len(box) > 1 else (0, 1)
-
-    def _ancestors_of_loss(self) -> set:
-        g = self.graph
-        live, todo = set(), [g.loss_name]
-        while todo:
-            n = todo.pop()
-            if n in live:
-                continue
-            live.add(n)
-            todo.extend(g[n].inputs)
-        return live
 
     # ---- queries ----------------------------------------------------------------
     def input_box(self) -> Box | None:

@@ -35,6 +35,7 @@ import numpy as np
 from hpcnn.strategy.baselines import baselines
 from hpcnn.strategy.config_space import SpaceOptions
 from hpcnn.strategy.cost_model import CostModel
+from hpcnn.strategy.plan_pricing import price_plan
 from hpcnn.strategy.machine import Machine
 from hpcnn.strategy.plan import Plan, PlanError
 from hpcnn.strategy.search import SearchError, solve
@@ -158,7 +159,7 @@ def search_plan(graph, ranks: int, machine, memory: float | None = None, *,
     w2, c2 = time.perf_counter(), time.process_time()
 
     plan = _plan_from_choice(model, choice)
-    found = model.evaluate(plan, "searched")
+    found = price_plan(model, plan, "searched")
     search_cost = float(sum(vecs[g][c] for g, c in enumerate(choice)) +
                         sum(m[choice[a], choice[b]] for a, b, m in edges))
     if memory is None and not np.isclose(found.objective, search_cost, rtol=1e-9, atol=1e-12):
@@ -169,7 +170,7 @@ def search_plan(graph, ranks: int, machine, memory: float | None = None, *,
     # baseline may come out cheaper: then it is the plan
     chosen = "searched"
     base_plans = baselines(graph, ranks)
-    priced = {name: model.evaluate(bp, name) for name, bp in base_plans.items()}
+    priced = {name: price_plan(model, bp, name) for name, bp in base_plans.items()}
     for name, bc in priced.items():
         fits = memory is None or bc.memory <= float(memory)
         if fits and bc.total < found.total * (1 - 1e-9):

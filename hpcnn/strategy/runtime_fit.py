@@ -49,6 +49,7 @@ import numpy as np
 
 from hpcnn.graph import Graph
 from hpcnn.strategy.cost_model import CostModel
+from hpcnn.strategy.plan_pricing import price_plan
 from hpcnn.strategy.machine import Link, RuntimeFigures
 from hpcnn.strategy.plan import Plan, uniform_plan
 
@@ -212,7 +213,7 @@ def _features(machine, base, g, plan, dtype, saturations):
         m = copy.copy(machine)
         m.runtime = dict(machine.runtime)
         m.runtime[P] = _figures(base, theta, sat, sat_x)
-        return CostModel(g, P, m, dtype=np.dtype(dtype).name).evaluate(plan).total
+        return price_plan(CostModel(g, P, m, dtype=np.dtype(dtype).name), plan).total
 
     zero = np.zeros(len(PARAMS))
     c0 = total(zero)

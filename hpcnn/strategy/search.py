@@ -75,7 +75,7 @@ def _check(node_costs, edges):
     return vecs, es
 
 
-def evaluate(node_costs, edges, choice) -> float:
+def assignment_cost(node_costs, edges, choice) -> float:
     """Total cost of one assignment."""
     t = sum(float(np.asarray(c)[choice[v]]) for v, c in enumerate(node_costs))
     for u, v, m in edges:
@@ -296,7 +296,7 @@ def solve(node_costs, edges, max_table: int = 1 << 26) -> SearchResult:
     if not np.isfinite(const):
         raise SearchError("no assignment has a finite cost: every strategy uses a configuration "
                           "that is excluded (for example by the memory limit)")
-    cost = evaluate(node_costs, edges, choice)
+    cost = assignment_cost(node_costs, edges, choice)
     stats["merges"] = G.merges
     stats["seconds"] = time.perf_counter() - t0
     return SearchResult(cost, choice, stats)

@@ -124,13 +124,16 @@ def check_plan(model, build_plan, opt, backend, transport="p2p"):
         counted = dm.edge_bytes()
         expect_step = {}
         for e in dm.edges.values():
+            back = g[e.producer].kind != "input" and e.consumer in dm._live
             fwd = e.plan.bytes_sent(me)
-            bwd = e.plan.bytes_received(me) if (g[e.producer].kind != "input"
-                                               and e.consumer in dm._live) else 0
-            got = counted.get(e.key, {"forward": 0, "backward": 0})
-            if got["forward"] != STEPS * fwd or got["backward"] != STEPS * bwd:
+            bwd = e.plan.bytes_received(me) if back else 0
+            mfwd = e.plan.messages_sent(me)
+            mbwd = e.plan.messages_received(me) if back else 0
+            got = counted.get(e.key, {})
+            want = {"forward": fwd, "backward": bwd, "messages_forward": mfwd, "messages_backward": mbwd}
+            if any(got.get(k, 0) != STEPS * v for k, v in want.items()):
                 problems.append(f"edge {e.key}: counted {got} over {STEPS} steps, plan predicts "
-                                f"forward {fwd} backward {bwd} per step")
+                                f"{want} per step")
             expect_step[e.category] = expect_step.get(e.category, 0) + fwd + bwd
         step = dm.step_bytes()
         for cat, nbytes in expect_step.items():

@@ -153,7 +153,7 @@ def test_identity_plan_copies_nothing():
         problems.append("the identity plan copied the tile")
     if not np.array_equal(acc, g):
         problems.append("the identity adjoint changed the gradient")
-    if cm.counter.per_plan["id"] != {"forward": 0, "backward": 0}:
+    if any(cm.counter.per_plan["id"].values()):
         problems.append(f"the identity plan counted bytes {cm.counter.per_plan['id']}")
     cm.free()
     agree(problems, "identity plan")
