@@ -1,13 +1,16 @@
 """``hpcnn bench search``: how long the strategy search takes for large
 networks at growing rank counts on the paper's cluster (per-GPU batch 32, as
 in the paper), against the targets of this project (<= 1 s at 16 ranks,
-<= 5 s at 64, <= 30 s at 256) and beside the paper's Table 3 (4 GPUs).
+<= 5 s at 64, <= 30 s at 256, <= 30 s at 1024 and <= 3 min at 4096 for
+ResNet-101 and Inception-v3) and beside the paper's Table 3 (4 GPUs).
 
 Each measurement is one whole ``search_plan`` (building the configuration
-space and every cost table, then the exact search), in this process, wall
-clock and CPU time (``time.process_time``: the machine may be shared, and CPU
-time is what the search itself costs).  Baselines are priced after the clock
-stops.
+space and every cost table, then the exact search), wall clock and CPU time
+(this process and the worker processes that build the exchange tables of a
+large search, ``CostModel.build_tables``).  A search on one process is
+judged by its CPU time (the machine may be shared); one that used workers
+by its wall time, with the CPU time beside it.  Baselines are priced after
+the clock stops.
 """
 from __future__ import annotations
 
@@ -18,13 +21,13 @@ import statistics
 import time
 from pathlib import Path
 
-TARGETS_S = {16: 1.0, 64: 5.0, 256: 30.0}
+TARGETS_S = {16: 1.0, 64: 5.0, 256: 30.0, 1024: 30.0, 4096: 180.0}
 PAPER_TABLE3_S = {"lenet5": 0.01, "alexnet": 0.02, "vgg16": 0.1, "inception_v3": 0.4}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=["resnet101", "inception_v3"])
-    p.add_argument("--ranks", nargs="+", type=int, default=[4, 16, 64, 256])
+    p.add_argument("--ranks", nargs="+", type=int, default=[4, 16, 64, 256, 1024, 4096])
     p.add_argument("--machine", default="paper_p100_cluster")
     p.add_argument("--per-rank-batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=1, help="runs per point (the median is reported)")
@@ -39,15 +42,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def measure(model: str, ranks: int, machine, per_rank_batch=32, repeat=1, max_kinds=2) -> dict:
     from hpcnn.models import build_model
     from hpcnn.strategy.config_space import SpaceOptions
-    from hpcnn.strategy.planner import search_plan
+    from hpcnn.strategy.planner import cpu_seconds, search_plan
     g = build_model(model, batch=per_rank_batch * ranks)
     walls, cpus, rep = [], [], None
     for _ in range(max(1, repeat)):
-        w, c = time.perf_counter(), time.process_time()
+        w, c = time.perf_counter(), cpu_seconds()
         plan, rep = search_plan(g, ranks, machine, opts=SpaceOptions(max_kinds=max_kinds),
                                 with_baselines=False)
         walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
+        cpus.append(cpu_seconds() - c)
     return {"model": model, "ranks": ranks, "batch": g.batch, "layers": len(g),
             "units": rep["space"]["groups"], "configs_max": rep["space"]["configs_max"],
             "configs_mean": rep["space"]["configs_mean"], "edge_tables": rep["cost_model"]["edge_tables"],
@@ -55,7 +58,23 @@ def measure(model: str, ranks: int, machine, per_rank_batch=32, repeat=1, max_ki
             "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
             "tables_cpu_s": rep["timing"]["tables_cpu_s"], "search_cpu_s": rep["timing"]["search_cpu_s"],
             "predicted_s": rep["predicted"]["total_s"], "target_s": TARGETS_S.get(ranks),
+            "workers": rep["cost_model"].get("table_workers", 1),
             "paper_s": PAPER_TABLE3_S.get(model) if ranks == 4 else None}
+
+
+def _judged(r) -> tuple[str, float]:
+    """(what the target is judged on, seconds): CPU time of a search in one
+    process, wall time of one that used worker processes."""
+    return ("wall", r["wall_s"]) if r.get("workers", 1) > 1 else ("CPU", r["cpu_s"])
+
+
+def _verdict(r) -> str:
+    what, t = _judged(r)
+    v = f"ok ({what}" if t <= r["target_s"] else f"OVER ({what}"
+    v += f", {r['workers']} workers)" if r.get("workers", 1) > 1 else ")"
+    if what == "CPU" and r["wall_s"] > r["target_s"] >= r["cpu_s"]:
+        v += ", wall over: machine shared"
+    return v
 
 
 def format_rows(rows) -> str:
@@ -64,9 +83,7 @@ def format_rows(rows) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         tgt = r["target_s"]
-        verdict = "" if tgt is None else ("ok (CPU)" if r["cpu_s"] <= tgt else "OVER (CPU)")
-        if tgt is not None and r["wall_s"] > tgt and r["cpu_s"] <= tgt:
-            verdict += ", wall over: machine shared"
+        verdict = "" if tgt is None else _verdict(r)
         if r.get("paper_s") is not None:
             verdict = f"paper Table 3: {r['paper_s']} s"
         lines.append(f"{r['model']:14s} {r['ranks']:5d} {r['batch']:6d} {r['units']:5d} {r['configs_max']:5d} "
@@ -95,7 +112,7 @@ def run(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine.name, "rows": rows}, f, indent=1)
-    over = [r for r in rows if r["target_s"] is not None and r["cpu_s"] > r["target_s"]]
+    over = [r for r in rows if r["target_s"] is not None and _judged(r)[1] > r["target_s"]]
     return 1 if over else 0
 
 
@@ -173,12 +190,14 @@ def write_report(md_path="docs/paper-reproduction.md", img_dir="docs/img", machi
     # ---- search time -----------------------------------------------------------------
     t3 = [measure(m, 4, mach, repeat=1 if quick else 3) for m in ("lenet5", "alexnet", "vgg16", "inception_v3",
                                                                    "resnet101")]
-    scale_ranks = [4, 16, 64] if quick else [4, 16, 64, 256]
+    scale_ranks = [4, 16, 64] if quick else [4, 16, 64, 256, 1024, 4096]
     sc = [measure(m, P, mach) for m in ("resnet101", "inception_v3") for P in scale_ranks]
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, mk in (("resnet101", "o-"), ("inception_v3", "s-")):
         rs = [r for r in sc if r["model"] == m]
         ax.loglog([r["ranks"] for r in rs], [r["cpu_s"] for r in rs], mk, label=f"{PRETTY[m]} (CPU s)")
+        ax.loglog([r["ranks"] for r in rs], [r["wall_s"] for r in rs], mk[0] + ":", mfc="none",
+                  label=f"{PRETTY[m]} (wall s)")
     ax.loglog(list(TARGETS_S), list(TARGETS_S.values()), "k^--", label="target")
     ax.loglog([4], [PAPER_TABLE3_S["inception_v3"]], "rx", ms=10, label="paper Inception-v3, 4 GPUs")
     ax.set_xlabel("ranks (GPUs of the paper's cluster)")
@@ -295,15 +314,19 @@ def write_report(md_path="docs/paper-reproduction.md", img_dir="docs/img", machi
           f"{r['wall_s']:.3f} | {r['units']} | {r['configs_max']} |")
     w("\nThe paper's depth-first-search baseline needed 5.6 s, 2.1 h, >24 h and >24 h for these networks.\n")
     w("Scaling with the rank count (command: `hpcnn bench search`; targets of this project: at most 1 s "
-      "at 16 ranks, 5 s at 64, 30 s at 256, measured as CPU time):\n")
+      "at 16 ranks, 5 s at 64, 30 s at 256, measured as CPU time; 30 s at 1024 and 3 minutes at 4096, "
+      "where the exchange tables are built by worker processes, one per core of the machine (here 2), "
+      "measured as wall time, with the CPU time of all processes beside it):\n")
     w("| network | ranks | batch | configurations (max) | distinct cost tables | CPU s | of which tables | "
-      "of which search | wall s | target |")
-    w("|---|---|---|---|---|---|---|---|---|---|")
+      "of which search | wall s | workers | target |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sc:
         tgt = r["target_s"]
+        what, t = _judged(r)
         w(f"| {PRETTY[r['model']]} | {r['ranks']} | {r['batch']} | {r['configs_max']} | {r['edge_tables']} | "
           f"{r['cpu_s']:.2f} | {r['tables_cpu_s']:.2f} | {r['search_cpu_s']:.2f} | {r['wall_s']:.2f} | "
-          f"{'-' if tgt is None else ('<= %g s: met' % tgt if r['cpu_s'] <= tgt else '<= %g s: MISSED' % tgt)} |")
+          f"{r['workers']} | "
+          f"{'-' if tgt is None else ('<= %g s (%s): met' % (tgt, what) if t <= tgt else '<= %g s (%s): MISSED' % (tgt, what))} |")
     w(f"\n![search time]({rel(img / 'search_time.png')})\n")
     w("Both networks reduce to a single node by series-parallel eliminations alone (no remainder for the "
       "exact fallback). Most of the time goes into the exchange cost tables, which are exact (they equal "

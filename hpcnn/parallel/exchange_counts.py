@@ -419,8 +419,9 @@ def _block(prod, tabs, rows, cols, ka, kb, need, node_need, out):
     out.max_rank[blk] = best
     out.total[blk] = needb.sum(axis=2) - self_.sum(axis=2)
     # messages: destinations of each source plus sources of each destination
-    msg = dsts[:, :, :m] + srcs[:, :, :m]
-    msg[self_ > 0] -= 2                      # the self copy is no message, either way
+    msg = dsts[:, :, :m]
+    msg += srcs[:, :, :m]
+    np.subtract(msg, 2, out=msg, where=self_ > 0)   # the self copy is no message, either way
     msgs = msg.max(axis=2)
     if ka > m:
         msgs = np.maximum(msgs, dsts[:, :, m:].max(axis=2))

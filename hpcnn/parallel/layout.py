@@ -8,7 +8,7 @@ halos are neighbours.  Pure index arithmetic: no MPI.
 """
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -150,29 +150,20 @@ class Layout:
             v *= -(-s // d)
         return v
 
-    def _partition(self, dims) -> dict:
-        """{rank: its group} for ``dims`` (cached; linear in the rank count)."""
-        key = tuple(sorted(dims))
-        cache = self.__dict__.setdefault("_groups_cache", {})
-        if key not in cache:
-            coords = np.array(np.unravel_index(np.arange(self.k), self.degrees)).T
-            keep = [a for a, name in enumerate(self.dims) if name not in dims]
-            by_key: dict = {}
-            for i, c in enumerate(map(tuple, coords[:, keep])):
-                by_key.setdefault(c, []).append(self.ranks[i])
-            cache[key] = {r: tuple(g) for g in by_key.values() for r in g}
-        return cache[key]
-
     def group(self, rank, dims) -> tuple:
         """Ranks of this layout whose coordinates equal ``rank``'s on every
         dimension NOT in ``dims`` (e.g. dims=('n','h','w') gives the ranks
         that share rank's channel slice: the replicas of its parameters and
         its batch-norm statistics group), in layout order."""
-        return self._partition(dims).get(rank, ())
+        i = self._index.get(rank)
+        if i is None:
+            return ()
+        groups, of = _partition(self.degrees, self.ranks, self.dims, tuple(sorted(dims)))
+        return groups[of[i]]
 
     def groups(self, dims) -> list[tuple]:
         """All groups (see ``group``), sorted."""
-        return sorted(set(self._partition(dims).values()))
+        return sorted(_partition(self.degrees, self.ranks, self.dims, tuple(sorted(dims)))[0])
 
     def replica_groups(self) -> list[tuple]:
         """The replica groups (``groups(REPLICA_DIMS)``)."""
@@ -213,6 +204,26 @@ class Layout:
         deg = " ".join(f"{n}={d}" for n, d in zip(self.dims, self.degrees))
         r = "" if self.ranks == tuple(range(self.k)) else f", ranks={list(self.ranks)}"
         return f"Layout({self.shape}, {deg}{r})"
+
+
+@lru_cache(maxsize=4096)
+def _partition(degrees: tuple, ranks: tuple, names: tuple, dims: tuple):
+    """(groups, group index of each grid index): the ranks of a layout
+    grouped by their coordinates on the dimensions NOT in ``dims``, each
+    group in layout order.  Depends on the degrees and ranks only (not on
+    the shape), so layouts of many layers share it."""
+    k = len(ranks)
+    coords = np.unravel_index(np.arange(k), degrees)
+    key = np.zeros(k, dtype=np.int64)
+    for a, name in enumerate(names):
+        if name not in dims:
+            key = key * degrees[a] + coords[a]
+    uniq, of = np.unique(key, return_inverse=True)
+    order = np.argsort(of, kind="stable")
+    bounds = np.searchsorted(of[order], np.arange(len(uniq) + 1))
+    r = np.asarray(ranks)[order]
+    groups = tuple(tuple(int(x) for x in r[bounds[g]:bounds[g + 1]]) for g in range(len(uniq)))
+    return groups, of
 
 
 def degrees_from_config(shape, config: dict) -> tuple:

@@ -41,7 +41,12 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +58,11 @@ from hpcnn.strategy.machine import Machine, allreduce_time, parameter_server_tim
 from hpcnn.strategy.tile_geometry import NodeGeometry, NotSeparable, tile_key
 
 ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2}
+
+#: below this much work (pairs of configurations times ranks, summed over
+#: the distinct edges) the tables are built in this process: starting
+#: worker processes costs about a second
+PARALLEL_WORK = 2e8
 
 #: backward flops relative to forward (conv and fully connected layers compute
 #: the input gradient and the weight gradient, each as costly as the forward)
@@ -291,14 +301,16 @@ class CostModel:
         return tot
 
     # ---- per-edge costs ------------------------------------------------------
+    def _edge_key(self, dst: str, i: int, A: np.ndarray, B: np.ndarray) -> tuple:
+        return (self._signature(self.graph[dst]), i, A.tobytes(), A.shape, B.tobytes(), B.shape)
+
     def edge_tables(self, dst: str, i: int, A: np.ndarray, B: np.ndarray) -> ExchangeTables:
         """Exchange tables of input ``i`` of ``dst`` for source
         configurations ``A`` and consumer configurations ``B`` (cached by
         the op's signature: repeated blocks share their tables)."""
-        node = self.graph[dst]
         A = np.asarray(A, dtype=np.int64)
         B = np.asarray(B, dtype=np.int64)
-        key = (self._signature(node), i, A.tobytes(), A.shape, B.tobytes(), B.shape)
+        key = self._edge_key(dst, i, A, B)
         if key in self._edge_cache:
             self.stats["edge_cache_hits"] += 1
             return self._edge_cache[key]
@@ -350,10 +362,52 @@ class CostModel:
         return self.exchange_seconds(tab, self.directions(src, dst), region)
 
     # ---- the search problem -------------------------------------------------
-    def problem(self):
-        """Node cost vectors (t_c + t_s per group configuration), edge tables
-        (t_x per configuration pair) and the per-group costs."""
+    def build_tables(self, workers: int | None = None) -> int:
+        """Build the exchange tables of every searched edge that is not
+        cached yet, in ``workers`` processes (None: the CPUs this process
+        may use, at most 8, when the work is large enough to pay for
+        starting them; 1: here).  Returns the processes used."""
         sp = self.space
+        todo = {}
+        for gs, gd, src, dst, i in sp.edges():
+            key = self._edge_key(dst, i, sp.configs[gs], sp.configs[gd])
+            if key not in self._edge_cache and key not in todo:
+                todo[key] = (dst, i, sp.configs[gs], sp.configs[gd])
+        work = sum(len(A) * len(B) * int(max(A.prod(axis=1).max(), B.prod(axis=1).max()))
+                   for _, _, A, B in todo.values())
+        if workers is None:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            workers = min(8, cpus) if work >= PARALLEL_WORK else 1
+        workers = max(1, min(int(workers), len(todo)))
+        if workers == 1:
+            return 1
+        t0 = time.perf_counter()
+        order = sorted(todo, key=lambda k: -len(todo[k][2]) * len(todo[k][3]))   # largest first
+        jobs = [(self.geometry(todo[k][0]).inputs[todo[k][1]], todo[k][2], todo[k][3],
+                 self.machine.ranks_per_node) for k in order]
+        # forked workers share what this process has built; under MPI (rank 0
+        # of a job) they are spawned instead, so that no MPI state is copied
+        method = "spawn" if "mpi4py.MPI" in sys.modules else "fork"
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as ex:
+                for key, tab in zip(order, ex.map(_tables_job, jobs)):
+                    self._edge_cache[key] = tab
+                    self.stats["edge_tables"] += 1
+        except (BrokenProcessPool, OSError) as exc:
+            # a program whose main module cannot be imported again cannot
+            # spawn: build the rest here
+            self.stats["table_workers_failed"] = f"{type(exc).__name__}: {exc}"
+            workers = 1
+        self.stats["table_seconds"] += time.perf_counter() - t0
+        self.stats["table_workers"] = workers
+        return workers
+
+    def problem(self, workers: int | None = None):
+        """Node cost vectors (t_c + t_s per group configuration), edge tables
+        (t_x per configuration pair) and the per-group costs; the tables are
+        built in ``workers`` processes (see ``build_tables``)."""
+        sp = self.space
+        self.build_tables(workers)
         groups = [self.group_cost(g.index) for g in sp.groups]
         vecs = [gc.t_c + gc.t_s for gc in groups]
         edges = []
@@ -361,3 +415,9 @@ class CostModel:
             ec = self.edge_cost(src, dst, i, sp.configs[gs], sp.configs[gd])
             edges.append((gs, gd, ec.t_x))
         return vecs, edges, groups
+
+
+def _tables_job(job) -> ExchangeTables:
+    """One edge's tables, in a worker process."""
+    geom, A, B, R = job
+    return exchange_tables(geom, A, B, R)

@@ -28,6 +28,7 @@ fits, so the remaining gap is stated, not hidden.
 """
 from __future__ import annotations
 
+import resource
 import time
 
 import numpy as np
@@ -47,6 +48,12 @@ class MemoryLimitError(PlanError):
     """No plan of the searched space fits the per-rank memory limit."""
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of the worker processes it waited for."""
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ch.ru_utime + ch.ru_stime
+
+
 def _plan_from_choice(model: CostModel, choice, name="searched") -> Plan:
     sp = model.space
     return Plan(model.graph.name, model.ranks, model.graph.batch, sp.plan_configs(choice), name=name)
@@ -63,10 +70,12 @@ class PlanReport(dict):
 
 def search_plan(graph, ranks: int, machine, memory: float | None = None, *,
                 memory_gib: float | None = None, dtype="float32",
-                opts: SpaceOptions | None = None, with_baselines: bool = True):
+                opts: SpaceOptions | None = None, with_baselines: bool = True,
+                workers: int | None = None):
     """Search the plan of ``graph`` for ``ranks`` ranks on ``machine`` (a
     Machine, or a name in hpcnn/machines/ or a file path).  ``memory`` (or
-    ``memory_gib``): per-rank limit in GiB, None for none.  Returns
+    ``memory_gib``): per-rank limit in GiB, None for none.  ``workers``:
+    processes that build the exchange tables (``CostModel.build_tables``).  Returns
     (Plan, PlanReport)."""
     if not isinstance(machine, Machine):
         machine = Machine.load(machine)
@@ -79,10 +88,10 @@ def search_plan(graph, ranks: int, machine, memory: float | None = None, *,
     ranks = int(ranks)
     if ranks < 1:
         raise PlanError(f"the rank count must be positive, got {ranks}")
-    w0, c0 = time.perf_counter(), time.process_time()
+    w0, c0 = time.perf_counter(), cpu_seconds()
     model = CostModel(graph, ranks, machine, dtype=dtype, opts=opts)
-    vecs, edges, gcost = model.problem()
-    w1, c1 = time.perf_counter(), time.process_time()
+    vecs, edges, gcost = model.problem(workers)
+    w1, c1 = time.perf_counter(), cpu_seconds()
 
     mem_info = None
     if memory is not None:
@@ -156,7 +165,7 @@ def search_plan(graph, ranks: int, machine, memory: float | None = None, *,
             mem_info.update(status="limit binding: Lagrangian plan", plan_bytes=u,
                             lower_bound_s=float(best_bound), plan_cost_s=cost,
                             gap=float(cost - best_bound))
-    w2, c2 = time.perf_counter(), time.process_time()
+    w2, c2 = time.perf_counter(), cpu_seconds()
 
     plan = _plan_from_choice(model, choice)
     found = price_plan(model, plan, "searched")
