@@ -535,3 +535,15 @@ def test_ops_state_their_reductions_and_the_model_prices_them():
     plan = Plan(g.name, 4, 8, {n.name: ({"n": 2, "c": 2} if n.name == b else {"n": 4}) for n in g})
     per_rank = rank_bytes(m, plan)
     assert [r["batchnorm"] for r in per_rank] == [12 * 4] * 4
+
+
+def test_tables_built_by_worker_processes_equal_those_built_here():
+    g = build_model("resnet_small", batch=8)
+    mach = load_machine("paper_p100_cluster")
+    here, there = CostModel(g, 8, mach), CostModel(g, 8, mach)
+    assert there.build_tables(workers=2) == 2 and there.stats["table_workers"] == 2
+    v1, e1, _ = here.problem(workers=1)
+    v2, e2, _ = there.problem(workers=2)
+    assert len(e1) == len(e2)
+    for (a1, b1, m1), (a2, b2, m2) in zip(e1, e2):
+        assert (a1, b1) == (a2, b2) and np.array_equal(m1, m2)
