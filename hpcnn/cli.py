@@ -15,7 +15,7 @@ COMMANDS = {
     "models": ("hpcnn.models.listing", "list the model zoo (parameters, FLOPs)"),
     "data": ("hpcnn.data.commands", "make HDF5 data sets (digits, convert, synth)"),
     "train": ("hpcnn.train", "train a job (launch with mpiexec or srun)"),
-    "plan": ("hpcnn.strategy.plan_command", "search the per-layer parallel strategy"),
+    "plan": ("hpcnn.plan_command", "search the per-layer parallel strategy"),
     "calibrate": ("hpcnn.calibration.command", "measure this machine's cost-model table"),
     "bench": ("hpcnn.bench.commands", "benchmarks against PyTorch and MPI"),
     "ckpt": ("hpcnn.checkpoint_command", "inspect HDF5 checkpoints"),

@@ -36,6 +36,11 @@ def _nonneg(v):
     return v >= 0
 
 
+def _trials(v):
+    """a non-negative integer or 'auto'"""
+    return v == "auto" or (isinstance(v, int) and v >= 0)
+
+
 def _one_of(*choices):
     def f(v):
         return v in choices
@@ -86,6 +91,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "machine": Key(str, "local", help="machine description for the search (name or file)"),
         "memory_gib": Key((int, float), 0, _nonneg, "per-rank memory limit for the search (0 = none)"),
         "save": Key(str, "", help="write the plan used to this file"),
+        "trials": Key((int, str), "auto", _trials,
+                      "after a search, time this many candidate plans (the searched one, the baselines, "
+                      "data parallelism always) for a few steps and train with the fastest; \"auto\": 3 "
+                      "when a baseline is predicted within plan.trial_tolerance of the searched plan, "
+                      "else none; 0: never"),
+        "trial_steps": Key(int, 3, _pos, "timed steps per trial (after one warm-up step)"),
+        "trial_tolerance": Key((int, float), 0.25, _nonneg,
+                               "relative error of the cost model within which \"auto\" trials run"),
     },
     "checkpoint": {
         "dir": Key(str, "", help="directory for checkpoints ('' = no checkpoints)"),

@@ -167,10 +167,55 @@ class Trainer:
             raise JobFailure(err)
         plan = Plan.from_json(text)
         agree(self.comm, lambda: plan.validate(g, self.world), (PlanError,))
-        self.plan = plan
+        self.plan = self.try_plans(plan) if j["plan"]["mode"] == "search" else plan
         self.search_seconds = time.perf_counter() - t0
         if self.rank == 0 and j["plan"]["save"]:
-            plan.save(j.resolve(j["plan"]["save"]))
+            self.plan.save(j.resolve(j["plan"]["save"]))
+
+    def try_plans(self, plan):
+        """After a search: time the candidates ``plan.trials`` asks for on
+        the first training batches and return the fastest (the plan itself
+        when there is nothing to try).  Leaves no trace in the run."""
+        from hpcnn.runtime.plan_trials import candidates, fastest, format_trials, run_trials, trials_wanted
+        from hpcnn.runtime.sgd import SGD
+        from hpcnn.strategy.plan import Plan
+        j, g, rep = self.job, self.graph, self.plan_report
+        cands = None
+        if self.rank == 0:
+            k = trials_wanted(j["plan"]["trials"], rep, plan, j["plan"]["trial_tolerance"])
+            if k > 0 and rep is not None:
+                base = {n: Plan(g.name, self.world, g.batch, b["configs"], name=n)
+                        for n, b in rep.get("baselines", {}).items()}
+                cands = [(c.name, c.plan.to_json(), c.predicted_s) for c in candidates(plan, rep, base, k)]
+        cands = self.comm.bcast(cands, root=0)
+        if not cands or len(cands) < 2:
+            return plan
+        from hpcnn.runtime.plan_trials import Candidate
+        cands = [Candidate(n, Plan.from_json(t), p) for n, t, p in cands]
+        data, nb = self.train_data, self.train_data.num_batches
+
+        def batch(box, i):
+            rows = data.batch_indices(0, i % nb)
+            x = None if box is None else data.read_rows(rows[box[0][0]:box[0][1]], box[1:])
+            return x, data.labels[rows]
+
+        opt = j["optimizer"]
+        self.log(f"timing {len(cands)} candidate plans ({j['plan']['trial_steps']} steps each after one "
+                 f"warm-up): {', '.join(c.name for c in cands)}")
+        run_trials(self.comm, g, cands, batch,
+                   lambda: SGD(lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"],
+                               weight_decay=opt["weight_decay"]),
+                   dtype=np.dtype(j["job"]["dtype"]), seed=j["job"]["seed"], steps=j["plan"]["trial_steps"])
+        best = fastest(cands)
+        self.log(format_trials(cands, best))
+        chosen = best.plan
+        chosen.meta = dict(plan.meta)
+        chosen.meta["trials"] = [{"name": c.name, "predicted_s": c.predicted_s, "measured_s": c.measured_s,
+                                  "steps_s": c.steps_s} for c in cands]
+        chosen.meta["chosen"] = best.name
+        if best.name != "searched":
+            self.plan_report = None        # its per-layer predictions are the searched plan's
+        return chosen
 
     def setup_training(self):
         """The distributed model, the optimiser and the learning-rate

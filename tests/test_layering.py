@@ -25,12 +25,12 @@ LAYER = {
     "hpcnn.runtime": 6,
     "hpcnn.data": 7, "hpcnn.checkpoint": 7, "hpcnn.calibration": 7,
     "hpcnn.train": 8, "hpcnn.cli": 8, "hpcnn.job": 8, "hpcnn.failsafe": 8, "hpcnn.progress": 8,
-    "hpcnn.checkpoint_command": 8, "hpcnn.bench": 8, "hpcnn.job_errors": 8, "hpcnn.fault_injection": 8,
+    "hpcnn.checkpoint_command": 8, "hpcnn.plan_command": 8, "hpcnn.bench": 8, "hpcnn.job_errors": 8, "hpcnn.fault_injection": 8,
     "hpcnn.cluster": 8,
 }
 # modules of a layer that may import MPI (the rest of that layer may not)
 MPI_ALLOWED = ("hpcnn.backend", "hpcnn.parallel.comm", "hpcnn.parallel.groups", "hpcnn.runtime",
-               "hpcnn.checkpoint", "hpcnn.calibration", "hpcnn.train", "hpcnn.failsafe", "hpcnn.bench",
+               "hpcnn.checkpoint", "hpcnn.calibration", "hpcnn.train", "hpcnn.failsafe", "hpcnn.bench", "hpcnn.plan_command",
                "hpcnn.cluster.probe")
 #: a string constant that names an hpcnn module
 MODULE_NAME = re.compile(r"^hpcnn(\.\w+)+$")

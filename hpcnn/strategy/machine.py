@@ -182,6 +182,9 @@ class Machine:
     figures: list = field(default_factory=list)
     measured: dict = field(default_factory=dict)
     runtime: dict = field(default_factory=dict)       # {ranks: RuntimeFigures}
+    #: measured training steps of whole plans (``hpcnn plan --trials K
+    #: --update-machine``): what the planner trusts over its prediction
+    measured_plans: list = field(default_factory=list)
     path: str | None = None
 
     # ---- compute ---------------------------------------------------------
@@ -216,6 +219,29 @@ class Machine:
         on_node = min(int(ranks), self.ranks_per_node)
         return max(1.0, on_node / slots)
 
+    # ---- measured plans ------------------------------------------------------
+    @staticmethod
+    def plan_key(graph, ranks: int, plan, dtype: str) -> dict:
+        """What identifies a measured plan: the network (name, batch, input
+        shape), the job size, the dtype and every layer's configuration."""
+        return {"model": graph.name, "batch": int(graph.batch), "input": list(graph[graph.input_name].shape),
+                "ranks": int(ranks), "dtype": str(dtype),
+                "configs": json.dumps(plan.configs, sort_keys=True), "rank_lists": json.dumps(plan.ranks, sort_keys=True)}
+
+    def record_plan_step(self, graph, ranks: int, plan, dtype: str, measured_s: float, **extra) -> None:
+        """Remember the measured step of ``plan`` (replacing an older one)."""
+        key = self.plan_key(graph, ranks, plan, dtype)
+        self.measured_plans = [m for m in self.measured_plans if {k: m.get(k) for k in key} != key]
+        self.measured_plans.append(dict(key, measured_s=float(measured_s), **extra))
+
+    def measured_step(self, graph, ranks: int, plan, dtype: str) -> float | None:
+        """The measured step of ``plan`` on this machine, if it was measured."""
+        key = self.plan_key(graph, ranks, plan, dtype)
+        for m in self.measured_plans:
+            if {k: m.get(k) for k in key} == key:
+                return float(m["measured_s"])
+        return None
+
     def runtime_at(self, ranks: int) -> RuntimeFigures | None:
         """The runtime figures for a job of ``ranks`` ranks: those calibrated
         with as many ranks on the node (min(ranks, ranks_per_node)), else
@@ -244,6 +270,8 @@ class Machine:
             d["gradient_sync"] = self.gradient_sync
         if self.measured:
             d["measured"] = self.measured
+        if self.measured_plans:
+            d["measured_plans"] = self.measured_plans
         if self.runtime:
             d["runtime"] = {str(k): v.to_dict() for k, v in sorted(self.runtime.items())}
         return d
@@ -287,7 +315,8 @@ class Machine:
                        slots_per_node=d.get("slots_per_node"), gradient_sync=sync,
                        description=d.get("description", ""),
                        figures=list(d.get("figures", [])), measured=dict(d.get("measured", {})),
-                       runtime=runtime, path=str(path) if path else None)
+                       runtime=runtime, measured_plans=list(d.get("measured_plans", [])),
+                       path=str(path) if path else None)
         except KeyError as exc:
             raise MachineError(f"{where}: missing the key {exc.args[0]!r}") from None
 

@@ -186,6 +186,18 @@ def search_plan(graph, ranks: int, machine, memory: float | None = None, *,
             plan = Plan(graph.name, ranks, graph.batch, base_plans[name].configs, name="searched")
             found, chosen = bc, name
             status += f"; {name} priced lower as a whole plan"
+    # plans measured on this machine (``hpcnn plan --trials K
+    # --update-machine``) are judged by their measured steps
+    measured = {name: machine.measured_step(graph, ranks, bp, model.dtype) for name, bp in base_plans.items()}
+    measured[chosen] = machine.measured_step(graph, ranks, plan, model.dtype)
+    measured = {k: v for k, v in measured.items() if v is not None}
+    if chosen in measured:
+        best = min(measured, key=measured.get)
+        fits = memory is None or priced.get(best, found).memory <= float(memory)
+        if best != chosen and measured[best] < measured[chosen] and fits:
+            plan = Plan(graph.name, ranks, graph.batch, base_plans[best].configs, name="searched")
+            found, chosen = priced[best], best
+            status += f"; {best} measured faster on this machine"
     report = PlanReport({
         "model": graph.name, "ranks": ranks, "batch": graph.batch, "machine": machine.name,
         "dtype": model.dtype, "status": status,
@@ -197,7 +209,7 @@ def search_plan(graph, ranks: int, machine, memory: float | None = None, *,
         "timing": {"tables_s": w1 - w0, "tables_cpu_s": c1 - c0, "search_s": w2 - w1,
                    "search_cpu_s": c2 - c1, "total_s": w2 - w0, "total_cpu_s": c2 - c0},
         "search": res.stats, "cost_model": dict(model.stats),
-        "predicted": found.to_dict(), "memory": mem_info, "chosen": chosen,
+        "predicted": found.to_dict(), "memory": mem_info, "chosen": chosen, "measured": measured,
     })
     if with_baselines:
         report["baselines"] = {}

@@ -10,6 +10,15 @@ configuration), the ranks it uses, the predicted compute t_c, incoming
 exchange t_x (forward + adjoint), gradient/statistics synchronisation t_s,
 and the memory one rank holds for it.  Below it: the predicted iteration
 time of the found plan and of each baseline, and the search time.
+
+With ``--trials K``, run under ``mpiexec -n P`` (P = ``--ranks``): rank 0
+searches, then every rank times the K cheapest predicted candidates (the
+searched plan and the baselines; data parallelism always) for a few steps
+on random data of the model's input, and the fastest is the plan written
+with ``-o``.  ``--update-machine`` records the measured steps in the machine
+file, so that the next search on this machine judges those plans by them::
+
+    mpiexec -n 4 hpcnn plan --model resnet18 --ranks 4 --image-size 64 --trials 3 -o plan.json
 """
 from __future__ import annotations
 
@@ -35,6 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how many of the split kinds (samples, channels, space) one layer may combine")
     p.add_argument("--json", action="store_true", help="print the full report as JSON instead of a table")
     p.add_argument("-o", "--output", default=None, metavar="PLAN.json", help="write the found plan here")
+    p.add_argument("--trials", type=int, default=0, metavar="K",
+                   help="time the K cheapest predicted candidate plans (data parallelism always among "
+                        "them) under mpiexec -n P and keep the fastest (default 0: no trials)")
+    p.add_argument("--trial-steps", type=int, default=3, metavar="S", help="timed steps per trial (default 3)")
+    p.add_argument("--update-machine", action="store_true",
+                   help="with --trials: write the measured steps into the machine file (--machine must "
+                        "be a file you may write)")
 
 
 def _cfg(c: dict) -> str:
@@ -69,6 +85,10 @@ def format_report(rep) -> str:
     lines.append(f"  {'searched':16s} {p['total_s'] * ms:10.3f}")
     for name, b in rep.get("baselines", {}).items():
         lines.append(f"  {name:16s} {b['total_s'] * ms:10.3f}   x{b['total_s'] / p['total_s']:.2f}")
+    if rep.get("measured"):
+        lines.append("measured on this machine (ms per step, hpcnn plan --trials --update-machine): " +
+                     ", ".join(f"{k} {v * 1e3:.2f}" for k, v in sorted(rep["measured"].items(), key=lambda x: x[1])))
+        lines.append(f"chosen: {rep['chosen']} ({rep['status']})")
     t = rep["timing"]
     lines.append(f"search time: {t['total_s']:.3f} s wall, {t['total_cpu_s']:.3f} s CPU "
                  f"(cost tables {t['tables_s']:.3f} s, search {t['search_s']:.3f} s); "
@@ -100,7 +120,13 @@ def run(args) -> int:
 
     if args.ranks < 1:
         return fail(f"--ranks must be a positive integer, got {args.ranks}")
+    if args.trials < 0 or args.trial_steps < 1:
+        return fail("--trials must be >= 0 and --trial-steps >= 1")
+    if args.update_machine and not args.trials:
+        return fail("--update-machine records what --trials measures: give --trials K")
     batch = args.batch if args.batch is not None else 32 * args.ranks
+    if args.trials:
+        return _run_with_trials(args, batch, fail)
     try:
         machine = load_machine(args.machine)
         g = build_model(args.model, batch=batch, image_size=args.image_size, num_classes=args.classes)
@@ -108,6 +134,10 @@ def run(args) -> int:
                                 opts=SpaceOptions(max_kinds=args.max_kinds))
     except (ModelError, MachineError, PlanError, SearchError, ConfigSpaceError) as exc:
         return fail(str(exc))
+    return _finish(args, plan, rep, fail)
+
+
+def _finish(args, plan, rep, fail, trials_text=None) -> int:
     if args.output:
         try:
             plan.save(args.output)
@@ -117,6 +147,77 @@ def run(args) -> int:
         print(json.dumps({"report": rep, "plan": plan.to_dict()}, indent=1))
     else:
         print(format_report(rep))
+        if trials_text:
+            print(trials_text)
         if args.output:
             print(f"plan written to {args.output}")
     return 0
+
+
+def _run_with_trials(args, batch, fail) -> int:
+    """Search on rank 0, time the candidates on every rank, keep the fastest."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from hpcnn.failsafe import abort_on_exception
+    from hpcnn.models import ModelError, build_model
+    from hpcnn.runtime.plan_trials import Candidate, candidates, fastest, format_trials, run_trials
+    from hpcnn.runtime.sgd import SGD
+    from hpcnn.strategy.config_space import ConfigSpaceError, SpaceOptions
+    from hpcnn.strategy.machine import MachineError, load_machine
+    from hpcnn.strategy.plan import Plan, PlanError
+    from hpcnn.strategy.planner import search_plan
+    from hpcnn.strategy.search import SearchError
+
+    comm = MPI.COMM_WORLD
+    abort_on_exception(comm)
+    rank = comm.Get_rank()
+    if comm.Get_size() != args.ranks:
+        msg = (f"--trials runs the candidates on the job's ranks: start it as mpiexec -n {args.ranks} "
+               f"hpcnn plan ... (this run has {comm.Get_size()} rank(s))")
+        return fail(msg) if rank == 0 else 2
+    err, payload = None, None
+    if rank == 0:
+        try:
+            machine = load_machine(args.machine)
+            if args.update_machine and machine.path is None:
+                raise MachineError("--update-machine needs --machine to be a file")
+            g = build_model(args.model, batch=batch, image_size=args.image_size, num_classes=args.classes)
+            plan, rep = search_plan(g, args.ranks, machine, memory=args.memory, dtype=args.dtype,
+                                    opts=SpaceOptions(max_kinds=args.max_kinds))
+            base = {n: Plan(g.name, args.ranks, g.batch, b["configs"], name=n)
+                    for n, b in rep.get("baselines", {}).items()}
+            payload = [(c.name, c.plan.to_json(), c.predicted_s) for c in candidates(plan, rep, base, args.trials)]
+        except (ModelError, MachineError, PlanError, SearchError, ConfigSpaceError) as exc:
+            err = str(exc)
+    err, payload = comm.bcast((err, payload), root=0)
+    if err:
+        return fail(err) if rank == 0 else 2
+    g = build_model(args.model, batch=batch, image_size=args.image_size, num_classes=args.classes)
+    cands = [Candidate(n, Plan.from_json(t), p) for n, t, p in payload]
+    rng = np.random.default_rng(0)
+    dt = np.dtype(args.dtype)
+    x = rng.standard_normal(g[g.input_name].shape).astype(dt)
+    y = rng.integers(0, g[g.logits_name].shape[1], size=g.batch)
+    run_trials(comm, g, cands, lambda box, i: (None if box is None else x[box.slices()], y),
+               lambda: SGD(lr=0.01, momentum=0.9), dtype=dt, steps=args.trial_steps,
+               log=(lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else None)
+    best = fastest(cands)
+    if rank != 0:
+        return 0
+    chosen = Plan(g.name, args.ranks, g.batch, best.plan.configs, best.plan.ranks, name=best.name)
+    chosen.meta = {"trials": [{"name": c.name, "predicted_s": c.predicted_s, "measured_s": c.measured_s}
+                              for c in cands], "chosen": best.name, "machine": machine.name}
+    rep["trials"] = chosen.meta["trials"]
+    if args.update_machine:
+        for c in cands:
+            machine.record_plan_step(g, args.ranks, c.plan, args.dtype, c.measured_s,
+                                     name=c.name, predicted_s=c.predicted_s, steps_s=c.steps_s)
+        try:
+            machine.save(machine.path)
+        except OSError as exc:
+            return fail(f"cannot update the machine file {machine.path}: {exc}")
+    text = format_trials(cands, best)
+    if args.update_machine:
+        text += f"\nmeasured steps recorded in {machine.path}"
+    return _finish(args, chosen, rep, fail, text)
