@@ -69,17 +69,32 @@ def run(args) -> int:
         return exc.code
 
 
-def choose_plan(job, graph, world: int) -> tuple:
+def job_layout(comm) -> list[int]:
+    """Ranks on each node of the job, first node first (collective): nodes
+    as MPI groups the ranks that share memory."""
+    from hpcnn.calibration.links import node_layout
+    node_of, hosts, node = node_layout(comm)
+    node.Free()
+    return [node_of.count(i) for i in range(len(hosts))]
+
+
+def choose_plan(job, graph, world: int, per_node: list[int] | None = None, warn=None) -> tuple:
     """(Plan, the search's report or None) that ``plan.mode`` names for
     ``graph`` on ``world`` ranks: "search", "data-parallel" (the baseline
-    the benchmarks run under that name) or a plan file."""
+    the benchmarks run under that name) or a plan file.  A search first
+    passes ``warn`` the line that says when the machine file does not fit
+    the job (its ranks ``per_node`` on each node, or this hpcnn's cost
+    model)."""
     from hpcnn.strategy.baselines import data_parallel
     from hpcnn.strategy.plan import Plan
     mode = job["plan"]["mode"]
     if mode == "search":
         from hpcnn.strategy import search_plan
-        from hpcnn.strategy.machine import load_machine
+        from hpcnn.strategy.machine import load_machine, stale_warning
         machine = load_machine(job["plan"]["machine"])
+        line = stale_warning(machine, per_node)
+        if line and warn is not None:
+            warn(line)
         return search_plan(graph, world, machine, memory_gib=job["plan"]["memory_gib"] or None)
     if mode == "data-parallel":
         return data_parallel(graph, world), None
@@ -156,9 +171,12 @@ class Trainer:
         j, g = self.job, self.graph
         text, err, self.plan_report = None, None, None
         t0 = time.perf_counter()
+        # where the ranks are, for the search to say when its machine file
+        # was calibrated on another layout (collective: every rank)
+        per_node = job_layout(self.comm) if j["plan"]["mode"] == "search" else None
         if self.rank == 0:
             try:
-                plan, self.plan_report = choose_plan(j, g, self.world)
+                plan, self.plan_report = choose_plan(j, g, self.world, per_node, warn=self.log)
                 text = plan.to_json()
             except (PlanError, OSError, ValueError, KeyError) as exc:
                 err = f"plan: {exc}"

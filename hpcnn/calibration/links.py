@@ -222,8 +222,11 @@ def _timed(comm, op, target: float, rounds: int) -> float:
     return best
 
 
-def _layout(comm):
-    """(node index of every rank, node names, this rank's node communicator)."""
+def node_layout(comm):
+    """(node index of every rank, node names, this rank's node communicator;
+    collective): ranks that share memory (MPI's COMM_TYPE_SHARED) are a
+    node, nodes are numbered by their lowest rank and named by its
+    ``MPI.Get_processor_name``."""
     from mpi4py import MPI
     rank = comm.Get_rank()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
@@ -239,7 +242,7 @@ def measure(comm, max_bytes: int = DEFAULT_MAX_BYTES, target: float = 0.05, roun
     """The worker's measurements (collective over ``comm``); see the module."""
     from mpi4py import MPI
     rank, n = comm.Get_rank(), comm.Get_size()
-    node_of, hosts, node = _layout(comm)
+    node_of, hosts, node = node_layout(comm)
     members = [[r for r in range(n) if node_of[r] == i] for i in range(len(hosts))]
     per_node = [len(m) for m in members]
     me = members[node_of[rank]].index(rank)       # this rank's index on its node
