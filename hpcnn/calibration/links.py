@@ -25,7 +25,10 @@ of N nodes, in any order) and measures what that layout has:
 
 Every timing is the best of ``rounds`` rounds (the slowest rank's time of
 a round, divided by its repetitions); a round repeats an operation until it
-has taken ``target`` seconds.  Rank 0 prints one line, ``TAG {json}``.  The
+has taken ``target`` seconds.  Ranks that take no part in an operation wait
+for the others asleep, not polling in a barrier, so that they leave the
+cores to those that do (a node with fewer cores than ranks, such as an
+emulated one).  Rank 0 prints one line, ``TAG {json}``.  The
 figures of a link are named ``links.<link>.*``, those of a collective
 ``collectives.<op>.<scope>`` in the machine file.
 """
@@ -39,6 +42,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -202,6 +206,15 @@ def sizes_upto(sizes, max_bytes: int) -> list[int]:
     return [s for s in sizes if s <= max_bytes]
 
 
+def _settle(comm):
+    """Wait for every rank without spinning: ranks that take no part in an
+    operation sleep here instead of polling in a barrier, which on a node
+    with fewer cores than ranks would take the cores from those that do."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(2e-4)
+
+
 def _timed(comm, op, target: float, rounds: int) -> float:
     """Seconds per call of ``op`` (collective over ``comm``; ranks outside
     the operation pass a no-op): the best of ``rounds`` rounds of the
@@ -210,7 +223,9 @@ def _timed(comm, op, target: float, rounds: int) -> float:
     comm.Barrier()
     t = MPI.Wtime()
     op()                                           # also the warm-up
-    first = comm.allreduce(MPI.Wtime() - t, op=MPI.MAX)
+    took = MPI.Wtime() - t
+    _settle(comm)
+    first = comm.allreduce(took, op=MPI.MAX)
     reps = int(min(1000, max(1, math.ceil(target / max(first, 1e-7)))))
     best = math.inf
     for _ in range(rounds):
@@ -218,7 +233,9 @@ def _timed(comm, op, target: float, rounds: int) -> float:
         t = MPI.Wtime()
         for _ in range(reps):
             op()
-        best = min(best, comm.allreduce(MPI.Wtime() - t, op=MPI.MAX) / reps)
+        took = MPI.Wtime() - t
+        _settle(comm)
+        best = min(best, comm.allreduce(took, op=MPI.MAX) / reps)
     return best
 
 
