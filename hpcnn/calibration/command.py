@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcnn.calibration.links import DEFAULT_MAX_BYTES, LinkMeasurementError, measure_links
+from hpcnn.calibration.links import COLLECTIVE_BYTES, DEFAULT_MAX_BYTES, LinkMeasurementError, measure_links
 from hpcnn.calibration.runtime_sampler import RuntimeSpec, measure_runtime
 from hpcnn.calibration.tiles import (by_flops, fit_roofline, model_specs, probe_bandwidth, probe_overhead,
                                      probe_peak, run_tile, tile_jobs)
@@ -97,8 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpiexec-args", default="", metavar="ARGS",
                    help="more arguments for mpiexec (this node's, or with --hosts), one string")
     p.add_argument("--link-max-mib", type=float, default=DEFAULT_MAX_BYTES / 2 ** 20, metavar="M",
-                   help=f"largest message and collective buffer of the link measurement in MiB (default "
-                        f"{DEFAULT_MAX_BYTES // 2 ** 20}, hpcnn's gradient bucket; at least 1)")
+                   help=f"largest ping-pong message in MiB (default {DEFAULT_MAX_BYTES // 2 ** 20}; messages "
+                        f"stop growing once one takes 25 ms); the collectives go up to hpcnn's gradient bucket "
+                        f"({COLLECTIVE_BYTES // 2 ** 20} MiB) or this, if smaller; at least 1")
     p.add_argument("--link-timeout", type=float, default=900.0, metavar="S",
                    help="give up on the link measurement after this many seconds (default 900)")
     p.add_argument("--name", default="local")

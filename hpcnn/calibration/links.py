@@ -13,9 +13,10 @@ of N nodes, in any order) and measures what that layout has:
 - ping-pong (Send/Recv, one way = half a round trip) between two ranks of
   the first node (``links.intra_node``; R >= 2) and between the first ranks
   of the first two nodes (``links.inter_node``; N >= 2): latency from the
-  smallest message, bandwidth from the slope of time over size of messages
-  of 1 MiB and more (a constant cost per message, such as a token bucket's
-  burst, drops out);
+  smallest message, bandwidth from the slope of time over size of the three
+  largest messages (a constant cost per message, such as a token bucket's
+  burst, drops out); messages grow up to 64 MiB, or until one of 2 MiB or
+  more takes 25 ms;
 - the collectives of a job, at its sizes (up to the 4 MiB gradient bucket):
   in-place float32 Allreduce over the ranks of each node at once, over one
   rank per node, and over all ranks (gradient buckets of replica groups);
@@ -47,13 +48,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-#: message sizes (bytes) of the ping-pong, up to ``max_bytes``
-PINGPONG_SIZES = [8, 64, 512, 4096, 32768, 262144, 1 << 20, 1 << 21, 1 << 22, 1 << 23]
-#: buffer sizes (bytes per rank) of the collectives, up to ``max_bytes``
-COLLECTIVE_SIZES = [8, 65536, 1 << 20, 1 << 21, 1 << 22, 1 << 23]
-#: the largest size by default: hpcnn's gradient bucket (executor.bucket_bytes)
-DEFAULT_MAX_BYTES = 4 << 20
-#: messages from this size on give the bandwidth
+#: message sizes (bytes) of the ping-pong, up to ``max_bytes``; they stop
+#: growing once a message of at least 2 MiB takes ``LONG_S`` one way
+PINGPONG_SIZES = [8, 64, 512, 4096, 32768, 262144] + [1 << k for k in range(20, 27)]
+LONG_S = 0.025
+#: buffer sizes (bytes per rank) of the collectives, up to ``collective_bytes``
+COLLECTIVE_SIZES = [8, 65536] + [1 << k for k in range(20, 27)]
+#: the largest ping-pong message by default (64 MiB: larger than a token
+#: bucket's burst at 10 Gbit/s, 5 MB, which a shorter message rides on)
+DEFAULT_MAX_BYTES = 64 << 20
+#: the largest collective buffer: hpcnn's gradient bucket (executor.bucket_bytes)
+COLLECTIVE_BYTES = 4 << 20
+#: messages from this size on give the bandwidth (the three largest of them)
 BANDWIDTH_FROM = 1 << 20
 
 #: the module the launcher starts: this one
@@ -66,11 +72,11 @@ TAG = "HPCNN_CALIBRATE_LINKS "
 def fit_link(times: dict) -> tuple[float, float]:
     """(bandwidth bytes/s, latency s) from times per size: latency is the
     time of the smallest size, bandwidth the inverse slope of time over the
-    sizes of 1 MiB or more (least squares; one such size: its time less the
-    latency; none: the two largest)."""
+    three largest sizes of 1 MiB or more (least squares; one such size: its
+    time less the latency; none: the two largest)."""
     sizes = sorted(times)
     lat = float(times[sizes[0]])
-    big = [s for s in sizes if s >= BANDWIDTH_FROM] or sizes[-2:]
+    big = ([s for s in sizes if s >= BANDWIDTH_FROM] or sizes[-2:])[-3:]
     slope = None
     if len(big) >= 2:
         slope = float(np.polyfit(np.array(big, dtype=float), np.array([times[s] for s in big]), 1)[0])
@@ -163,20 +169,22 @@ class LinkMeasurementError(RuntimeError):
     """The measurement job failed or found a layout it cannot measure."""
 
 
-def worker_argv(max_bytes: int = DEFAULT_MAX_BYTES, target: float = 0.05, rounds: int = 3) -> list[str]:
+def worker_argv(max_bytes: int = DEFAULT_MAX_BYTES, target: float = 0.05, rounds: int = 3,
+                collective_bytes: int = COLLECTIVE_BYTES) -> list[str]:
     """The worker's command line (appended to a launcher's)."""
     return [sys.executable, "-m", "mpi4py", "-m", WORKER, "--max-bytes", str(int(max_bytes)),
-            "--target", str(target), "--rounds", str(int(rounds))]
+            "--collective-bytes", str(int(collective_bytes)), "--target", str(target), "--rounds", str(int(rounds))]
 
 
 def measure_links(launch: list[str], env: dict | None = None, timeout: float = 600,
-                  max_bytes: int = DEFAULT_MAX_BYTES, target: float = 0.05, rounds: int = 3) -> LinkReport:
+                  max_bytes: int = DEFAULT_MAX_BYTES, target: float = 0.05, rounds: int = 3,
+                  collective_bytes: int = COLLECTIVE_BYTES) -> LinkReport:
     """Run the worker under ``launch`` (a launcher's command line that
     starts the ranks of what follows it) and return what it measured.
     Raises LinkMeasurementError when the job fails or ends after ``timeout``
     seconds (its process group is killed)."""
     from hpcnn.launcher import child_env
-    argv = [*launch, *worker_argv(max_bytes, target, rounds)]
+    argv = [*launch, *worker_argv(max_bytes, target, rounds, collective_bytes)]
     e = child_env() if env is None else dict(env)
     e.setdefault("OMP_NUM_THREADS", "1")
     p = subprocess.Popen(argv, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -255,7 +263,8 @@ def node_layout(comm):
     return node_of, hosts, node
 
 
-def measure(comm, max_bytes: int = DEFAULT_MAX_BYTES, target: float = 0.05, rounds: int = 3) -> dict:
+def measure(comm, max_bytes: int = DEFAULT_MAX_BYTES, target: float = 0.05, rounds: int = 3,
+            collective_bytes: int = COLLECTIVE_BYTES) -> dict:
     """The worker's measurements (collective over ``comm``); see the module."""
     from mpi4py import MPI
     rank, n = comm.Get_rank(), comm.Get_size()
@@ -274,11 +283,15 @@ def measure(comm, max_bytes: int = DEFAULT_MAX_BYTES, target: float = 0.05, roun
     if n < 2:
         res["error"] = "one rank cannot measure a link: start at least 2 ranks"
         return res
+    coll_bytes = min(max_bytes, collective_bytes)
     buf = np.zeros(max_bytes, dtype=np.uint8)
 
     def pingpong(a, b):
         times = {}
         for size in sizes_upto(PINGPONG_SIZES, max_bytes):
+            if size > 2 * BANDWIDTH_FROM and max((t for s, t in times.items() if s >= 2 * BANDWIDTH_FROM),
+                                                 default=0.0) >= LONG_S:
+                break                              # the same on every rank: the times are reduced
             msg = buf[:size]
 
             def op():
@@ -298,11 +311,11 @@ def measure(comm, max_bytes: int = DEFAULT_MAX_BYTES, target: float = 0.05, roun
 
     def collective(name, what, group, run, sub=None, bus=False):
         seconds = {}
-        for size in sizes_upto(COLLECTIVE_SIZES, max_bytes):
+        for size in sizes_upto(COLLECTIVE_SIZES, coll_bytes):
             seconds[size] = _timed(comm, lambda: run(sub, size), target, rounds)
         res["collectives"][name] = {"what": what, **fit_collective(seconds, group, bus)}
 
-    fbuf = np.zeros(max_bytes // 4, dtype=np.float32)
+    fbuf = np.zeros(coll_bytes // 4, dtype=np.float32)
 
     def allreduce(c, size):
         if c is not None:
@@ -322,7 +335,7 @@ def measure(comm, max_bytes: int = DEFAULT_MAX_BYTES, target: float = 0.05, roun
         if R >= 2:
             collective("allreduce.all_ranks", f"in-place float32 Allreduce over all {n} ranks", n, allreduce,
                        comm, bus=True)
-    rbuf = np.zeros(max_bytes, dtype=np.uint8)
+    rbuf = np.zeros(coll_bytes, dtype=np.uint8)
 
     def exchange(partner, size):
         if partner is None:
@@ -364,11 +377,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mpi4py -m hpcnn.calibration.links",
                                 description="MPI link figures (started by hpcnn calibrate)")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    p.add_argument("--collective-bytes", type=int, default=COLLECTIVE_BYTES)
     p.add_argument("--target", type=float, default=0.05)
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     comm = MPI.COMM_WORLD
-    res = measure(comm, a.max_bytes, a.target, a.rounds)
+    res = measure(comm, a.max_bytes, a.target, a.rounds, a.collective_bytes)
     if comm.Get_rank() == 0:
         sys.stdout.write(TAG + json.dumps(res) + "\n")
         sys.stdout.flush()
