@@ -10,7 +10,10 @@ As root, on an emulated cluster of two nodes (2 ranks on each):
   per node, node names and this hpcnn's cost-model version, with the
   collectives hpcnn uses;
 - a plan or a job on another layout than the calibrated one says so at
-  start; on the calibrated layout it does not.
+  start; on the calibrated layout it does not;
+- the path for a real cluster, ``--hosts A,B`` (MPICH's mpiexec), run from
+  node 0 with Hydra's ssh replaced by the cluster's node launcher, measures
+  the same layout and link.
 
 Root only (skipped, with the reason, otherwise)."""
 from __future__ import annotations
@@ -147,3 +150,19 @@ def test_another_layout_than_the_calibrated_one_is_named_at_start(cluster, calib
     assert len(lines) == 1, r.stderr[-3000:]
     assert (f"calibrated on 2 nodes x 2 ranks ({n0}, {n1}), this job runs on 2 nodes x 1 rank" in lines[0]
             and "re-run hpcnn calibrate with the job's layout" in lines[0]), lines
+
+
+def test_hosts_from_a_node_of_the_cluster(cluster, tmp_path):
+    """`hpcnn calibrate --hosts n0,n1` as on a real cluster, started on node
+    0; the ssh Hydra would use is the cluster's node launcher here."""
+    cluster.shape("1gbit")
+    e = cluster.job_env()
+    extra = (f"-launcher ssh -launcher-exec {cluster.exec_script} -genv UCX_TLS {e['UCX_TLS']} "
+             f"-genv PATH {e['PATH']} -genv PYTHONPATH {e['PYTHONPATH']}")
+    out = tmp_path / "hosts.json"
+    argv = cluster.exec_argv(0, [PY, "-m", "hpcnn", "calibrate", *QUICK, "-o", str(out), "--hosts",
+                                 ",".join(cluster.hostnames), "--ppn", "2", "--mpiexec-args", extra])
+    r = subprocess.run(argv, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"mpiexec on {', '.join(cluster.hostnames)} (2 ranks each)" in r.stdout, r.stdout
+    check_calibrated(cluster, out, "1gbit")
