@@ -38,6 +38,9 @@ def abort_on_exception(comm, stream=None):
             out.write("".join(prefix + line + "\n" for line in text.rstrip().splitlines()))
             out.write(f"[hpcnn rank {rank}] aborting all ranks\n")
             out.flush()
+            # the launcher forwards a rank's output through its proxies and
+            # drops what is still on the way when the job is torn down
+            time.sleep(0.5)
         finally:
             comm.Abort(1)
 
@@ -110,6 +113,14 @@ class StallWatchdog:
       finished the step the first rank finished, or that no rank finished a
       step; after ``end_after`` seconds (0 = never) it ends the job.
 
+    Progress is counted in phases of the run: ``phase(name, unit)`` starts
+    one (the start-up after the plan, training, an evaluation, the last
+    checkpoint, the report), ``arrived(n)`` says that item ``n`` of it (a
+    step, a batch) is done; every rank goes through the same phases in the
+    same order.  Entering a phase is progress; a rank that has not reached
+    the phase (or the item) that another rank has is behind.  Ranks that
+    said goodbye (``close``) are done and judged no more.
+
     Ending is ``os._exit(EXIT_WATCHDOG)`` after the message, so that the
     launcher (mpiexec, srun) tears the job down; checkpoints are written
     under a temporary name and renamed, so the last one stays intact.
@@ -117,7 +128,8 @@ class StallWatchdog:
     """
 
     def __init__(self, comm, limit: float = 300.0, end_after: float = 1800.0, peer_timeout: float = 30.0,
-                 stream=None, beat: float | None = None, connect_timeout: float = 30.0):
+                 stream=None, beat: float | None = None, connect_timeout: float = 30.0,
+                 phase: str = "training", unit: str | None = "step"):
         self.limit = float(limit)
         self.end_after = float(end_after or 0)
         self.peer_timeout = float(peer_timeout)
@@ -142,7 +154,11 @@ class StallWatchdog:
         self.hosts = [h for h, _, _ in info]
         self.pids = [p for _, p, _ in info]
         now = time.monotonic()
-        self.last = [-1] * self.size
+        # progress of every rank (rank 0's view): (phase number, last item
+        # done), the phase's (name, unit), and when it last changed
+        self._seq = 0
+        self.last = [(0, -1)] * self.size
+        self.where = [(phase, unit)] * self.size
         self.when = [now] * self.size
         self._reported = None
         self.unreachable: list[int] = []
@@ -153,7 +169,7 @@ class StallWatchdog:
             self._thread.start()
             self._sock, why = None, None
         else:
-            self._step = -1
+            self._mark = (0, -1, unit, phase)
             port, addrs = info[0][2]
             self._sock, why = _connect(_candidates(host, info[0][0], addrs), port, self.rank, connect_timeout)
         ok = comm.allgather(why is None)
@@ -179,13 +195,29 @@ class StallWatchdog:
 
     # ---------------------------------------------------------------- main thread
     def arrived(self, step: int):
-        """This rank finished ``step`` (no communication: the thread sends it)."""
+        """This rank finished item ``step`` of the current phase (a training
+        step, an evaluation batch; no communication: the thread sends it)."""
         if not self.enabled:
             return
         if self.rank == 0:
-            self.last[0], self.when[0] = step, time.monotonic()
+            self.last[0], self.when[0] = (self._seq, step), time.monotonic()
         else:
-            self._step = step
+            seq, _, unit, name = self._mark
+            self._mark = (seq, step, unit, name)
+
+    def phase(self, name: str, unit: str | None = None, done: int = -1):
+        """This rank enters the next phase of the run, ``name`` (counted in
+        ``unit``s, e.g. "step", "batch", or None; ``done``: the last one
+        already done, e.g. the step training resumes after)."""
+        if not self.enabled:
+            return
+        self._seq += 1
+        name = " ".join(str(name).split())
+        if self.rank == 0:
+            self.where[0] = (name, unit)
+            self.last[0], self.when[0] = (self._seq, done), time.monotonic()
+        else:
+            self._mark = (self._seq, done, unit, name)
 
     def abandon(self):
         """On an error path: stop judging progress and peers (the job is
@@ -289,9 +321,12 @@ class StallWatchdog:
             with self._lock:
                 self.peers[peer.rank] = peer
         elif word == "BEAT" and peer.rank is not None:
-            step = int(arg) if arg.lstrip("-").isdigit() else -1
-            if step != self.last[peer.rank]:
-                self.last[peer.rank], self.when[peer.rank] = step, time.monotonic()
+            f = arg.split(" ", 3)
+            if len(f) == 4 and f[0].isdigit() and f[1].lstrip("-").isdigit():
+                mark = (int(f[0]), int(f[1]))
+                if mark != self.last[peer.rank]:
+                    self.where[peer.rank] = (f[3], None if f[2] == "-" else f[2])
+                    self.last[peer.rank], self.when[peer.rank] = mark, time.monotonic()
         elif word == "BYE":
             peer.bye = True
 
@@ -312,22 +347,44 @@ class StallWatchdog:
                                f"(log.heartbeat_timeout = {self.peer_timeout:g})")
 
     def _check_progress(self, now):
-        ahead = max(self.last)
-        behind = [r for r in range(self.size) if self.last[r] < ahead]
+        with self._lock:
+            done = {r for r, p in self.peers.items() if p.bye}
+        active = [r for r in range(self.size) if r not in done]
+        ahead = max(self.last[r] for r in active)
+        behind = [r for r in active if self.last[r] < ahead]
+        first = next(r for r in active if self.last[r] == ahead)
+        name, unit = self.where[first]
         if behind:
-            since = now - min(self.when[r] for r in range(self.size) if self.last[r] == ahead)
+            since = now - min(self.when[r] for r in active if self.last[r] == ahead)
             key = (ahead, tuple(behind))
-            msg = (f"stall: ranks {behind} have not finished step {ahead} {since:.0f} s after the first rank "
-                   f"did (last steps: {dict((r, self.last[r]) for r in behind)})")
+            if unit == "step" and all(self.where[r][1] == "step" for r in behind):
+                # training: steps are numbered across the run
+                msg = (f"stall: ranks {behind} have not finished step {ahead[1]} {since:.0f} s after the first "
+                       f"rank did (last steps: {dict((r, self.last[r][1]) for r in behind)})")
+            else:
+                same = all(self.last[r][0] == ahead[0] for r in behind)
+                what = f"finished {unit} {ahead[1]} of the {name}" if same and unit else f"reached the {name}"
+                msg = (f"stall: ranks {behind} have not {what} {since:.0f} s after the first rank did (they are "
+                       f"in: {'; '.join(f'rank {r}: {self._at(r)}' for r in behind)})")
         else:
-            since = now - max(self.when)
+            since = now - max(self.when[r] for r in active)
             key = ("all", ahead)
-            msg = f"stall: no rank has finished a step for {since:.0f} s (all at step {ahead})"
+            if unit == "step":
+                msg = f"stall: no rank has finished a step for {since:.0f} s (all at step {ahead[1]})"
+            else:
+                msg = f"stall: no rank has moved on for {since:.0f} s (all in the {self._at(first)})"
         if self.end_after and since > self.end_after:
             self._end(f"{msg}, longer than log.stall_end_seconds = {self.end_after:g}")
         if since > self.limit and self._reported != key:
             self._report(msg)
             self._reported = key
+
+    def _at(self, r) -> str:
+        """Where rank ``r`` is: its phase and the last item it did there."""
+        (name, unit), (_, n) = self.where[r], self.last[r]
+        if unit is None:
+            return name
+        return f"{name}, {unit} {n} done" if n >= 0 else f"{name}, no {unit} done yet"
 
     def _lost(self, ranks, what):
         self.unreachable = sorted(ranks)
@@ -367,7 +424,8 @@ class StallWatchdog:
         now = time.monotonic()
         if now - self._sent >= self.beat:
             self._sent = now
-            _send(self._sock, f"BEAT {self._step}\n".encode())
+            seq, n, unit, name = self._mark
+            _send(self._sock, f"BEAT {seq} {n} {unit or '-'} {name}\n".encode(errors="replace"))
         if self._checks and not peer.bye and now - peer.heard > self.peer_timeout:
             self._end(f"{me}: {zero} is unreachable: no heartbeat for {self.peer_timeout:.0f} s "
                       f"(log.heartbeat_timeout = {self.peer_timeout:g})")

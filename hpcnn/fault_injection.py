@@ -4,10 +4,16 @@ normal runs).  ``HPCNN_FAULT`` is a comma-separated list of
     raise:STEP:RANK          raise an exception after step STEP on RANK
     kill:STEP:RANK           SIGKILL the rank after step STEP
     sleep:STEP:RANK:SECONDS  stall the rank after step STEP
+    sleep-at:PHASE:RANK:SECONDS
+                             stall the rank where the run's phase PHASE begins:
+                             start-up (after the plan), training, last-checkpoint,
+                             final-evaluation, report, evaluation-after-epoch-E,
+                             checkpoint-after-epoch-E
     kill-in-checkpoint:RANK  SIGKILL rank RANK (0 writes) in the middle of a checkpoint write
 
-``hpcnn train`` calls ``Faults.after_step`` after every step and passes
-``checkpoint_hook()`` to the checkpoint writer.
+``hpcnn train`` calls ``Faults.after_step`` after every step, ``Faults.at``
+where each phase begins, and passes ``checkpoint_hook()`` to the checkpoint
+writer.
 """
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ class Faults:
                     self.items.append((f[0], int(f[1]), int(f[2]), 0.0))
                 elif f[0] == "sleep":
                     self.items.append((f[0], int(f[1]), int(f[2]), float(f[3])))
+                elif f[0] == "sleep-at" and f[1]:
+                    self.items.append((f[0], f[1], int(f[2]), float(f[3])))
                 elif f[0] == "kill-in-checkpoint":
                     self.items.append((f[0], -1, int(f[1]), 0.0))
                 else:
@@ -47,6 +55,12 @@ class Faults:
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if kind == "sleep":
+                time.sleep(secs)
+
+    def at(self, phase: str):
+        """Where phase ``phase`` of the run begins (its name, '-' for spaces)."""
+        for kind, where, r, secs in self.items:
+            if kind == "sleep-at" and r == self.rank and where == phase:
                 time.sleep(secs)
 
     def checkpoint_hook(self):

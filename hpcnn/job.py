@@ -110,10 +110,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "metrics": Key(str, "", help="JSON-lines metrics file ('' = none)"),
         "trace": Key(str, "", help="Chrome trace file, one per rank ('' = none)"),
         "progress": Key(str, "auto", _one_of("auto", "bar", "lines", "off")),
-        "stall_seconds": Key((int, float), 300, _pos, "report ranks that have not finished a step after this "
-                             "many seconds"),
-        "stall_end_seconds": Key((int, float), 1800, _nonneg, "end the job (exit status 4) when no step "
-                                 "progress was made for this many seconds (0 = never)"),
+        "stall_seconds": Key((int, float), 300, _pos, "report ranks that have not finished a step (or reached "
+                             "the phase of the run another rank is in) after this many seconds"),
+        "stall_end_seconds": Key((int, float), 1800, _nonneg, "end the job (exit status 4) when no progress (a "
+                                 "step, an evaluation batch, a new phase) was made for this many seconds "
+                                 "(0 = never)"),
         "heartbeat_timeout": Key((int, float), 30, _pos, "end the job (exit status 4) when a rank or rank 0 "
                                  "has not been heard for this many seconds (a lost node)"),
     },

@@ -3,6 +3,11 @@ print it beside the data-parallel, model-parallel and OWT baselines.
 
     hpcnn plan --model vgg16 --ranks 4 --machine paper_p100_cluster --batch 128
     hpcnn plan --model resnet50 --ranks 16 --machine hpcnn/machines/local.json --json -o plan.json
+    hpcnn plan --model alexnet --ranks 4 --nodes 2 --machine cluster.json
+
+A machine file that does not fit the plan -- calibrated on another layout
+(node count, or ranks per node of a file measured across nodes) or for an
+older cost model -- is named at start, in one line on stderr.
 
 The table has one row per layer: its configuration (degrees over n, c, h,
 w; a folded ReLU/batch-norm/dropout shows ``=`` and its producer's
@@ -33,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--machine", default="local",
                    help="machine description: a name in hpcnn/machines/ (paper_p100_cluster, local) "
                         "or a JSON file written by `hpcnn calibrate` (default: local)")
+    p.add_argument("--nodes", type=int, default=None, metavar="N",
+                   help="nodes the job's ranks run on, spread evenly (default: as the machine places them, "
+                        "its ranks_per_node on each); a machine file calibrated on another layout is named")
     p.add_argument("--batch", type=int, default=None, metavar="B",
                    help="global mini-batch (default: 32 per rank, the paper's setting)")
     p.add_argument("--image-size", type=int, default=None, metavar="S", help="input side (default: the model's)")
@@ -109,7 +117,7 @@ def format_report(rep) -> str:
 def run(args) -> int:
     from hpcnn.models import ModelError, build_model
     from hpcnn.strategy.config_space import ConfigSpaceError, SpaceOptions
-    from hpcnn.strategy.machine import MachineError, load_machine
+    from hpcnn.strategy.machine import MachineError, block_layout, even_layout, load_machine, stale_warning
     from hpcnn.strategy.plan import PlanError
     from hpcnn.strategy.planner import search_plan
     from hpcnn.strategy.search import SearchError
@@ -124,11 +132,18 @@ def run(args) -> int:
         return fail("--trials must be >= 0 and --trial-steps >= 1")
     if args.update_machine and not args.trials:
         return fail("--update-machine records what --trials measures: give --trials K")
+    if args.nodes is not None and not 1 <= args.nodes <= args.ranks:
+        return fail(f"--nodes must be between 1 and --ranks ({args.ranks}), got {args.nodes}")
     batch = args.batch if args.batch is not None else 32 * args.ranks
     if args.trials:
         return _run_with_trials(args, batch, fail)
     try:
         machine = load_machine(args.machine)
+        per_node = (even_layout(args.ranks, args.nodes) if args.nodes is not None
+                    else block_layout(args.ranks, machine.ranks_per_node))
+        line = stale_warning(machine, per_node)
+        if line:
+            print(line, file=sys.stderr, flush=True)
         g = build_model(args.model, batch=batch, image_size=args.image_size, num_classes=args.classes)
         plan, rep = search_plan(g, args.ranks, machine, memory=args.memory, dtype=args.dtype,
                                 opts=SpaceOptions(max_kinds=args.max_kinds))

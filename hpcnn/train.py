@@ -69,17 +69,32 @@ def run(args) -> int:
         return exc.code
 
 
-def choose_plan(job, graph, world: int) -> tuple:
+def job_layout(comm) -> list[int]:
+    """Ranks on each node of the job, first node first (collective): nodes
+    as MPI groups the ranks that share memory."""
+    from hpcnn.calibration.links import node_layout
+    node_of, hosts, node = node_layout(comm)
+    node.Free()
+    return [node_of.count(i) for i in range(len(hosts))]
+
+
+def choose_plan(job, graph, world: int, per_node: list[int] | None = None, warn=None) -> tuple:
     """(Plan, the search's report or None) that ``plan.mode`` names for
     ``graph`` on ``world`` ranks: "search", "data-parallel" (the baseline
-    the benchmarks run under that name) or a plan file."""
+    the benchmarks run under that name) or a plan file.  A search first
+    passes ``warn`` the line that says when the machine file does not fit
+    the job (its ranks ``per_node`` on each node, or this hpcnn's cost
+    model)."""
     from hpcnn.strategy.baselines import data_parallel
     from hpcnn.strategy.plan import Plan
     mode = job["plan"]["mode"]
     if mode == "search":
         from hpcnn.strategy import search_plan
-        from hpcnn.strategy.machine import load_machine
+        from hpcnn.strategy.machine import load_machine, stale_warning
         machine = load_machine(job["plan"]["machine"])
+        line = stale_warning(machine, per_node)
+        if line and warn is not None:
+            warn(line)
         return search_plan(graph, world, machine, memory_gib=job["plan"]["memory_gib"] or None)
     if mode == "data-parallel":
         return data_parallel(graph, world), None
@@ -156,9 +171,12 @@ class Trainer:
         j, g = self.job, self.graph
         text, err, self.plan_report = None, None, None
         t0 = time.perf_counter()
+        # where the ranks are, for the search to say when its machine file
+        # was calibrated on another layout (collective: every rank)
+        per_node = job_layout(self.comm) if j["plan"]["mode"] == "search" else None
         if self.rank == 0:
             try:
-                plan, self.plan_report = choose_plan(j, g, self.world)
+                plan, self.plan_report = choose_plan(j, g, self.world, per_node, warn=self.log)
                 text = plan.to_json()
             except (PlanError, OSError, ValueError, KeyError) as exc:
                 err = f"plan: {exc}"
@@ -253,39 +271,56 @@ class Trainer:
         self.open_data()
         self.build_graph()
         self.make_plan()
-        self.setup_training()
-        pos = self.resume()
-        self.describe()
-        self.progress = Progress(self.total, j["log"]["progress"], j["train"]["log_every"],
-                                 initial=min(pos.step, self.total)) if self.rank == 0 else None
-        self.metrics = MetricsWriter(j["log"]["metrics"] if self.rank == 0 else None)
-        watchdog = StallWatchdog(self.comm, j["log"]["stall_seconds"], end_after=j["log"]["stall_end_seconds"],
-                                 peer_timeout=j["log"]["heartbeat_timeout"])
-        self.node_time: dict = {}
-        self.trace_events, self.trace_t0 = [], time.perf_counter()
-        t_run = time.perf_counter()
-        collective_cleanup = False    # only when every rank leaves the loop together
+        # From here to the end the watchdog watches the run (heartbeats, and
+        # progress by phase: start-up, training steps, evaluation batches,
+        # the last checkpoint, the report).
+        self.watchdog = StallWatchdog(self.comm, j["log"]["stall_seconds"],
+                                      end_after=j["log"]["stall_end_seconds"],
+                                      peer_timeout=j["log"]["heartbeat_timeout"], phase="start-up after the plan",
+                                      unit=None)
+        self.faults.at("start-up")
+        collective_cleanup = False    # only when every rank ends the run together
         try:
+            self.setup_training()
+            pos = self.resume()
+            self.describe()
+            self.progress = Progress(self.total, j["log"]["progress"], j["train"]["log_every"],
+                                     initial=min(pos.step, self.total)) if self.rank == 0 else None
+            self.metrics = MetricsWriter(j["log"]["metrics"] if self.rank == 0 else None)
+            self.node_time: dict = {}
+            self.trace_events, self.trace_t0 = [], time.perf_counter()
+            t_run = time.perf_counter()
             while pos.step < self.total and pos.epoch < self.epochs and not pos.stopped:
-                self.run_epoch(pos, watchdog)
+                self.run_epoch(pos)
                 if not pos.stopped and pos.batch >= self.batches_per_epoch:
                     self.end_epoch(pos)
+            self._close_progress()
+            status = self.report(pos, time.perf_counter() - t_run)
             collective_cleanup = True
         except JobFailure:
-            collective_cleanup = True   # agreed on every rank (the loss is global)
+            collective_cleanup = True   # agreed on every rank (a bad checkpoint, the loss is global)
             raise
         finally:
             # After an unexpected exception on this rank the others may be
             # inside a collective: no communication here, the exception hook
             # aborts the job.
             if collective_cleanup:
-                watchdog.close()
+                self.watchdog.close()
             else:
-                watchdog.abandon()
-            if self.progress is not None:
-                self.progress.close()
-            self.progress = None
-        return self.report(pos, time.perf_counter() - t_run)
+                self.watchdog.abandon()
+            self._close_progress()
+        return status
+
+    def _close_progress(self):
+        if getattr(self, "progress", None) is not None:
+            self.progress.close()
+        self.progress = None
+
+    def phase(self, name: str, unit: str | None = None, done: int = -1):
+        """The run enters phase ``name`` (for the watchdog; a fault of the
+        tests may stall this rank first, HPCNN_FAULT sleep-at)."""
+        self.faults.at(name.replace(" ", "-"))
+        self.watchdog.phase(name, unit, done)
 
     # ---- the steps of the run ---------------------------------------------------------
     def resume(self) -> "Position":
@@ -310,9 +345,10 @@ class Trainer:
                  f"written on {meta.get('world')} ranks)")
         return pos
 
-    def run_epoch(self, pos: "Position", watchdog) -> None:
+    def run_epoch(self, pos: "Position") -> None:
         """The batches of epoch ``pos.epoch`` from ``pos.batch`` on, until the
         epoch ends, the step limit is reached or the ranks agree to stop."""
+        self.phase("training", "step", done=pos.step - 1)
         box = self.model.input_box()
         items = [(pos.epoch, b) for b in range(pos.batch, self.batches_per_epoch)]
         reader = self.train_data.prefetch(items, box=box if box is not None else
@@ -322,7 +358,7 @@ class Trainer:
             for batch in reader:
                 self.train_step(pos, batch, box is not None)
                 self.faults.after_step(pos.step)
-                watchdog.arrived(pos.step)
+                self.watchdog.arrived(pos.step)
                 pos.step += 1
                 pos.batch = batch.index + 1
                 if self.checkpoint_or_stop(pos) or pos.step >= self.total:
@@ -375,11 +411,13 @@ class Trainer:
         j = self.job
         ev = j["train"]["eval_every"]
         if self.test_data is not None and ev and (pos.epoch + 1) % ev == 0 and pos.step < self.total:
+            self.phase(f"evaluation after epoch {pos.epoch + 1}", "batch")
             acc = self.test_accuracy()
             self.log(f"epoch {pos.epoch + 1}/{self.epochs}: test accuracy {acc:.4f}")
             self.metrics.write(kind="eval", step=pos.step, epoch=pos.epoch + 1, test_accuracy=acc)
         pos.epoch, pos.batch = pos.epoch + 1, 0
         if self.ckdir is not None and not j["checkpoint"]["every_steps"] and pos.checkpointed != pos.step:
+            self.phase(f"checkpoint after epoch {pos.epoch}")
             self.checkpoint(pos)
 
     def report(self, pos: "Position", elapsed: float) -> int:
@@ -394,9 +432,11 @@ class Trainer:
             self.metrics.close()
             return 0
         if self.ckdir is not None and pos.checkpointed != pos.step:
+            self.phase("last checkpoint")
             self.checkpoint(pos)
         acc = None
         if self.test_data is not None:
+            self.phase("final evaluation", "batch")
             acc = self.test_accuracy()
             self.log(f"final test accuracy {acc:.4f} after {pos.step} steps")
         if pos.images and self.rank == 0:
@@ -405,6 +445,7 @@ class Trainer:
         self.metrics.write(kind="final", step=pos.step, test_accuracy=acc, seconds=elapsed,
                            images_per_s=pos.images / elapsed if elapsed > 0 else None)
         self.metrics.close()
+        self.phase("report")
         self.layer_table(pos.step)
         if self.tracing:
             self.write_trace(self.trace_events, self.trace_t0)
@@ -448,6 +489,7 @@ class Trainer:
             c, k = self.model.count_correct(x, labels, valid=valid)
             correct += c
             count += k
+            self.watchdog.arrived(index)
         return correct / max(1, count)
 
     def save(self, ckdir, step, epoch, batch_in_epoch):

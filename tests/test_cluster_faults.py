@@ -6,7 +6,10 @@ MPI_THREAD_SINGLE (mpi4py's MPI4PY_RC_THREAD_LEVEL):
 - a rank that makes no progress is reported, then ends the job after
   log.stall_end_seconds;
 - a rank that falls silent (stopped with SIGSTOP, as a hung node would be)
-  ends the job after log.heartbeat_timeout, named.
+  ends the job after log.heartbeat_timeout, named;
+- the watchdog covers the whole run after the plan, not only the training
+  loop: a rank that stalls where the start-up, the last checkpoint or the
+  final evaluation begins ends the job after log.stall_end_seconds.
 
 As root, on an emulated cluster of two nodes (4 ranks, 2 per node, the
 default job with a checkpoint every 5 steps):
@@ -194,6 +197,32 @@ def test_a_silent_rank_ends_the_job_at_thread_single(digits, tmp_path):
     assert re.search(r"rank 2 on node \S+ unreachable: no heartbeat for 5 s \(log\.heartbeat_timeout = 5\); "
                      r"ending the job \(exit status 4\)", err), job.text()[-3000:]
     assert took < END_WITHIN, f"{took:.0f} s"
+
+
+@pytest.mark.parametrize("phase,sets,message", [
+    ("start-up", [], r"stall: no rank has moved on for \d+ s \(all in the start-up after the plan\)"),
+    ("last-checkpoint", ["checkpoint.every_steps=0"],
+     r"stall: ranks \[2\] have not reached the last checkpoint \d+ s after the first rank did \(they are in: "
+     r"rank 2: training, step 2 done\)"),
+    ("final-evaluation", [],
+     r"stall: ranks \[2\] have not reached the final evaluation \d+ s after the first rank did"),
+])
+def test_a_stall_outside_the_training_loop_ends_the_job(digits, tmp_path, phase, sets, message):
+    """Rank 2 stalls (120 s) where a phase outside the training steps begins;
+    the others wait for it in a collective.  The watchdog, there from the
+    plan to the end of the run, reports it and ends the job after
+    log.stall_end_seconds instead of letting the job wait."""
+    ck = tmp_path / "ck" if phase == "last-checkpoint" else None
+    t0 = time.monotonic()
+    r = run_mpi(3, train_args(digits, ck, "train.max_steps=3", "log.stall_seconds=1", "log.stall_end_seconds=4",
+                              *sets), cwd=tmp_path, env={**SINGLE, "HPCNN_FAULT": f"sleep-at:{phase}:2:120"},
+                timeout=150)
+    took = time.monotonic() - t0
+    err = r.stderr
+    assert r.returncode != 0, err[-3000:]
+    assert re.search(r"\[hpcnn watchdog\] " + message, err), err[-3000:]
+    assert re.search(r"longer than log\.stall_end_seconds = 4; ending the job \(exit status 4\)", err), err[-3000:]
+    assert took < 60, f"took {took:.0f} s for a 4 s limit (the faulty rank sleeps 120 s)"
 
 
 # --------------------------------------------------------------- two nodes, root

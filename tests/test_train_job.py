@@ -276,6 +276,40 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(digits, tmp_path):
     assert (ck / f"ckpt-{step:08d}.h5").exists()
 
 
+def machine_file(tmp_path, name, **changes) -> Path:
+    """The shipped local machine with ``changes`` (a layout, a version)."""
+    from hpcnn.strategy.machine import load_machine
+    d = load_machine("local").to_dict()
+    d.update(changes)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+def test_search_says_when_the_machine_file_does_not_fit(digits, tmp_path):
+    """plan.mode = "search" with a file calibrated on 2 nodes x 2 ranks, the
+    job on 2 ranks of this node: one line at start names both layouts (the
+    job's found by MPI) and what to re-run; a file calibrated here for an
+    older cost model is named for that alone."""
+    import socket
+    from hpcnn.strategy.machine import COST_MODEL_VERSION
+    two = machine_file(tmp_path, "two", nodes=2, ranks_per_node=2, hosts=["labn0", "labn1"],
+                       cost_model_version=COST_MODEL_VERSION)
+    old = machine_file(tmp_path, "old", nodes=1, ranks_per_node=256, hosts=[socket.gethostname()],
+                       cost_model_version=1)
+    for path, want, unwanted in [
+            (two, "calibrated on 2 nodes x 2 ranks (labn0, labn1), this job runs on 1 node x 2 ranks", "cost-model"),
+            (old, f"written for cost-model version 1, older than this hpcnn's {COST_MODEL_VERSION}", "calibrated on")]:
+        r = train(2, tmp_path, *base_sets(digits, train__max_steps=1, data__test="''"),
+                  f"plan.machine='{path}'")
+        assert r.returncode == 0, output(r)
+        lines = [line for line in r.stderr.splitlines() if "hpcnn: warning: machine file" in line]
+        assert len(lines) == 1, output(r)                     # rank 0 only, once
+        assert want in lines[0] and unwanted not in lines[0] and "re-run hpcnn calibrate" in lines[0], lines
+        # at start: before the job's description
+        assert r.stderr.index(lines[0]) < r.stderr.index("job digits:"), output(r)
+
+
 def test_stall_watchdog_names_the_late_rank(digits, tmp_path):
     r = train(3, tmp_path, *base_sets(digits, train__max_steps=6, log__stall_seconds=1),
               env={"HPCNN_FAULT": "sleep:2:2:4"})

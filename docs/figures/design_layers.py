@@ -10,10 +10,10 @@ from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
 LAYERS = [
     ("8  job, CLI, benchmarks",
-     "train.py  cli.py  job.py  job_errors.py  failsafe.py  fault_injection.py  progress.py  bench/  cluster/",
+     "train.py cli.py job*.py failsafe.py fault_injection.py progress.py bench/ cluster/command.py",
      "#f4d6d6"),
-    ("7  data, checkpoints, calibration",
-     "data/ (HDF5 box reads)   checkpoint.py (whole tensors, any plan)   calibration/ (measures)",
+    ("7  data, checkpoints, calibration, cluster",
+     "data/ (HDF5 box reads)  checkpoint.py (whole tensors)  calibration/  cluster/ (emulated)",
      "#f6e3c9"),
     ("6  runtime", "runtime/executor.py (per-rank program)   sequential.py (the reference)   sgd.py",
      "#f3f0c4"),

@@ -2,7 +2,9 @@
 
 - ``tiles``: op tiles to time (``TileJob``), timing one, the roofline probes
   and their fit;
-- ``links``: MPI latency and bandwidth of a link by ping-pong;
+- ``links``: MPI latency and bandwidth inside a node and between nodes
+  (ping-pong) and the collectives hpcnn uses, in one MPI job on whatever
+  layout its launcher gives it;
 - ``runtime_sampler``: hpcnn's runtime with P ranks running at once (tiles,
   copies, training steps of synthetic networks), the measurements that
   ``hpcnn.strategy.runtime_fit`` fits the runtime figures to;

@@ -10,11 +10,15 @@
    GEMM gives the peak rate, a large copy the memory bandwidth, the smallest
    op call the fixed overhead; each op kind's efficiency and the memory
    efficiency are then fitted (median) to the measured tiles.
-3. MPI: latency and bandwidth by ping-pong between two ranks (``mpiexec -n
-   2`` is started, ``calibration.links``).  Only inside this node: the
-   inter-node figures of the file are copies of the intra-node ones and are
-   marked as not measured -- measure them on a cluster with the two ranks on
-   two nodes.
+3. MPI: latency and bandwidth of the links, and the collectives hpcnn uses
+   at a job's sizes, in one MPI job (``calibration.links``).  By default
+   ``mpiexec -n 2`` on this node: the intra-node link only, and the
+   inter-node figures of the file are copies marked as not measured.
+   Across nodes -- ``--cluster NAME`` (an emulated cluster, ``hpcnn cluster
+   up``), ``--hosts A,B --ppn R`` (MPICH's mpiexec on those nodes) or
+   ``--launcher CMD`` (e.g. ``srun`` inside a Slurm allocation) -- the same
+   job measures both links, and the file records the node count, the ranks
+   per node and the node names it was measured on.
 4. hpcnn's runtime at each job size P of ``--ranks`` (``mpiexec -n P
    python -m mpi4py -m hpcnn.calibration.runtime_sampler`` is started): the
    op tiles of P-rank configurations timed while all P ranks compute,
@@ -44,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcnn.calibration.links import measure_link
+from hpcnn.calibration.links import COLLECTIVE_BYTES, DEFAULT_MAX_BYTES, LinkMeasurementError, measure_links
 from hpcnn.calibration.runtime_sampler import RuntimeSpec, measure_runtime
 from hpcnn.calibration.tiles import (by_flops, fit_roofline, model_specs, probe_bandwidth, probe_overhead,
                                      probe_peak, run_tile, tile_jobs)
@@ -77,6 +81,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="job sizes whose runtime figures are measured (default: those of --ranks)")
     p.add_argument("--runtime-rounds", type=int, default=3, metavar="R",
                    help="rounds of the runtime measurements, pooled by medians (default 3)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cluster", default=None, metavar="NAME",
+                       help="measure the links across the nodes of this emulated cluster (hpcnn cluster up; "
+                            "root), --ppn ranks on each")
+    where.add_argument("--hosts", default=None, metavar="A,B,...",
+                       help="measure the links across these nodes with MPICH's mpiexec (-hosts A,B -ppn R); "
+                            "other MPIs: --launcher")
+    where.add_argument("--launcher", default=None, metavar="CMD",
+                       help="a command line that starts MPI ranks across nodes, the same number on each "
+                            "(e.g. 'srun' inside a Slurm allocation, 'mpirun --host a:2,b:2 -n 4')")
+    p.add_argument("--ppn", type=int, default=2, metavar="R",
+                   help="ranks per node of the link measurement with --cluster or --hosts (default 2: one "
+                        "pair inside a node, and pairs across nodes)")
+    p.add_argument("--mpiexec-args", default="", metavar="ARGS",
+                   help="more arguments for mpiexec (this node's, or with --hosts), one string")
+    p.add_argument("--link-max-mib", type=float, default=DEFAULT_MAX_BYTES / 2 ** 20, metavar="M",
+                   help=f"largest ping-pong message in MiB (default {DEFAULT_MAX_BYTES // 2 ** 20}; messages "
+                        f"stop growing once one takes 25 ms); the collectives go up to hpcnn's gradient bucket "
+                        f"({COLLECTIVE_BYTES // 2 ** 20} MiB) or this, if smaller; at least 1")
+    p.add_argument("--link-timeout", type=float, default=900.0, metavar="S",
+                   help="give up on the link measurement after this many seconds (default 900)")
     p.add_argument("--name", default="local")
     p.add_argument("-o", "--output", default=None, metavar="FILE",
                    help="where to write the machine file (default: hpcnn/machines/<name>.json)")
@@ -150,23 +175,99 @@ def _roofline_figures(src, dtype, peak, bw, overhead, kind_eff, mem_eff, errs, s
          "source": f"{src}: median of bytes / (bandwidth x time) over measured memory-bound tiles"},
         {"figure": "slots_per_node", "value": slots, "assumed": False,
          "source": f"{src}: CPUs this process may run on; ranks beyond it share cores"},
-        {"figure": "ranks_per_node", "value": 256, "assumed": True,
-         "source": "every rank of a local run is on this node"},
     ]
 
 
-def _link_figures(args, src) -> tuple[dict, list]:
-    """(intra-node link {bandwidth, latency}, its figures): the ping-pong,
-    or typical figures marked as assumed with --no-mpi.  Raises
-    RuntimeError or TimeoutExpired when the ping-pong fails."""
+def _launch(args) -> tuple[list, dict | None, str]:
+    """(launcher command line, its environment or None for this one's, what
+    it is) of the link measurement."""
+    import shlex
+
+    from hpcnn.launcher import find_mpiexec
+    extra = shlex.split(args.mpiexec_args)
+    if args.launcher:
+        return shlex.split(args.launcher), None, f"`{args.launcher}`"
+    if args.ppn < 1:
+        raise LinkMeasurementError(f"--ppn must be at least 1, got {args.ppn}")
+    if args.cluster:
+        from hpcnn.cluster import ClusterError, EmulatedCluster
+        try:
+            c = EmulatedCluster.attach(args.cluster)
+            n = args.ppn * len(c.nodes)
+            return c.mpiexec_argv(n, [], ppn=args.ppn, mpiexec_args=extra), c.job_env(), \
+                f"emulated cluster {c.prefix} ({len(c.nodes)} nodes x {args.ppn} ranks)"
+        except ClusterError as exc:
+            raise LinkMeasurementError(f"--cluster {args.cluster}: {exc}") from None
+    exe = find_mpiexec()
+    if exe is None:
+        raise LinkMeasurementError("mpiexec not found: install an MPI (pip install mpich) or pass --no-mpi")
+    if args.hosts:
+        hosts = [h for h in args.hosts.split(",") if h]
+        if len(hosts) < 2:
+            raise LinkMeasurementError(f"--hosts {args.hosts}: name at least two nodes, separated by commas")
+        return [exe, "-hosts", ",".join(hosts), "-ppn", str(args.ppn), "-n", str(args.ppn * len(hosts)),
+                *extra], None, f"mpiexec on {', '.join(hosts)} ({args.ppn} ranks each)"
+    return [exe, "-n", "2", *extra], None, "mpiexec -n 2 on this node"
+
+
+def _fmt_link(m) -> str:
+    return f"latency {m.latency * 1e6:.1f} us, bandwidth {m.bandwidth / 1e6:,.1f} MB/s"
+
+
+def _link_figures(args, src, host) -> tuple[dict, dict | None, dict, list]:
+    """(intra-node link {bandwidth, latency}, inter-node link or None when
+    not measured, the layout {nodes, ranks_per_node, hosts}, the figures):
+    the link measurement, or typical figures marked as assumed with --no-mpi.
+    Raises LinkMeasurementError when the measurement fails or finds one node
+    where several were asked for."""
+    one_node = {"nodes": 1, "ranks_per_node": 256, "hosts": [host]}
+    rpn_figure = {"figure": "ranks_per_node", "value": 256, "assumed": True,
+                  "source": "every rank of a local run is on this node"}
     if args.no_mpi:
+        if args.cluster or args.hosts or args.launcher:
+            raise LinkMeasurementError("--no-mpi measures no link: leave it out to measure across nodes")
         intra = {"bandwidth": 5e9, "latency": 2e-6}
-        return intra, [{"figure": "links.intra_node", "value": intra, "assumed": True,
-                        "source": "assumed (--no-mpi): typical shared-memory MPI"}]
-    print("MPI ping-pong between 2 ranks of this node ...", flush=True)
-    m = measure_link("intra_node")
-    print(f"  latency {m.latency * 1e6:.2f} us, bandwidth {m.bandwidth / 1e9:.2f} GB/s")
-    return {"bandwidth": m.bandwidth, "latency": m.latency}, m.figures(src)
+        return intra, None, one_node, [rpn_figure, {"figure": "links.intra_node", "value": intra, "assumed": True,
+                                                    "source": "assumed (--no-mpi): typical shared-memory MPI"}]
+    if args.link_max_mib < 1:
+        raise LinkMeasurementError(f"--link-max-mib must be at least 1 (the bandwidth is fitted to messages "
+                                   f"of 1 MiB and more), got {args.link_max_mib:g}")
+    launch, env, what = _launch(args)
+    across = bool(args.cluster or args.hosts or args.launcher)
+    print(f"MPI links and collectives, {what} ...", flush=True)
+    rep = measure_links(launch, env=env, timeout=args.link_timeout, max_bytes=int(args.link_max_mib * 2 ** 20))
+    print(f"  {rep.layout()}; {rep.mpi}")
+    for name, m in rep.links.items():
+        print(f"  {name}: {_fmt_link(m)}")
+    for name, c in sorted(rep.collectives.items()):
+        bus = f", bus {c['bus_bandwidth'] / 1e6:,.1f} MB/s" if "bus_bandwidth" in c else ""
+        print(f"  {name} ({c['group']} ranks): latency {c['latency'] * 1e6:.1f} us, "
+              f"{c['bandwidth'] / 1e6:,.1f} MB/s of buffer{bus}")
+    figures = rep.figures(src)
+    if across and rep.nodes < 2:
+        raise LinkMeasurementError(f"the launcher started every rank on one node ({rep.hosts[0]}): nothing "
+                                   f"crossed a link between nodes; spread the ranks over two or more nodes "
+                                   f"(check --hosts / --launcher, e.g. srun -N 2 --ntasks-per-node=2)")
+    if rep.nodes < 2:
+        return _as_link(rep.links["intra_node"]), None, {**one_node, "hosts": rep.hosts}, [rpn_figure] + figures
+    layout = {"nodes": rep.nodes, "ranks_per_node": rep.ranks_per_node, "hosts": rep.hosts}
+    figures.insert(0, {"figure": "ranks_per_node", "value": rep.ranks_per_node, "assumed": False,
+                       "source": f"{src}: the layout of the link measurement, {rep.layout()}"})
+    intra = rep.links.get("intra_node")
+    if intra is None:
+        # one rank per node: the intra-node link from two ranks on this node
+        print("  one rank per node: the intra-node link from 2 ranks on this node ...", flush=True)
+        from hpcnn.launcher import find_mpiexec
+        local = measure_links([find_mpiexec() or "mpiexec", "-n", "2"], timeout=args.link_timeout,
+                              max_bytes=int(args.link_max_mib * 2 ** 20))
+        intra = local.links["intra_node"]
+        print(f"  intra_node: {_fmt_link(intra)} (on {host})")
+        figures += local.figures(f"{src}, on {host} (the cluster run had one rank per node)")
+    return _as_link(intra), _as_link(rep.links["inter_node"]), layout, figures
+
+
+def _as_link(m) -> dict:
+    return {"bandwidth": m.bandwidth, "latency": m.latency}
 
 
 def _runtime_line(rf) -> str:
@@ -201,6 +302,13 @@ def run(args) -> int:
     src = f"measured by hpcnn calibrate on {host} at {when}"
     slots = _slots()
 
+    # the links first: a launch across nodes that fails should fail at once
+    try:
+        intra, inter, layout, link_figures = _link_figures(args, src, host)
+    except LinkMeasurementError as exc:
+        print(f"hpcnn calibrate: error: {exc}", file=sys.stderr)
+        return 1
+
     print("probing the roofline (single-thread GEMM, 64 MiB copy, smallest op call) ...", flush=True)
     peak = probe_peak(dtype)
     bw = probe_bandwidth()
@@ -224,26 +332,28 @@ def run(args) -> int:
               f"90th percentile {np.percentile(errs, 90) * 100:.0f}% (measured tiles use their "
               f"measured time; the roofline prices the others)")
     figures = _roofline_figures(src, dtype, peak, bw, overhead, kind_eff, mem_eff, errs, slots)
-    try:
-        intra, link_figures = _link_figures(args, src)
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        print(f"hpcnn calibrate: error: {exc}", file=sys.stderr)
-        return 1
     figures += link_figures
-    figures.append({"figure": "links.inter_node", "value": intra, "assumed": True,
-                    "source": "NOT MEASURED: a copy of the intra-node figures. Measure on a cluster with "
-                              "the ping-pong ranks on two nodes (mpiexec -n 2 -ppn 1)"})
+    if inter is None:
+        inter = intra
+        figures.append({"figure": "links.inter_node", "value": intra, "assumed": True,
+                        "source": "NOT MEASURED: a copy of the intra-node figures. Measure across nodes: "
+                                  "hpcnn calibrate --hosts A,B (or --launcher srun inside an allocation, "
+                                  "--cluster NAME on an emulated cluster)"})
 
     m = Machine(
-        name=args.name, ranks_per_node=256, nodes=1, slots_per_node=slots,
+        name=args.name, ranks_per_node=layout["ranks_per_node"], nodes=layout["nodes"],
+        hosts=layout["hosts"], slots_per_node=slots,
         description=(f"This machine ({host}, {_cpu_name()}, {slots} CPUs), calibrated {when} with "
                      f"numpy {np.__version__}; op tiles alone with one BLAS thread, runtime figures "
                      f"with the BLAS threads hpcnn gives each rank (cores / ranks). Op tiles of "
-                     f"{', '.join(args.model)} at ranks {args.ranks}, global batch {args.batch}."),
+                     f"{', '.join(args.model)} at ranks {args.ranks}, global batch {args.batch}."
+                     + (f" MPI links measured across {layout['nodes']} nodes x {layout['ranks_per_node']} "
+                        f"ranks ({', '.join(layout['hosts'])}); op tiles and runtime figures on {host}."
+                        if layout["nodes"] > 1 else "")),
         device={"kind": "cpu", "name": _cpu_name(), "peak_flops": peak, "memory_bandwidth": bw,
                 "memory_bytes": _mem_bytes(), "compute_efficiency": 1.0, "kind_efficiency": kind_eff,
                 "memory_efficiency": mem_eff, "op_overhead_s": overhead},
-        intra=_link(intra), inter=_link(intra), figures=figures,
+        intra=_link(intra), inter=_link(inter), figures=figures,
         measured={"dtype": dtype, "blas_threads": 1, "models": list(args.model), "ranks": list(args.ranks),
                   "batch": args.batch, "repeats": args.repeats, "ops": measured})
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,12 @@ collective costs scheduling time, milliseconds rather than microseconds),
 and the executor's own time per layer and per step.  See
 ``RuntimeFigures``; the cost model uses them for jobs of that size.
 
+A file written by ``hpcnn calibrate`` also records the layout its links
+were measured on (``nodes``, ``ranks_per_node`` and the node names,
+``hosts``) and the version of the cost model whose terms its figures are in
+(``cost_model_version``); ``stale_warning`` says when a job's layout or
+this hpcnn's cost model no longer fits them.
+
 Files live in ``hpcnn/machines/`` (``Machine.load('paper_p100_cluster')``)
 or anywhere (``Machine.load('path/to/file.json')``).  Every figure a file
 assumes is listed under ``figures`` with its source.
@@ -33,6 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MACHINE_SCHEMA_VERSION = 1
+#: The version of the cost model that the figures of a machine file are
+#: meant for; ``hpcnn calibrate`` writes it as ``cost_model_version`` (files
+#: without it are version 1).  Bump it whenever the cost model changes what a
+#: figure means (what a latency or bandwidth covers, which runtime figures it
+#: reads and how), so that jobs searching with an older file say that it
+#: needs re-calibrating.
+COST_MODEL_VERSION = 2
 MACHINES_DIR = Path(__file__).resolve().parents[1] / "machines"
 
 
@@ -186,6 +199,8 @@ class Machine:
     #: --update-machine``): what the planner trusts over its prediction
     measured_plans: list = field(default_factory=list)
     path: str | None = None
+    hosts: list = field(default_factory=list)          # nodes the links were calibrated on ([]: not recorded)
+    cost_model_version: int = COST_MODEL_VERSION
 
     # ---- compute ---------------------------------------------------------
     @property
@@ -263,7 +278,9 @@ class Machine:
              "ranks_per_node": self.ranks_per_node, "device": self.device,
              "links": {"intra_node": {"bandwidth": self.intra.bandwidth, "latency": self.intra.latency},
                        "inter_node": {"bandwidth": self.inter.bandwidth, "latency": self.inter.latency}},
-             "figures": self.figures}
+             "figures": self.figures, "cost_model_version": self.cost_model_version}
+        if self.hosts:
+            d["hosts"] = list(self.hosts)
         if self.slots_per_node is not None:
             d["slots_per_node"] = self.slots_per_node
         if self.gradient_sync != "allreduce":
@@ -304,6 +321,12 @@ class Machine:
             rpn = int(d["ranks_per_node"])
             if rpn < 1:
                 raise MachineError(f"{where}: ranks_per_node must be at least 1, got {rpn}")
+            version = d.get("cost_model_version", 1)
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise MachineError(f"{where}: cost_model_version must be a positive integer, got {version!r}")
+            hosts = d.get("hosts", [])
+            if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+                raise MachineError(f"{where}: hosts must be a list of node names, got {hosts!r}")
             runtime = {}
             for k, v in (d.get("runtime") or {}).items():
                 rf = RuntimeFigures.from_dict(v, f"{where}: runtime.{k}")
@@ -316,7 +339,7 @@ class Machine:
                        description=d.get("description", ""),
                        figures=list(d.get("figures", [])), measured=dict(d.get("measured", {})),
                        runtime=runtime, measured_plans=list(d.get("measured_plans", [])),
-                       path=str(path) if path else None)
+                       path=str(path) if path else None, hosts=list(hosts), cost_model_version=version)
         except KeyError as exc:
             raise MachineError(f"{where}: missing the key {exc.args[0]!r}") from None
 
@@ -336,6 +359,67 @@ class Machine:
         except json.JSONDecodeError as exc:
             raise MachineError(f"machine file {p} is not valid JSON: {exc}") from None
         return cls.from_dict(d, p)
+
+
+def block_layout(ranks: int, ranks_per_node: int) -> list[int]:
+    """Ranks on each node when ``ranks`` ranks fill nodes of
+    ``ranks_per_node`` in blocks (how a machine places them)."""
+    ranks, rpn = int(ranks), max(1, int(ranks_per_node))
+    return [min(rpn, ranks - i) for i in range(0, ranks, rpn)] or [0]
+
+
+def even_layout(ranks: int, nodes: int) -> list[int]:
+    """Ranks on each of ``nodes`` nodes when ``ranks`` are spread evenly."""
+    base, extra = divmod(int(ranks), max(1, int(nodes)))
+    return [base + 1] * extra + [base] * (max(1, int(nodes)) - extra)
+
+
+def _layout_text(per_node: list[int], hosts=()) -> str:
+    n = len(per_node)
+    nodes = f"{n} node{'s' if n != 1 else ''}"
+    if len(set(per_node)) == 1:
+        text = f"{nodes} x {per_node[0]} rank{'s' if per_node[0] != 1 else ''}"
+    else:
+        text = f"{nodes} with {', '.join(map(str, per_node))} ranks"
+    return text + (f" ({', '.join(hosts)})" if hosts else "")
+
+
+def stale_warning(machine: Machine, per_node: list[int] | None = None) -> str | None:
+    """One line saying why ``machine`` does not fit a job whose ranks sit
+    ``per_node[i]`` on its node i (None: no layout known), or None when it
+    fits:
+
+    - its links were calibrated (``hosts`` recorded) on another layout: a
+      different node count, or, for a file calibrated across nodes,
+      different ranks on a node (a file calibrated on one node holds for any
+      number of ranks on it: its runtime figures are per job size);
+    - its ``cost_model_version`` is not this hpcnn's ``COST_MODEL_VERSION``.
+
+    The line says what differs and to re-run ``hpcnn calibrate``."""
+    where = machine.path or machine.name
+    what, layout = [], False
+    if per_node and machine.hosts:
+        mine = [machine.ranks_per_node] * machine.nodes
+        if len(per_node) != machine.nodes or (machine.nodes > 1 and any(r != machine.ranks_per_node
+                                                                        for r in per_node)):
+            calibrated = (_layout_text(mine, machine.hosts) if machine.nodes > 1
+                          else f"1 node ({', '.join(machine.hosts)}; links.inter_node not measured)")
+            what.append(f"calibrated on {calibrated}, this job runs on {_layout_text(per_node)}")
+            layout = True
+    v = machine.cost_model_version
+    if v < COST_MODEL_VERSION:
+        what.append(f"written for cost-model version {v}, older than this hpcnn's {COST_MODEL_VERSION}")
+    elif v > COST_MODEL_VERSION:
+        what.append(f"written for cost-model version {v} by a newer hpcnn (this one's is {COST_MODEL_VERSION})")
+    if not what:
+        return None
+    if layout:
+        todo = ("re-run hpcnn calibrate with the job's layout (--hosts NODE,NODE --ppn R, --launcher srun "
+                "inside a Slurm allocation, or --cluster NAME; docs/cluster.md)")
+    else:
+        todo = "re-run hpcnn calibrate to measure it again (docs/cluster.md, Calibration)"
+    return (f"hpcnn: warning: machine file {where}: {'; '.join(what)}. The plan search prices this job "
+            f"with figures that may not fit it: {todo}")
 
 
 def parameter_server_time(nbytes: float, group: int, link: Link) -> float:
