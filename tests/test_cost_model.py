@@ -514,12 +514,13 @@ def test_waits_after_exchanges_use_their_own_figures():
 
 
 def test_ops_state_their_reductions_and_the_model_prices_them():
-    """Batch norm states its sums (two of the tile's channels forward, one
-    of twice that backward); the cost model's t_s and the byte counts are
-    exactly those, and an op that states none is charged none."""
+    """Batch norm states its sums (one of twice the tile's channels each
+    way: both statistics forward, both gradient sums backward); the cost
+    model's t_s and the byte counts are exactly those, and an op that
+    states none is charged none."""
     from hpcnn.ops import REGISTRY
     bn = REGISTRY["batchnorm"]()
-    assert bn.tile_reductions(6) == {"forward": [6, 6], "backward": [12]}
+    assert bn.tile_reductions(6) == {"forward": [12], "backward": [12]}
     assert REGISTRY["relu"]().tile_reductions(6) == {"forward": [], "backward": []}
     g = Graph("bn")
     x = g.input((8, 6, 4, 4))
@@ -528,7 +529,7 @@ def test_ops_state_their_reductions_and_the_model_prices_them():
     m = CostModel(g, 4, load_machine("paper_p100_cluster"))
     cf = np.array([[2, 2, 1, 1]])
     link = m.group_link((2, 2, 1, 1), ("n", "c", "h", "w"))[0]
-    want = 2 * sum(m.allreduce_parts(3 * 4, 2, link)) + sum(m.allreduce_parts(6 * 4, 2, link))
+    want = 2 * sum(m.allreduce_parts(6 * 4, 2, link))
     lat, bw = m.allreduce_parts(2 * 3 * 4, 2, link)          # its gradients: weight and bias, 3 channels
     want += bw + lat * 2 * 3 * 4 / m.bucket_bytes
     assert m.node_cost(b, cf).t_s[0] == pytest.approx(want)

@@ -2,7 +2,9 @@
 input).  In training the statistics are those of the whole global batch:
 the op sums its tile's partial sums through ``ctx.allreduce`` (the runtime
 reduces over the ranks that split n, h and w), so distributed batch norm
-equals sequential batch norm."""
+equals sequential batch norm.  One reduction per direction: forward, the
+sums of the shifted input and of its squares together; backward, the sums
+of the gradient and of its product with the normalised input."""
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +46,8 @@ class BatchNorm(Op):
                 "running_var": ParamSpec((c,), "ones", trainable=False)}
 
     def tile_reductions(self, channels: int) -> dict:
-        # forward: the mean, then the variance; backward: both sums at once
-        return {"forward": [channels, channels], "backward": [2 * channels]}
+        # forward: both statistics' sums at once; backward: both gradient sums at once
+        return {"forward": [2 * channels], "backward": [2 * channels]}
 
     def _count(self, ctx):
         s = ctx.in_shapes[0]
@@ -77,16 +79,26 @@ class BatchNorm(Op):
         y2 = xp.empty(x2.shape, dtype=x2.dtype)
         if ctx.training:
             m = self._count(ctx)
-            mean = ctx.allreduce(colsum(x2)) / m
+            # one reduction for both statistics: the sums of x - s and of
+            # its squares, shifted by s (the running mean, the same on every
+            # rank) so that E[d^2] - E[d]^2 does not cancel
+            s = buffers["running_mean"] if buffers else xp.zeros(x2.shape[1], dtype=x2.dtype)
             xc = xp.empty(x2.shape, dtype=x2.dtype)
             parts = {}
 
-            def centre(a, b):
+            def shifted(a, b):
                 xa = xc[a:b]
-                xp.subtract(x2[a:b], mean, out=xa)
-                parts[a] = _colsumsq(xp, xa)
-            split(rows, centre, 2 * x2.size, xp, grain)
-            var = ctx.allreduce(_ordered_sum(parts)) / m
+                xp.subtract(x2[a:b], s, out=xa)
+                parts[a] = xp.stack([colsum(xa), _colsumsq(xp, xa)])
+            split(rows, shifted, 2 * x2.size, xp, grain)
+            sums = ctx.allreduce(_ordered_sum(parts)) / m
+            d = sums[0]
+            mean = s + d
+            var = xp.maximum(sums[1] - d * d, 0)
+
+            def centre(a, b):
+                xp.subtract(xc[a:b], d, out=xc[a:b])
+            split(rows, centre, x2.size, xp, grain)
             if buffers:
                 mom = self.momentum
                 unbiased = var * (m / max(m - 1, 1))
