@@ -99,6 +99,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "trial_steps": Key(int, 3, _pos, "timed steps per trial (after one warm-up step)"),
         "trial_tolerance": Key((int, float), 0.25, _nonneg,
                                "relative error of the cost model within which \"auto\" trials run"),
+        "trial_margin": Key((int, float), 0.05, _nonneg,
+                            "a trialled plan replaces the searched one only when measured faster by more "
+                            "than this fraction"),
     },
     "checkpoint": {
         "dir": Key(str, "", help="directory for checkpoints ('' = no checkpoints)"),

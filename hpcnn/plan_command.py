@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time the K cheapest predicted candidate plans (data parallelism always among "
                         "them) under mpiexec -n P and keep the fastest (default 0: no trials)")
     p.add_argument("--trial-steps", type=int, default=3, metavar="S", help="timed steps per trial (default 3)")
+    p.add_argument("--trial-margin", type=float, default=0.05, metavar="F",
+                   help="another plan replaces the searched one only when faster by more than this "
+                        "fraction (default 0.05)")
     p.add_argument("--update-machine", action="store_true",
                    help="with --trials: write the measured steps into the machine file (--machine must "
                         "be a file you may write)")
@@ -217,7 +220,7 @@ def _run_with_trials(args, batch, fail) -> int:
     run_trials(comm, g, cands, lambda box, i: (None if box is None else x[box.slices()], y),
                lambda: SGD(lr=0.01, momentum=0.9), dtype=dt, steps=args.trial_steps,
                log=(lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else None)
-    best = fastest(cands)
+    best = fastest(cands, args.trial_margin)
     if rank != 0:
         return 0
     chosen = Plan(g.name, args.ranks, g.batch, best.plan.configs, best.plan.ranks, name=best.name)

@@ -224,7 +224,7 @@ class Trainer:
                    lambda: SGD(lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"],
                                weight_decay=opt["weight_decay"]),
                    dtype=np.dtype(j["job"]["dtype"]), seed=j["job"]["seed"], steps=j["plan"]["trial_steps"])
-        best = fastest(cands)
+        best = fastest(cands, j["plan"]["trial_margin"])
         self.log(format_trials(cands, best))
         chosen = best.plan
         chosen.meta = dict(plan.meta)

@@ -119,10 +119,16 @@ def run_trials(comm, graph, cands: list, batch_fn, make_optimizer, dtype=np.floa
     return cands
 
 
-def fastest(cands: list) -> Candidate:
-    """The candidate with the least measured step (the searched plan wins
-    ties: it is first among equals)."""
-    return min(cands, key=lambda c: (c.measured_s, c.name != "searched"))
+def fastest(cands: list, margin: float = 0.0) -> Candidate:
+    """The candidate with the least measured step; the searched plan (the
+    first among equals) stays unless another is faster by more than
+    ``margin`` (relative), so that noise between a few steps does not swap
+    plans from one run of a job to the next."""
+    best = min(cands, key=lambda c: (c.measured_s, c.name != "searched"))
+    searched = next((c for c in cands if c.name == "searched"), None)
+    if searched is not None and best.measured_s >= searched.measured_s * (1.0 - margin):
+        return searched
+    return best
 
 
 def format_trials(cands: list, chosen: Candidate) -> str:
