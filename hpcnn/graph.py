@@ -111,6 +111,22 @@ class Graph:
     def linear(self, x, out_features, bias=True, name=None):
         return self.layer("linear", x, name, out_features=out_features, bias=bias)
 
+    def sigmoid(self, x, name=None):
+        return self.layer("sigmoid", [x], name)
+
+    def leaky_relu(self, x, negative_slope=0.01, name=None):
+        return self.layer("leaky_relu", [x], name, negative_slope=negative_slope)
+
+    def clip(self, x, lo=0.0, hi=6.0, name=None):
+        return self.layer("clip", [x], name, lo=lo, hi=hi)
+
+    def hardswish(self, x, name=None):
+        return self.layer("hardswish", [x], name)
+
+    def channel_scale(self, x, s, name=None):
+        """x (N, C, H, W) times s (N, C), per sample and channel."""
+        return self.layer("channel_scale", [x, s], name)
+
     def dropout(self, x, p=0.5, name=None):
         return self.layer("dropout", x, name, p=p)
 

@@ -111,6 +111,11 @@ VALID = {
     "add": ({}, [(2, 3, 4, 4), (2, 3, 4, 4)]),
     "flatten": ({}, [(2, 3, 4, 4)]),
     "softmax_xent": ({}, [(2, 5)]),
+    "sigmoid": ({}, [(2, 3, 4, 4)]),
+    "leaky_relu": (dict(negative_slope=0.2), [(2, 3, 4, 4)]),
+    "clip": (dict(lo=0.0, hi=6.0), [(2, 3, 4, 4)]),
+    "hardswish": ({}, [(2, 3, 4, 4)]),
+    "channel_scale": ({}, [(2, 3, 4, 4), (2, 3)]),
 }
 
 
@@ -213,3 +218,15 @@ def test_sequential_model_reports_bad_labels():
     m = SequentialModel(g, dtype=np.float64)
     with pytest.raises(OpError, match=r"layer 'loss'.*\[0, 3\).*\[0, 7\]"):
         m.forward(np.zeros((2, 4)), np.array([0, 7]))
+
+
+@pytest.mark.parametrize("kind,attrs,shapes,needle", [
+    ("leaky_relu", dict(negative_slope=-1), None, "negative_slope must be a non-negative number"),
+    ("clip", dict(lo=6, hi=0), None, "lo must be less than hi"),
+    ("clip", dict(lo="a", hi=1), None, "lo must be a number"),
+    ("channel_scale", {}, [(2, 3, 4, 4), (2, 4)], r"input 1 must be \(N, C\) = \(2, 3\)"),
+])
+def test_new_activation_and_scale_errors_are_named(kind, attrs, shapes, needle):
+    with pytest.raises(OpError, match=rf"layer 'x'.*{needle}"):
+        op = make_op(kind, "x", **attrs)
+        op.infer_shape(shapes or [(2, 3, 4, 4)])

@@ -302,6 +302,36 @@ def test_relu(shape, layout, dtype):
     check(op, F.relu, [rng.standard_normal(shape)], {}, dtype, layout, rng)
 
 
+ACTIVATIONS = [
+    ("sigmoid", {}, torch.sigmoid),
+    ("leaky_relu", {"negative_slope": 0.1}, lambda x: F.leaky_relu(x, 0.1)),
+    ("leaky_relu", {"negative_slope": 0.0}, lambda x: F.leaky_relu(x, 0.0)),
+    ("clip", {"lo": 0.0, "hi": 6.0}, F.relu6),
+    ("clip", {"lo": -1.0, "hi": 0.5}, lambda x: F.hardtanh(x, -1.0, 0.5)),
+    ("hardswish", {}, F.hardswish),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (4, 9)])
+@pytest.mark.parametrize("kind,attrs,fn", ACTIVATIONS, ids=[f"{k}{a}" for k, a, _ in ACTIVATIONS])
+def test_activations(kind, attrs, fn, shape, layout, dtype):
+    rng = np.random.default_rng(11)
+    op = make_op(kind, kind, **attrs)
+    x = rng.standard_normal(shape) * 4          # reaches both ends of clip and hardswish
+    check(op, fn, [x], {}, dtype, layout, rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_channel_scale(layout, dtype):
+    rng = np.random.default_rng(12)
+    op = make_op("channel_scale", "scale")
+    x, sc = rng.standard_normal((3, 4, 5, 2)), rng.standard_normal((3, 4))
+    check(op, lambda a, b: a * b[:, :, None, None], [x, sc], {}, dtype, layout, rng)
+
+
 # ---------------------------------------------------------------- batch norm
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)

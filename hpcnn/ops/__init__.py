@@ -5,7 +5,7 @@ Every op kind registers itself; ``make_op(kind, name, **attrs)`` builds one.
 from hpcnn.ops.base import (REGISTRY, Op, OpError, ParamSpec, TileContext, box_pads, box_shape,
                             clip_box, dims_of, full_box, init_param, make_op)
 from hpcnn.ops.kernel_set import kernel_set
-from hpcnn.ops.activation import ReLU
+from hpcnn.ops.activation import Clip, HardSwish, LeakyReLU, ReLU, Sigmoid
 from hpcnn.ops.batchnorm import BatchNorm
 from hpcnn.ops.conv import Conv2d
 from hpcnn.ops.dropout import Dropout
@@ -15,8 +15,9 @@ from hpcnn.ops.linear import Linear
 from hpcnn.ops.loss import SoftmaxCrossEntropy
 from hpcnn.ops.pool import AvgPool2d, GlobalAvgPool, MaxPool2d
 from hpcnn.ops.reshape import Flatten
+from hpcnn.ops.scale import ChannelScale
 
 __all__ = ["REGISTRY", "Op", "OpError", "ParamSpec", "TileContext", "box_pads",
-           "box_shape", "clip_box", "dims_of", "full_box", "init_param", "make_op", "kernel_set", "ReLU",
+           "box_shape", "clip_box", "dims_of", "full_box", "init_param", "make_op", "kernel_set", "ReLU", "Sigmoid", "LeakyReLU", "Clip", "HardSwish", "ChannelScale",
            "BatchNorm", "Conv2d", "Dropout", "Input", "Add", "Concat", "Linear",
            "SoftmaxCrossEntropy", "AvgPool2d", "GlobalAvgPool", "MaxPool2d", "Flatten"]

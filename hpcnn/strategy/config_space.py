@@ -30,7 +30,8 @@ keep the search exact over the space they define:
    three-kind splits allowed is the same plan cost (docs/paper-reproduction.md).
 
 Ops that compute each output element from the same element of their single
-input (ReLU, batch normalisation, dropout: ``FOLDABLE_KINDS``) are *folded*
+input (ReLU and the other activations, batch normalisation, dropout:
+``FOLDABLE_KINDS``) are *folded*
 into their producer: they take the producer's configuration, so the edge
 between them moves nothing and is not searched.  A folded group is searched as
 one unit; its configurations are those every member can take.
@@ -45,7 +46,7 @@ import numpy as np
 from hpcnn.parallel.layout import DIM_NAMES
 
 #: op kinds folded into their producer's configuration
-FOLDABLE_KINDS = frozenset({"relu", "batchnorm", "dropout"})
+FOLDABLE_KINDS = frozenset({"relu", "batchnorm", "dropout", "sigmoid", "leaky_relu", "clip", "hardswish"})
 
 
 class ConfigSpaceError(ValueError):
