@@ -19,6 +19,7 @@ COMMANDS = {
     "calibrate": ("hpcnn.calibration.command", "measure this machine's cost-model table"),
     "bench": ("hpcnn.bench.commands", "benchmarks against PyTorch and MPI"),
     "ckpt": ("hpcnn.checkpoint_command", "inspect HDF5 checkpoints"),
+    "export": ("hpcnn.onnx_export", "write a trained checkpoint as an ONNX model"),
     "cluster": ("hpcnn.cluster.command", "an emulated multi-node cluster on this machine (root)"),
 }
 

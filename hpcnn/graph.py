@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hpcnn.ops import Op, OpError, make_op
+from hpcnn.ops import Op, OpError, init_param, make_op
 from hpcnn.ops.base import ParamSpec
 
 
@@ -48,6 +48,9 @@ class Graph:
         self.nodes: dict[str, Node] = {}
         self._consumers: dict[str, list[str]] = {}
         self.meta: dict = {}
+        #: given initial values of parameters and buffers (an imported
+        #: network's weights): {node: {name: whole logical array}}
+        self.initial: dict[str, dict] = {}
 
     # ---- construction ----------------------------------------------------
     def add(self, op: Op, inputs=(), name: str | None = None) -> str:
@@ -173,6 +176,17 @@ class Graph:
     @property
     def batch(self) -> int:
         return self.nodes[self.input_name].shape[0]
+
+    def initial_tensor(self, node: str, key: str, seed: int, dtype=np.float32) -> np.ndarray:
+        """The whole logical tensor parameter (or buffer) ``key`` of
+        ``node`` starts from: the given one (``initial``), else the pure
+        function of (seed, node, key) every plan shares."""
+        n = self.nodes[node]
+        spec = n.param_specs().get(key) or n.buffer_specs().get(key)
+        given = self.initial.get(node, {}).get(key)
+        if given is not None:
+            return np.array(given, dtype=dtype)            # a copy: the run updates it
+        return init_param(spec, f"{node}.{key}", seed, dtype)
 
     def reaches_loss(self) -> set:
         """The layers whose output reaches the loss (all of them in a graph

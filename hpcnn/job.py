@@ -56,7 +56,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "dtype": Key(str, "float32", _one_of("float32", "float64")),
     },
     "model": {
-        "name": Key(str, None, help="a model from `hpcnn models`"),
+        "name": Key(str, "", help="a model from `hpcnn models` (or give model.onnx or model.builder)"),
+        "onnx": Key(str, "", help="an ONNX file (exported from PyTorch, say) to train instead of a zoo model"),
+        "onnx_init": Key(str, "weights", _one_of("weights", "random"),
+                         "start an ONNX model from its weights or from hpcnn's seeded initialisation"),
+        "builder": Key(str, "", help="package.module:function that builds the network (docs/user-guide.md)"),
         "image_size": Key(int, 0, _nonneg, "input height/width; 0 = the data's"),
         "num_classes": Key(int, 0, _nonneg, "0 = the data's"),
     },
@@ -123,7 +127,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
 }
 
-REQUIRED = [("model", "name"), ("data", "path")]
+REQUIRED = [("data", "path")]
 
 
 def _type_name(t):
@@ -167,6 +171,10 @@ class Job:
         for section, key in REQUIRED:
             if out[section][key] in (None, ""):
                 raise JobError(f"{section}.{key} is required")
+        given = [k for k in ("name", "onnx", "builder") if out["model"][k]]
+        if len(given) != 1:
+            raise JobError(f"[model] must name exactly one of model.name (a zoo model), model.onnx (a file) "
+                           f"and model.builder (package.module:function), got {given or 'none'}")
         if out["optimizer"]["nesterov"] and not out["optimizer"]["momentum"]:
             raise JobError("optimizer.nesterov = true needs optimizer.momentum > 0 "
                            f"(it is {out['optimizer']['momentum']})")

@@ -154,7 +154,7 @@ class Trainer:
 
     def build_graph(self):
         from hpcnn.graph import GraphError
-        from hpcnn.models import build_model
+        from hpcnn.models.sources import build_network
         j, d = self.job, self.train_data
         c, h, w = d.sample_shape
         size = j["model"]["image_size"] or h
@@ -162,9 +162,8 @@ class Trainer:
             raise JobFailure(f"model.image_size = {size} but the data's images are {h}x{w}; "
                              f"resize the data or set model.image_size = {h}")
         classes = j["model"]["num_classes"] or d.num_classes
-        self.graph = agree(self.comm, lambda: build_model(
-            j["model"]["name"], batch=j["train"]["batch"], image_size=size,
-            num_classes=classes, in_channels=c), (GraphError, KeyError, ValueError))
+        self.graph = agree(self.comm, lambda: build_network(j["model"], j["train"]["batch"], (c, h, w), classes,
+                                                            j.resolve), (GraphError, KeyError, ValueError))
 
     def make_plan(self):
         from hpcnn.strategy.plan import Plan, PlanError
@@ -497,6 +496,9 @@ class Trainer:
         j = self.job
         meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "seed": j["job"]["seed"], "plan": self.plan.to_dict(), "job": j.data,
+                "network": {"input_shape": list(self.graph[self.graph.input_name].shape),
+                            "num_classes": int(self.graph[self.graph.logits_name].shape[1]),
+                            "job_dir": str(Path(j.resolve(".")).resolve())},
                 "rng": {"kind": "counter-based", "seed": j["job"]["seed"], "step": step,
                         "shuffle": "permutation(seed, epoch)"}}
         return save_checkpoint(ckdir, self.model, self.opt, self.comm, meta, keep=j["checkpoint"]["keep"],

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpcnn.backend import get_backend, to_host
-from hpcnn.ops import TileContext, init_param
+from hpcnn.ops import TileContext
 from hpcnn.ops.host_memory import retain_freed_memory
 from hpcnn.parallel.box import Box
 from hpcnn.parallel.comm import Communicator
@@ -134,7 +134,7 @@ class DistributedModel:
                     continue
                 d = store.setdefault(node.name, {})
                 for k, spec in specs.items():
-                    full = init_param(spec, f"{node.name}.{k}", self.seed, self.dtype)
+                    full = self.graph.initial_tensor(node.name, k, self.seed, self.dtype)
                     d[k] = self.backend.to_device(np.ascontiguousarray(full[c0:c1]))
 
     def _c_range(self, node) -> tuple:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcnn.backend import get_backend
-from hpcnn.ops import TileContext, clip_box, full_box, init_param
+from hpcnn.ops import TileContext, clip_box, full_box
 from hpcnn.ops.host_memory import retain_freed_memory
 
 
@@ -26,10 +26,10 @@ class SequentialModel:
             retain_freed_memory()      # steps reuse the same large host blocks
         self.params, self.buffers = {}, {}
         for n in graph:
-            self.params[n.name] = {k: self.backend.to_device(init_param(s, f"{n.name}.{k}", seed, self.dtype))
-                                   for k, s in n.param_specs().items()}
-            self.buffers[n.name] = {k: self.backend.to_device(init_param(s, f"{n.name}.{k}", seed, self.dtype))
-                                    for k, s in n.buffer_specs().items()}
+            self.params[n.name] = {k: self.backend.to_device(graph.initial_tensor(n.name, k, seed, self.dtype))
+                                   for k in n.param_specs()}
+            self.buffers[n.name] = {k: self.backend.to_device(graph.initial_tensor(n.name, k, seed, self.dtype))
+                                    for k in n.buffer_specs()}
         self._ctx = {}
         self._saved = {}
         self.xp = xp
