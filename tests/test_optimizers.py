@@ -103,6 +103,29 @@ def test_adamw_equals_torch(exclude):
     assert opt.steps == STEPS and set(opt.state) == {"exp_avg", "exp_avg_sq"}
 
 
+def test_the_adamw_reference_of_the_mpi_tests_equals_torch():
+    """tests/mpi/test_optimizers.py holds distributed AdamW to the formula
+    reference (no torch under mpiexec): that reference is torch's AdamW."""
+    from optimizer_reference import RefAdamW
+    p0 = _initial()
+    settings = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    upd = _torch_update(torch.optim.AdamW, settings, p0, lambda tp: list(tp.values()))
+    ref = RefAdamW(0.01, (0.9, 0.99), 1e-8, 0.05)
+    ref_params, torch_params = _copy(p0), _copy(p0)
+    g = _graph()
+    m = SequentialModel(g, np.float64, SEED)
+    for s in range(STEPS):
+        x, y = _data(g, s)
+        m.forward(x, y, training=True, step=s)
+        grads = _copy(m.backward())
+        ref.step(ref_params, grads, 0.01)
+        upd(torch_params, grads, 0.01)
+        for n, ps in torch_params.items():
+            for k, want in ps.items():
+                assert rel(ref_params[n][k], want) <= TOL, (s, n, k)
+                m.params[n][k][...] = want
+
+
 def test_adam_with_l2_decay_equals_torch_adam():
     p0 = _initial()
     settings = dict(lr=0.01, betas=(0.8, 0.999), eps=1e-7, weight_decay=0.01)
