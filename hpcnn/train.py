@@ -132,7 +132,7 @@ class Trainer:
     # ---- set-up ---------------------------------------------------------------
     def augmentations(self):
         """(training transform, evaluation transform) of the [augment]
-        section: None when the images are fed as stored."""
+        section (the reader drops one that leaves the images as stored)."""
         from hpcnn.data.augment import Augmentation
         a, j = self.job["augment"], self.job
         geometry = a["random_resized_crop"] or a["resize"] > 0
