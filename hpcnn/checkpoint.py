@@ -5,10 +5,14 @@ Layout of a checkpoint file (plain h5py or h5dump can read it)::
 
     /params/<layer>/<name>      every trainable parameter, its whole logical shape
     /buffers/<layer>/<name>     batch-norm running statistics
-    /optimizer/momentum/<layer>/<name>   SGD momentum buffers (when momentum > 0)
+    /optimizer/<state>/<layer>/<name>    the optimiser's state, one tensor per
+                                parameter: momentum (sgd, lars; when
+                                momentum > 0), exp_avg and exp_avg_sq
+                                (adamw, lamb)
     attributes on /             format, format_version, hpcnn_version, model,
                                 plan (JSON), world, dtype, step, epoch,
                                 batch_in_epoch, seed, rng (JSON), job (JSON),
+                                optimizer (JSON: kind and steps taken),
                                 created (UTC ISO time)
 
 Every dataset is chunked with Fletcher32 checksums, which HDF5 verifies on
@@ -19,6 +23,10 @@ fsynced and renamed, so a crash mid-write leaves the previous checkpoint
 intact; the newest ``keep`` are kept.  Restore: every rank opens the file
 read-only and reads only the boxes it holds under the *current* plan, so a
 checkpoint written on 4 ranks with one plan restores on 2 ranks with another.
+The optimiser's state is restored when the checkpoint was written by the
+same kind of optimiser (a file without the ``optimizer`` attribute was
+written by SGD); another kind starts from fresh state, and the metadata
+returned by ``load_checkpoint`` says so (``optimizer_restored``).
 """
 from __future__ import annotations
 
@@ -78,16 +86,18 @@ def _tensors(model, optimizer):
         for bname, spec in node.buffer_specs().items():
             shard = model.buffers.get(node.name, {}).get(bname)
             out.append((f"buffers/{node.name}/{bname}", node.name, bname, shard, spec.shape))
-    if optimizer is not None and getattr(optimizer, "momentum", 0):
-        for node in g:
-            for pname, spec in node.param_specs().items():
-                shard = optimizer.state.get(f"{node.name}.{pname}")
-                has = node.name in model.params and pname in model.params[node.name]
-                if has and shard is None:
-                    # no step taken yet: the momentum buffer is zero
-                    shard = np.zeros(model.params[node.name][pname].shape, model.dtype)
-                out.append((f"optimizer/momentum/{node.name}/{pname}", node.name, pname,
-                            shard if has else None, spec.shape))
+    if optimizer is not None:
+        for state in optimizer.state_names:
+            held = optimizer.state.get(state, {})
+            for node in g:
+                for pname, spec in node.param_specs().items():
+                    shard = held.get(f"{node.name}.{pname}")
+                    has = node.name in model.params and pname in model.params[node.name]
+                    if has and shard is None:
+                        # no step taken yet: the state is zero
+                        shard = np.zeros(model.params[node.name][pname].shape, model.dtype)
+                    out.append((f"optimizer/{state}/{node.name}/{pname}", node.name, pname,
+                                shard if has else None, spec.shape))
     return out
 
 
@@ -99,7 +109,7 @@ def _box_of(model, node, name, shard):
 
 def save_checkpoint(directory, model, optimizer=None, comm=None, meta: dict | None = None,
                     keep: int = 3, on_tensor=None) -> Path:
-    """Write a checkpoint of ``model`` (and the optimiser's momentum) into
+    """Write a checkpoint of ``model`` (and the optimiser's state) into
     ``directory``; collective over ``comm`` (None: one process).  Returns
     the path of the new file (on every rank).  ``on_tensor(i, n, path)`` is
     called on rank 0 after each tensor is written (progress, fault tests)."""
@@ -156,6 +166,8 @@ def save_checkpoint(directory, model, optimizer=None, comm=None, meta: dict | No
                      "model": model.graph.name, "dtype": str(model.dtype),
                      "world": comm.Get_size() if comm is not None else 1,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            if optimizer is not None:
+                attrs["optimizer"] = json.dumps({"kind": optimizer.kind, "steps": int(optimizer.steps)})
             for k, v in meta.items():
                 attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v)
             for k, v in attrs.items():
@@ -224,10 +236,12 @@ def read_meta(path) -> dict:
 
 
 def load_checkpoint(path, model, optimizer=None) -> dict:
-    """Fill ``model``'s shards (and the optimiser's momentum) from
-    ``path``, each rank reading only the boxes it holds.  Returns the
-    checkpoint's metadata.  Raises CheckpointError naming the file and the
-    tensor on any mismatch or checksum failure."""
+    """Fill ``model``'s shards (and the optimiser's state) from ``path``,
+    each rank reading only the boxes it holds.  Returns the checkpoint's
+    metadata, with ``optimizer_restored``: whether the optimiser's state
+    was restored (False when the checkpoint was written by another kind of
+    optimiser: it then starts fresh).  Raises CheckpointError naming the
+    file and the tensor on any mismatch or checksum failure."""
     meta = read_meta(path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {str(path)!r} has format version {meta.get('format_version')}; "
@@ -236,13 +250,16 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r} holds model {meta.get('model')!r}, "
                               f"but the job trains {model.graph.name!r}")
     backend = model.backend
+    saved_opt = meta.get("optimizer") if isinstance(meta.get("optimizer"), dict) else {"kind": "sgd", "steps": 0}
+    restore_opt = optimizer is not None and saved_opt.get("kind") == optimizer.kind
+    meta["optimizer_restored"] = restore_opt
     with _h5().File(path, "r") as f:
-        for gpath, node, name, shard, shape in _tensors(model, optimizer):
+        for gpath, node, name, shard, shape in _tensors(model, optimizer if restore_opt else None):
             if shard is None:
                 continue
             if gpath not in f:
                 if gpath.startswith("optimizer/"):
-                    continue  # saved without momentum: start from zero
+                    continue  # saved without this state (no momentum): start from zero
                 raise CheckpointError(f"checkpoint {str(path)!r} has no tensor {gpath!r}")
             ds = f[gpath]
             if tuple(ds.shape) != tuple(shape):
@@ -260,7 +277,10 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
             elif gpath.startswith("buffers/"):
                 model.buffers[node][name][...] = value
             else:
-                optimizer.state[f"{node}.{name}"] = value.copy()
+                state = gpath.split("/")[1]
+                optimizer.state[state][f"{node}.{name}"] = value.copy()
+    if restore_opt:
+        optimizer.steps = int(saved_opt.get("steps", 0))
     return meta
 
 

@@ -1,5 +1,5 @@
 """Job files: TOML that names the model, data, batch, epochs, optimiser,
-schedule, plan, checkpoints and seed of a training run.
+augmentation, schedule, plan, checkpoints and seed of a training run.
 
 Every key has a type and a default; unknown keys and bad values are errors
 that name the key (``train.epochs``) and the value.  ``--set key=value``
@@ -41,6 +41,35 @@ def _trials(v):
     return v == "auto" or (isinstance(v, int) and v >= 0)
 
 
+def _number_pair(lo, hi, what):
+    def f(v):
+        return (len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                and lo < v[0] <= v[1] <= hi)
+    f.__doc__ = what
+    return f
+
+
+def _betas(v):
+    """two numbers in [0, 1)"""
+    return (len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            and all(0 <= x < 1 for x in v))
+
+
+def _numbers(v):
+    """a list of numbers, one per channel (or empty)"""
+    return all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+def _positive_numbers(v):
+    """a list of positive numbers, one per channel (or empty)"""
+    return _numbers(v) and all(x > 0 for x in v)
+
+
+def _smoothing(v):
+    """a number in [0, 1)"""
+    return 0 <= v < 1
+
+
 def _one_of(*choices):
     def f(v):
         return v in choices
@@ -77,18 +106,51 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_steps": Key(int, 0, _nonneg, "stop after this many steps (0 = no limit)"),
         "eval_every": Key(int, 1, _nonneg, "evaluate every N epochs (0 = only at the end)"),
         "log_every": Key(int, 10, _pos, "steps between metric lines"),
+        "accumulate": Key(int, 1, _pos, "micro-batches per optimiser step: train.batch is split into this many, "
+                          "each run forward and backward, gradients averaged (batch norm sees each "
+                          "micro-batch; the plan is for the micro-batch)"),
+        "label_smoothing": Key((int, float), 0.0, _smoothing, "label smoothing of the cross-entropy "
+                               "(target (1 - eps) onehot + eps / classes)"),
     },
     "optimizer": {
+        "kind": Key(str, "sgd", _one_of("sgd", "adamw", "lars", "lamb"), "the optimiser"),
         "lr": Key((int, float), 0.1, _pos, "peak learning rate"),
-        "momentum": Key((int, float), 0.9, lambda v: 0 <= v < 1, "SGD momentum in [0, 1)"),
-        "nesterov": Key(bool, False, help="Nesterov momentum (needs momentum > 0)"),
-        "weight_decay": Key((int, float), 0.0, _nonneg, "L2 penalty added to every gradient"),
+        "momentum": Key((int, float), 0.9, lambda v: 0 <= v < 1, "momentum of sgd and lars, in [0, 1)"),
+        "nesterov": Key(bool, False, help="Nesterov momentum (sgd; needs momentum > 0)"),
+        "weight_decay": Key((int, float), 0.0, _nonneg, "weight decay (how it is applied: weight_decay_mode)"),
+        "weight_decay_mode": Key(str, "auto", _one_of("auto", "l2", "decoupled"),
+                                 "auto: the kind's own (sgd l2, adamw and lamb decoupled, lars inside the "
+                                 "trust ratio); l2: added to the gradient; decoupled: w -= lr * wd * w"),
+        "betas": Key(list, [0.9, 0.999], _betas, "adamw and lamb: decay rates of the moments"),
+        "eps": Key((int, float), 0, _nonneg, "adamw and lamb: added to the root of the second moment "
+                   "(0 = the kind's default: 1e-8 adamw, 1e-6 lamb)"),
+        "trust_coefficient": Key((int, float), 0.001, _pos, "lars: eta of the trust ratio "
+                                 "eta ||w|| / (||g|| + wd ||w||)"),
+        "exclude_bias_and_norm": Key(bool, False, help="no weight decay and (lars, lamb) no layer-wise "
+                                     "adaptation for 1-D parameters: biases, batch-norm scale and shift"),
+        "clip_norm": Key((int, float), 0.0, _nonneg, "clip gradients to this global norm (over every "
+                         "parameter of the network; 0 = no clipping)"),
     },
     "schedule": {
         "kind": Key(str, "cosine", _one_of("constant", "step", "cosine")),
         "warmup_epochs": Key((int, float), 0, _nonneg, "linear warm-up from lr/steps to lr"),
         "milestones": Key(list, [], help="epochs at which a step schedule multiplies lr by gamma"),
         "gamma": Key((int, float), 0.1, _pos, "factor of a step schedule at each milestone"),
+    },
+    "augment": {
+        "random_resized_crop": Key(bool, False, help="training: a random crop (area fraction crop_scale, "
+                                   "aspect ratio crop_ratio) resized to model.image_size"),
+        "crop_scale": Key(list, [0.08, 1.0], _number_pair(0, 1, "two numbers 0 < low <= high <= 1"),
+                          "range of the crop's area as a fraction of the image's"),
+        "crop_ratio": Key(list, [0.75, 1.3333333333333333], _number_pair(0, float("inf"),
+                          "two numbers 0 < low <= high"), "range of the crop's aspect ratio (width / height)"),
+        "flip": Key(bool, False, help="training: flip left to right with probability 1/2"),
+        "resize": Key(int, 0, _nonneg, "evaluation (and training without random_resized_crop): resize the "
+                      "shorter side to this, then centre crop to model.image_size (0 = no resize)"),
+        "mean": Key(list, [], _numbers, "per-channel mean subtracted, in stored units (0..255 for uint8); "
+                    "[] = the data file's"),
+        "std": Key(list, [], _positive_numbers, "per-channel standard deviation divided by, in stored "
+                   "units; [] = the data file's"),
     },
     "plan": {
         "mode": Key(str, "search", help="search | data-parallel | a plan JSON file"),
@@ -175,9 +237,20 @@ class Job:
         if len(given) != 1:
             raise JobError(f"[model] must name exactly one of model.name (a zoo model), model.onnx (a file) "
                            f"and model.builder (package.module:function), got {given or 'none'}")
-        if out["optimizer"]["nesterov"] and not out["optimizer"]["momentum"]:
+        opt = out["optimizer"]
+        if opt["nesterov"] and not opt["momentum"]:
             raise JobError("optimizer.nesterov = true needs optimizer.momentum > 0 "
-                           f"(it is {out['optimizer']['momentum']})")
+                           f"(it is {opt['momentum']})")
+        if opt["nesterov"] and opt["kind"] != "sgd":
+            raise JobError(f"optimizer.nesterov = true applies to optimizer.kind = \"sgd\" only, not "
+                           f"{opt['kind']!r}: set it to false")
+        if opt["kind"] == "lars" and opt["weight_decay_mode"] == "decoupled":
+            raise JobError("optimizer.kind = \"lars\" puts the weight decay inside the trust ratio: set "
+                           "optimizer.weight_decay_mode to \"auto\" or \"l2\" (or use lamb or adamw)")
+        tr = out["train"]
+        if tr["batch"] % tr["accumulate"]:
+            raise JobError(f"train.batch = {tr['batch']} is not divisible by train.accumulate = "
+                           f"{tr['accumulate']}: every micro-batch must have the same size")
         return out
 
     @classmethod

@@ -130,24 +130,55 @@ class Trainer:
                 print(text, file=sys.stderr, flush=True)
 
     # ---- set-up ---------------------------------------------------------------
+    def augmentations(self):
+        """(training transform, evaluation transform) of the [augment]
+        section (the reader drops one that leaves the images as stored)."""
+        from hpcnn.data.augment import Augmentation
+        a, j = self.job["augment"], self.job
+        geometry = a["random_resized_crop"] or a["resize"] > 0
+        size = j["model"]["image_size"] or None
+        size = size if geometry else None
+        common = dict(size=size, resize=a["resize"], seed=j["job"]["seed"])
+        train = Augmentation(random_resized_crop=a["random_resized_crop"], scale=a["crop_scale"],
+                             ratio=a["crop_ratio"], flip=a["flip"], **common)
+        test = Augmentation(**common)
+        return train, test
+
     def open_data(self):
+        """The training and test splits, read in micro-batches (the global
+        batch over train.accumulate), transformed and normalised as the
+        [augment] section says."""
         from hpcnn.data.hdf5_dataset import HDF5Dataset
         from hpcnn.data.hdf5_format import DataError
         j = self.job
         dtype = np.dtype(j["job"]["dtype"])
         path = j.resolve(j["data"]["path"])
+        self.accumulate = j["train"]["accumulate"]
+        micro = j["train"]["batch"] // self.accumulate
+        a = j["augment"]
+        norm = dict(mean=a["mean"] or None, std=a["std"] or None)
 
         def open_all():
-            train = HDF5Dataset(path, j["data"]["train"] or None, batch_size=j["train"]["batch"],
-                                shuffle=True, seed=j["job"]["seed"], drop_last=True, dtype=dtype)
+            try:
+                train_aug, test_aug = self.augmentations()
+            except ValueError as exc:
+                raise DataError(str(exc)) from None
+            train = HDF5Dataset(path, j["data"]["train"] or None, batch_size=micro,
+                                shuffle=True, seed=j["job"]["seed"], drop_last=True, dtype=dtype,
+                                transform=train_aug, **norm)
             test = None
             if j["data"]["test"]:
-                test = HDF5Dataset(path, j["data"]["test"], batch_size=j["train"]["batch"],
-                                   shuffle=False, drop_last=False, dtype=dtype)
+                test = HDF5Dataset(path, j["data"]["test"], batch_size=micro,
+                                   shuffle=False, drop_last=False, dtype=dtype, transform=test_aug, **norm)
+            if train.num_batches < self.accumulate:
+                raise DataError(f"group {train.group!r} of {str(path)!r} has {train.num_samples} samples, "
+                                f"fewer than train.batch = {j['train']['batch']}; use a smaller batch")
             return train, test
 
         self.train_data, self.test_data = agree(self.comm, open_all, (DataError, OSError))
-        self.batches_per_epoch = self.train_data.num_batches
+        # steps per epoch: the micro-batches of one step are consecutive in
+        # the epoch's order, so a step sees the samples it would see whole
+        self.batches_per_epoch = self.train_data.num_batches // self.accumulate
         if j["data"]["limit"]:
             self.batches_per_epoch = max(1, min(self.batches_per_epoch,
                                                 j["data"]["limit"] // j["train"]["batch"]))
@@ -159,11 +190,19 @@ class Trainer:
         c, h, w = d.sample_shape
         size = j["model"]["image_size"] or h
         if size != h or h != w:
-            raise JobFailure(f"model.image_size = {size} but the data's images are {h}x{w}; "
-                             f"resize the data or set model.image_size = {h}")
+            how = (f"set model.image_size = {h}" if h == w else
+                   f"set augment.resize (and model.image_size) for a square centre crop")
+            raise JobFailure(f"model.image_size = {size} but the data's images are {h}x{w}"
+                             f"{' after augmentation' if d.transform is not None else ''}; resize the data, "
+                             f"{how}, or crop with augment.random_resized_crop / augment.resize")
         classes = j["model"]["num_classes"] or d.num_classes
-        self.graph = agree(self.comm, lambda: build_network(j["model"], j["train"]["batch"], (c, h, w), classes,
-                                                            j.resolve), (GraphError, KeyError, ValueError))
+        # the network is built for the micro-batch (train.accumulate of them per step)
+        self.graph = agree(self.comm, lambda: build_network(j["model"], j["train"]["batch"] // self.accumulate,
+                                                            (c, h, w), classes, j.resolve),
+                           (GraphError, KeyError, ValueError))
+        eps = j["train"]["label_smoothing"]
+        if eps:
+            self.graph[self.graph.loss_name].op.label_smoothing = eps
 
     def make_plan(self):
         from hpcnn.strategy.plan import Plan, PlanError
@@ -194,7 +233,6 @@ class Trainer:
         the first training batches and return the fastest (the plan itself
         when there is nothing to try).  Leaves no trace in the run."""
         from hpcnn.runtime.plan_trials import candidates, fastest, format_trials, run_trials, trials_wanted
-        from hpcnn.runtime.sgd import SGD
         from hpcnn.strategy.plan import Plan
         j, g, rep = self.job, self.graph, self.plan_report
         cands = None
@@ -216,12 +254,9 @@ class Trainer:
             x = None if box is None else data.read_rows(rows[box[0][0]:box[0][1]], box[1:])
             return x, data.labels[rows]
 
-        opt = j["optimizer"]
         self.log(f"timing {len(cands)} candidate plans ({j['plan']['trial_steps']} steps each after one "
                  f"warm-up): {', '.join(c.name for c in cands)}")
-        run_trials(self.comm, g, cands, batch,
-                   lambda: SGD(lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"],
-                               weight_decay=opt["weight_decay"]),
+        run_trials(self.comm, g, cands, batch, self.make_optimizer,
                    dtype=np.dtype(j["job"]["dtype"]), seed=j["job"]["seed"], steps=j["plan"]["trial_steps"])
         best = fastest(cands, j["plan"]["trial_margin"])
         self.log(format_trials(cands, best))
@@ -234,18 +269,28 @@ class Trainer:
             self.plan_report = None        # its per-layer predictions are the searched plan's
         return chosen
 
+    def make_optimizer(self):
+        """A fresh optimiser of the [optimizer] section (not yet attached
+        to a model)."""
+        from hpcnn.runtime.optimizers import make_optimizer
+        o = self.job["optimizer"]
+        return make_optimizer(o["kind"], lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"],
+                              weight_decay=o["weight_decay"], betas=tuple(o["betas"]), eps=o["eps"] or None,
+                              trust_coefficient=o["trust_coefficient"], clip_norm=o["clip_norm"],
+                              exclude_bias_and_norm=o["exclude_bias_and_norm"],
+                              weight_decay_mode=o["weight_decay_mode"])
+
     def setup_training(self):
-        """The distributed model, the optimiser and the learning-rate
+        """The distributed model, the optimiser (attached to it: layer-wise
+        norms and clipping sum over its shards) and the learning-rate
         schedule; the step limit."""
         from hpcnn.runtime.executor import DistributedModel
         from hpcnn.runtime.lr_schedule import Schedule
-        from hpcnn.runtime.sgd import SGD
         j = self.job
         self.model = DistributedModel(self.graph, self.plan, self.comm, dtype=np.dtype(j["job"]["dtype"]),
                                       seed=j["job"]["seed"], trace=True)
         opt = j["optimizer"]
-        self.opt = SGD(lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"],
-                       weight_decay=opt["weight_decay"])
+        self.opt = self.make_optimizer().attach(self.model)
         self.epochs, bpe = j["train"]["epochs"], self.batches_per_epoch
         self.total = self.epochs * bpe
         if j["train"]["max_steps"]:
@@ -335,6 +380,10 @@ class Trainer:
             return pos
         meta = agree(self.comm, lambda: load_checkpoint(latest, self.model, self.opt),
                      (CheckpointError, OSError))
+        if not meta.get("optimizer_restored", True):
+            saved = meta.get("optimizer", {}).get("kind", "sgd") if isinstance(meta.get("optimizer"), dict) else "sgd"
+            self.log(f"checkpoint {latest} was written by optimizer.kind = {saved!r}; {self.opt.kind} starts "
+                     f"with fresh state (the parameters are restored)")
         pos.step, pos.epoch = int(meta["step"]), int(meta["epoch"])
         pos.batch = int(meta.get("batch_in_epoch", 0))
         if pos.batch >= self.batches_per_epoch:
@@ -349,46 +398,59 @@ class Trainer:
         epoch ends, the step limit is reached or the ranks agree to stop."""
         self.phase("training", "step", done=pos.step - 1)
         box = self.model.input_box()
-        items = [(pos.epoch, b) for b in range(pos.batch, self.batches_per_epoch)]
+        k = self.accumulate
+        # the micro-batches of step b are batches b*k .. b*k + k-1 of the epoch
+        items = [(pos.epoch, b * k + i) for b in range(pos.batch, self.batches_per_epoch) for i in range(k)]
         reader = self.train_data.prefetch(items, box=box if box is not None else
                                           ((0, 0), (0, 0), (0, 0), (0, 0)),
-                                          depth=max(1, self.job["data"]["prefetch"]))
+                                          depth=max(1, self.job["data"]["prefetch"] * k))
         try:
+            micro = []
             for batch in reader:
-                self.train_step(pos, batch, box is not None)
+                micro.append(batch)
+                if len(micro) < k:
+                    continue
+                self.train_step(pos, micro, box is not None)
                 self.faults.after_step(pos.step)
                 self.watchdog.arrived(pos.step)
                 pos.step += 1
-                pos.batch = batch.index + 1
+                pos.batch = micro[-1].index // k + 1
+                micro = []
                 if self.checkpoint_or_stop(pos) or pos.step >= self.total:
                     break
         finally:
             reader.close()
 
-    def train_step(self, pos: "Position", batch, has_input: bool) -> None:
-        """One training step on ``batch``: the update, the divergence check,
-        the time accounting, progress and metrics."""
+    def train_step(self, pos: "Position", micro: list, has_input: bool) -> None:
+        """One training step on the micro-batches ``micro`` (one, or
+        train.accumulate of them): the update, the divergence check, the
+        time accounting, progress and metrics."""
+        from hpcnn.runtime.accumulation import accumulated_step
         j = self.job
         t0 = time.perf_counter()
-        labels = self.train_data.batch_labels(pos.epoch, batch.index)
-        x = batch.x if has_input else None
         lr = self.schedule(pos.step)
-        loss = self.model.train_step(x, labels, self.opt, lr=lr, step=pos.step)
+        feeds = [(b.x if has_input else None, self.train_data.batch_labels(pos.epoch, b.index)) for b in micro]
+        if len(feeds) == 1:
+            loss = self.model.train_step(feeds[0][0], feeds[0][1], self.opt, lr=lr, step=pos.step)
+        else:
+            loss = accumulated_step(self.model, feeds, self.opt, lr=lr, step=pos.step)
         if not math.isfinite(loss):
             raise JobFailure(
-                f"the loss is {loss} at step {pos.step} (epoch {pos.epoch}, batch {batch.index}): "
+                f"the loss is {loss} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch}): "
                 f"training diverged; lower optimizer.lr (now {lr:.4g}) or check the data. "
                 f"The last good checkpoint is kept.", EXIT_DIVERGED)
         dt = time.perf_counter() - t0
         self._account(pos.step)
-        pos.images += self.graph.batch
+        images = self.graph.batch * len(micro)
+        pos.images += images
         if self.rank == 0:
-            ips = self.graph.batch / dt if dt > 0 else 0.0
+            ips = images / dt if dt > 0 else 0.0
             self.progress.update(pos.step, loss, ips, lr, pos.epoch)
             if (pos.step + 1) % j["train"]["log_every"] == 0:
+                extra = {} if self.opt.last_grad_norm is None else {"grad_norm": self.opt.last_grad_norm}
                 self.metrics.write(kind="train", step=pos.step + 1, epoch=pos.epoch, loss=loss, lr=lr,
                                    images_per_s=ips, step_seconds=dt,
-                                   bytes_sent_rank0=sum(self.model.step_bytes().values()))
+                                   bytes_sent_rank0=sum(self.model.step_bytes().values()), **extra)
 
     def checkpoint_or_stop(self, pos: "Position") -> bool:
         """After a step: agree whether a stop signal arrived on any rank;
@@ -507,10 +569,22 @@ class Trainer:
     def describe(self):
         if self.rank != 0:
             return
-        g, p = self.graph, self.plan
-        lines = [f"job {self.job['job']['name']}: model {g.name} ({g.num_params():,d} parameters), "
-                 f"global batch {g.batch}, {self.world} ranks, plan {p.name or self.job['plan']['mode']} "
+        g, p, j = self.graph, self.plan, self.job
+        batch = (f"global batch {g.batch}" if self.accumulate == 1 else
+                 f"global batch {g.batch * self.accumulate} in {self.accumulate} micro-batches of {g.batch}")
+        lines = [f"job {j['job']['name']}: model {g.name} ({g.num_params():,d} parameters), "
+                 f"{batch}, {self.world} ranks, plan {p.name or j['plan']['mode']} "
                  f"({self.search_seconds:.2f} s)"]
+        extras = [f"optimizer {self.opt.describe()}"]
+        if self.opt.clip_norm:
+            extras.append(f"gradients clipped to norm {self.opt.clip_norm:g}")
+        if j["train"]["label_smoothing"]:
+            extras.append(f"label smoothing {j['train']['label_smoothing']:g}")
+        for name, d in (("training", self.train_data), ("evaluation", self.test_data)):
+            if d is not None and d.transform is not None:
+                extras.append(f"{name} images: {d.transform.describe()} to "
+                              f"{d.sample_shape[1]}x{d.sample_shape[2]} from {d.stored_shape[1]}x{d.stored_shape[2]}")
+        lines.append("  " + "; ".join(extras))
         distinct = {}
         for n in g:
             c = json.dumps(p.config(n.name), sort_keys=True)

@@ -100,3 +100,21 @@ def test_trainer_rejects_data_that_does_not_fit(digits_file):
         train_sequential(build_model("digits_cnn", batch=BATCH), train, 1, opt, test_dataset=dropping)
     dropping.close()
     train.close(), test.close()
+
+
+def test_layerwise_optimisers_train_sequentially_with_augmentation(digits_file):
+    """train_sequential attaches LARS and LAMB to its model (their norms are
+    the whole tensors'); one epoch of augmented digits learns something
+    (chance is 0.1)."""
+    from hpcnn.data.augment import Augmentation
+    from hpcnn.runtime.optimizers import make_optimizer
+    for kind, lr in (("lars", 2.0), ("lamb", 0.01)):
+        aug = Augmentation(size=16, random_resized_crop=True, scale=(0.8, 1.0), seed=1)
+        train = HDF5Dataset(digits_file, "train", batch_size=BATCH, seed=1, transform=aug)
+        test = HDF5Dataset(digits_file, "test", batch_size=BATCH, shuffle=False, drop_last=False)
+        opt = make_optimizer(kind, lr=lr, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01,
+                             exclude_bias_and_norm=True)
+        r = train_sequential(build_model("digits_cnn", batch=BATCH), train, 1, opt, None, test, seed=0)
+        train.close(), test.close()
+        assert opt.norms is not None and opt.steps == train.num_batches
+        assert r.test_accuracy > 0.5, (kind, r.test_accuracy)

@@ -213,8 +213,10 @@ def _digits_job(tmp_path, model_keys: dict, cwd=None, ranks=2):
         subprocess.run([_sys.executable, "-m", "hpcnn", "data", "digits", "-o", str(data)], check=True,
                        env=mpi_env(), capture_output=True)
     metrics = tmp_path / "m.jsonl"
+    # images as stored (the reference below reads them so) and no checkpoints
     sets = [f"data.path={str(data)!r}", "train.max_steps=3", "train.log_every=1", "plan.trials=0",
-            f"log.metrics={str(metrics)!r}", "model.name=''"] + [f"model.{k}={v!r}" for k, v in model_keys.items()]
+            f"log.metrics={str(metrics)!r}", "model.name=''", "checkpoint.dir=''",
+            "augment.random_resized_crop=false", "augment.mean=[]", "augment.std=[]"] + [f"model.{k}={v!r}" for k, v in model_keys.items()]
     args = [_sys.executable, "-m", "hpcnn", "train", str(ROOT / "jobs" / "digits.toml")]
     for s in sets:
         args += ["--set", s]

@@ -415,6 +415,33 @@ def test_softmax_cross_entropy(n, k, layout, dtype):
     assert abs(float(y.sum()) - mean) <= TOL[dtype] * abs(mean)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contig", "sliced"])
+@pytest.mark.parametrize("n,k,eps", [(5, 7, 0.1), (1, 3, 0.5), (8, 1000, 0.1), (4, 2, 0.9)])
+def test_softmax_cross_entropy_with_label_smoothing(n, k, eps, layout, dtype):
+    rng = np.random.default_rng(18)
+    z = rng.standard_normal((n, k)) * 3
+    labels = rng.integers(0, k, n)
+    tl = torch.tensor(labels)
+
+    def fn(z):
+        return F.cross_entropy(z, tl, reduction="none", label_smoothing=eps) / n
+    op = make_op("softmax_xent", "loss", label_smoothing=eps)
+    check(op, fn, [z], {}, dtype, layout, rng, labels=labels)
+    # the geometry is the loss's own: samples split, every class of a sample read
+    plain = make_op("softmax_xent", "loss")
+    box = ((1, n), (0, 1))
+    assert op.input_box(0, box[:1], [(n, k)]) == plain.input_box(0, box[:1], [(n, k)])
+    assert op.splittable == ("n",) and op.attrs() == {"label_smoothing": eps} and plain.attrs() == {}
+
+
+def test_label_smoothing_outside_0_1_is_named():
+    from hpcnn.ops import OpError
+    for bad in (-0.1, 1.0, "0.1", True):
+        with pytest.raises(OpError, match=r"label_smoothing must be a number in \[0, 1\)"):
+            make_op("softmax_xent", "loss", label_smoothing=bad)
+
+
 # ---------------------------------------------------------------- dropout
 def _dropout(p=0.3):
     return make_op("dropout", "drop1", p=p)

@@ -332,3 +332,79 @@ def test_trace_and_layer_table(digits, tmp_path):
     assert {"forward", "backward", "halo", "redistribution", "allreduce"} <= cats, cats
     assert all(e["dur"] >= 0 for e in events if e["ph"] == "X")
     assert "per-layer time" in r.stderr and "conv1" in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# training recipes through the job loop
+RECIPE = ["optimizer.kind='lamb'", "optimizer.lr=0.01", "optimizer.nesterov=false", "optimizer.weight_decay=0.01",
+          "optimizer.clip_norm=0.5", "optimizer.exclude_bias_and_norm=true", "train.batch=64", "train.accumulate=2",
+          "train.label_smoothing=0.1", "augment.flip=true", "train.log_every=1"]
+
+
+def test_restart_with_lamb_accumulation_clipping_and_smoothing(digits, tmp_path):
+    """LAMB, 2 micro-batches of 32 per step, clipping, label smoothing,
+    crops and flips: N steps, a checkpoint, N more continue bitwise on the
+    same plan and 4 ranks, and within 1e-12 on 2 ranks under another plan
+    (the plans are for the micro-batch of 32)."""
+    import shutil
+    N = 4
+    f4, f2 = _plans(tmp_path)
+
+    def sets(ck, steps, metrics=""):
+        return _restart_sets(digits, ck, steps) + RECIPE + [f"log.metrics='{metrics}'"]
+    straight = train(4, tmp_path, *sets(tmp_path / "a", 2 * N, tmp_path / "m.jsonl"), plan=f4)
+    assert straight.returncode == 0, output(straight)
+    assert "global batch 64 in 2 micro-batches of 32" in straight.stderr, output(straight)
+    assert "optimizer lamb" in straight.stderr and "label smoothing 0.1" in straight.stderr
+    records = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in records if r["kind"] == "train"]
+    assert len(norms) == 2 * N and all(n > 0 for n in norms)
+    first = train(4, tmp_path, *sets(tmp_path / "b", N), plan=f4)
+    assert first.returncode == 0, output(first)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    a, _ = final_params(tmp_path / "a" / f"ckpt-{2 * N:08d}.h5")
+    same = train(4, tmp_path, *sets(tmp_path / "b", 2 * N), plan=f4)
+    assert same.returncode == 0 and f"at step {N}" in same.stderr, output(same)
+    b, meta = final_params(tmp_path / "b" / f"ckpt-{2 * N:08d}.h5")
+    assert json.loads(meta["optimizer"]) == {"kind": "lamb", "steps": 2 * N}
+    assert any(k.startswith("optimizer/exp_avg_sq/") for k in a)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), f"{k} differs after a restart on the same plan"
+    other = train(2, tmp_path, *sets(tmp_path / "c", 2 * N), plan=f2)
+    assert other.returncode == 0 and "written on 4 ranks" in other.stderr, output(other)
+    c, _ = final_params(tmp_path / "c" / f"ckpt-{2 * N:08d}.h5")
+    for k in a:
+        err = np.abs(a[k] - c[k]).max() / max(np.abs(a[k]).max(), 1e-300)
+        assert err <= 1e-12, f"{k}: relative difference {err:.2e} after resharding 4 -> 2 ranks"
+
+
+def test_resuming_with_another_optimiser_starts_it_fresh(digits, tmp_path):
+    ck = tmp_path / "ck"
+    r = train(2, tmp_path, *base_sets(digits, ck, train__max_steps=3, data__test="''"))
+    assert r.returncode == 0, output(r)
+    r = train(2, tmp_path, *base_sets(digits, ck, train__max_steps=5, data__test="''"),
+              "optimizer.kind='adamw'", "optimizer.nesterov=false", "optimizer.lr=0.001")
+    assert r.returncode == 0, output(r)
+    assert "was written by optimizer.kind = 'sgd'; adamw starts with fresh state" in r.stderr, output(r)
+    _, meta = final_params(ck / "ckpt-00000005.h5")
+    assert json.loads(meta["optimizer"]) == {"kind": "adamw", "steps": 2}
+
+
+def test_the_imagenet_lars_recipe_runs(tmp_path):
+    """jobs/imagenet_resnet50_lars.toml as shipped (ResNet-50, LARS,
+    warm-up, label smoothing, crops, flips, resize and centre crop for
+    evaluation), on small synthetic images stored larger than the
+    network's input: two steps on 2 ranks."""
+    data = tmp_path / "synth.h5"
+    r = subprocess.run([PY, "-m", "hpcnn", "data", "synth", "-o", str(data), "--shape", "3x40x40", "-n", "32",
+                        "--test-samples", "8", "--classes", "10"], cwd=ROOT, env=mpi_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = train(2, tmp_path, f"data.path='{data}'", "model.image_size=32", "augment.resize=36", "train.batch=8",
+              "train.max_steps=2", "checkpoint.dir=''", "log.metrics=''", "plan.mode='data-parallel'",
+              job=ROOT / "jobs" / "imagenet_resnet50_lars.toml")
+    assert r.returncode == 0, output(r)
+    assert "model resnet50" in r.stderr and "optimizer lars lr 10" in r.stderr, output(r)
+    assert "training images: random resized crop" in r.stderr and "horizontal flip to 32x32 from 40x40" in r.stderr
+    assert "evaluation images: resize to 36, centre crop to 32x32 from 40x40" in r.stderr
+    assert "final test accuracy" in r.stderr

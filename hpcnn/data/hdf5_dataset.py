@@ -11,6 +11,12 @@ sorted order and put back in batch order in memory.  uint8 images are
 turned into floats as (x - mean[c]) / std[c].  ``prefetch`` reads the next
 batches in a background thread so that reading overlaps compute.
 
+With a ``transform`` (hpcnn.data.augment.Augmentation: random resized crop,
+flip, resize and centre crop) a box refers to the network's input, the
+transformed images: each sample is read on its own, only the stored rows,
+columns and channels its part of the box interpolates, and transformed as a
+pure function of (seed, epoch, file row).
+
 No MPI here: the caller passes the box (hpcnn.parallel.box.Box) of its tile.
 """
 from __future__ import annotations
@@ -50,10 +56,13 @@ class HDF5Dataset:
                  fixed batch size); with False it is served short
     normalize  : (x - mean) / std per channel; False gives the raw values
     dtype      : float dtype of the batches
+    transform  : an hpcnn.data.augment.Augmentation, or None (images as stored)
+    mean, std  : per-channel values (in the units of the stored values) that
+                 replace the file's attributes; None: the file's
     """
 
     def __init__(self, path, group=None, batch_size=32, shuffle=True, seed=0, drop_last=True,
-                 normalize=True, dtype=np.float32):
+                 normalize=True, dtype=np.float32, transform=None, mean=None, std=None):
         import h5py
         self.path = Path(path)
         if not self.path.exists():
@@ -70,7 +79,8 @@ class HDF5Dataset:
         except OSError as exc:
             raise DataError(f"data file {str(self.path)!r} is not a readable HDF5 file ({exc})") from None
         try:
-            self._open(group, batch_size, shuffle, seed, drop_last, normalize, dtype)
+            self._open(group, batch_size, shuffle, seed, drop_last, normalize, dtype, mean, std)
+            self._set_transform(transform)
         except BaseException:
             self._h5.close()
             raise
@@ -78,7 +88,8 @@ class HDF5Dataset:
         self._perm_lock = threading.Lock()
 
     # ---- opening and validation ------------------------------------------
-    def _open(self, group, batch_size, shuffle, seed, drop_last, normalize, dtype):
+    def _open(self, group, batch_size, shuffle, seed, drop_last, normalize, dtype, mean_override=None,
+              std_override=None):
         import h5py
         f = self._h5
         where = f"data file {str(self.path)!r}"
@@ -129,6 +140,7 @@ class HDF5Dataset:
         self._images = images
         self.num_samples = int(images.shape[0])
         self.sample_shape = tuple(int(s) for s in images.shape[1:])
+        self.stored_shape = self.sample_shape
         self.stored_dtype = images.dtype
         c = self.sample_shape[0]
         names = _attr(g, "class_names", _attr(f, "class_names"))
@@ -139,6 +151,16 @@ class HDF5Dataset:
         std = _attr(g, "std", _attr(f, "std"))
         if mean is None or std is None:
             mean, std = np.zeros(c), np.full(c, 255.0 if images.dtype == np.uint8 else 1.0)
+        for key, value in (("mean", mean_override), ("std", std_override)):
+            if value is None:
+                continue
+            if np.size(value) not in (1, c):
+                raise DataError(f"augment.{key} must have one value per channel ({c}) of {where}, "
+                                f"got {list(np.ravel(value))}")
+            if key == "mean":
+                mean = value
+            else:
+                std = value
         mean = np.broadcast_to(np.asarray(mean, dtype=np.float64).reshape(-1), (c,)) \
             if np.size(mean) in (1, c) else None
         std = np.broadcast_to(np.asarray(std, dtype=np.float64).reshape(-1), (c,)) \
@@ -163,6 +185,21 @@ class HDF5Dataset:
         if self.drop_last and self.batch_size > self.num_samples:
             raise DataError(f"batch_size {self.batch_size} is larger than the {self.num_samples} samples "
                             f"of group {self.group!r} in {where}; use a smaller batch or drop_last=False")
+
+    def _set_transform(self, transform):
+        """Images as the network sees them: ``sample_shape`` becomes the
+        transformed shape; a transform that changes nothing is dropped."""
+        self.transform = None
+        if transform is None:
+            return
+        hw = self.stored_shape[1:]
+        try:
+            transform.check(hw, where=f"data file {str(self.path)!r}, group {self.group!r}: ")
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        self.sample_shape = (self.stored_shape[0],) + tuple(int(s) for s in transform.out_hw(hw))
+        if not transform.is_identity(hw):
+            self.transform = transform
 
     # ---- batches -------------------------------------------------------------
     @property
@@ -238,20 +275,50 @@ class HDF5Dataset:
         as floats, and the labels of the box's samples."""
         b = self._box(box, index)
         idx = self.batch_indices(epoch, index)[b[0][0]:b[0][1]]
-        x = self.read_rows(idx, b[1:])
+        x = self.read_rows(idx, b[1:], epoch)
         return x, self.labels[idx]
 
-    def read_rows(self, rows, chw=None) -> np.ndarray:
+    def read_rows(self, rows, chw=None, epoch: int = 0) -> np.ndarray:
         """Images of file rows ``rows`` (any order, repeats allowed),
-        restricted to the (c, h, w) ranges ``chw``, converted to floats."""
-        raw = self.read_raw(rows, chw)
-        x = raw.astype(self.dtype)
+        restricted to the (c, h, w) ranges ``chw`` of the network's input,
+        converted to floats (and transformed as at ``epoch``)."""
+        if self.transform is not None:
+            x = self._read_transformed(rows, chw, epoch)
+        else:
+            x = self.read_raw(rows, chw).astype(self.dtype)
         if self.normalize:
             c0 = 0 if chw is None else chw[0][0]
             c1 = c0 + x.shape[1]
             x *= self._scale[c0:c1, None, None]
             x += self._shift[c0:c1, None, None]
         return x
+
+    def _read_transformed(self, rows, chw, epoch) -> np.ndarray:
+        """The transformed images of ``rows`` in the box ``chw`` of the
+        network's input: each sample's stored pixels that box interpolates,
+        one hyperslab per sample."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if chw is None:
+            chw = tuple((0, s) for s in self.sample_shape)
+        (c0, c1), hbox, wbox = (tuple(int(v) for v in r) for r in chw)
+        out = np.empty((rows.size, max(0, c1 - c0), max(0, hbox[1] - hbox[0]), max(0, wbox[1] - wbox[0])),
+                       dtype=self.dtype)
+        if out.size == 0:
+            return out
+        if rows.min() < 0 or rows.max() >= self.num_samples:
+            raise DataError(f"rows must lie in [0, {self.num_samples}), got [{rows.min()}, {rows.max()}]")
+        hw = self.stored_shape[1:]
+        done: dict = {}
+        for i, r in enumerate(rows.tolist()):
+            if r in done:                       # a repeated row (padding): the same pixels
+                out[i] = out[done[r]]
+                continue
+            view = self.transform.view(epoch, r, hw)
+            (r0, r1), (q0, q1) = view.source(hbox, wbox)
+            window = self._images[r, c0:c1, r0:r1, q0:q1]
+            out[i] = view.apply(window, (r0, q0), hbox, wbox, self.dtype)
+            done[r] = i
+        return out
 
     def read_raw(self, rows, chw=None) -> np.ndarray:
         """Stored values (uint8 or float) of file rows ``rows`` in the given

@@ -1,6 +1,14 @@
-"""Softmax cross-entropy.  Output is the per-sample loss divided by the
-GLOBAL batch size, shape (N,): the loss of the step is the sum of the output
-over all tiles (the mean over the global batch), whatever the split."""
+"""Softmax cross-entropy, optionally with label smoothing.  Output is the
+per-sample loss divided by the GLOBAL batch size, shape (N,): the loss of
+the step is the sum of the output over all tiles (the mean over the global
+batch), whatever the split.
+
+With label smoothing eps the target of a sample of class y over K classes
+is q = (1 - eps) onehot(y) + eps / K (Szegedy et al., 2016; what
+torch.nn.functional.cross_entropy(label_smoothing=eps) computes): the loss
+is -sum_k q_k log p_k and its gradient p - q.  Each sample's loss needs
+only its own row of logits, so the geometry (split over n only, every
+class of a sample on one rank) is the same with and without it."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +20,24 @@ from hpcnn.ops.base import Op, register, xp_of
 class SoftmaxCrossEntropy(Op):
     kind = "softmax_xent"
     splittable = ("n",)
+
+    def __init__(self, name="", label_smoothing=0.0):
+        super().__init__(name)
+        self.label_smoothing = label_smoothing
+
+    @property
+    def label_smoothing(self) -> float:
+        return self._smoothing
+
+    @label_smoothing.setter
+    def label_smoothing(self, eps):
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
+            self.fail(f"label_smoothing must be a number in [0, 1), got {eps!r}")
+        self._smoothing = float(eps)
+
+    def attrs(self):
+        # no attribute at 0, so that a plain loss keys machine files as before
+        return {"label_smoothing": self._smoothing} if self._smoothing else {}
 
     def infer_shape(self, in_shapes):
         self.check_arity(in_shapes)
@@ -42,15 +68,27 @@ class SoftmaxCrossEntropy(Op):
         zmax = z.max(axis=1, keepdims=True)
         e = xp.exp(z - zmax)
         s = e.sum(axis=1, keepdims=True)
-        logp_true = (xp.take_along_axis(z, labels[:, None], axis=1) - zmax - xp.log(s))[:, 0]
-        loss = -logp_true / n_global
+        logz = zmax + xp.log(s)
+        logp_true = (xp.take_along_axis(z, labels[:, None], axis=1) - logz)[:, 0]
+        eps = self._smoothing
+        if eps:
+            # -sum_k q_k log p_k = -(1 - eps) log p_y - eps * mean_k log p_k
+            mean_logp = z.mean(axis=1) - logz[:, 0]
+            loss = -((1.0 - eps) * logp_true + eps * mean_logp) / n_global
+        else:
+            loss = -logp_true / n_global
         return loss, (e / s, labels, n_global)
 
     def backward(self, dy, saved, params, ctx):
         p, labels, n_global = saved
         xp = xp_of(p)
-        g = p.copy()
-        g[xp.arange(g.shape[0]), labels] -= 1
+        eps = self._smoothing
+        if eps:
+            g = p - eps / p.shape[1]
+            g[xp.arange(g.shape[0]), labels] -= 1.0 - eps
+        else:
+            g = p.copy()
+            g[xp.arange(g.shape[0]), labels] -= 1
         return [g * (dy / n_global)[:, None]], {}
 
     def flops(self, in_shapes, out_shape):

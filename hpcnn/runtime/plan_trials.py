@@ -99,6 +99,8 @@ def run_trials(comm, graph, cands: list, batch_fn, make_optimizer, dtype=np.floa
     for c in cands:
         dm = DistributedModel(graph, c.plan, comm, dtype=np.dtype(dtype), seed=seed)
         opt = make_optimizer()
+        if hasattr(opt, "attach"):
+            opt.attach(dm)        # layer-wise norms and clipping sum over this candidate's shards
         box = dm.input_box()
         times = []
         for i in range(warmup + steps):
@@ -109,6 +111,8 @@ def run_trials(comm, graph, cands: list, batch_fn, make_optimizer, dtype=np.floa
             dt = comm.allreduce(time.perf_counter() - t, op=MPI.MAX)
             if i >= warmup:
                 times.append(dt)
+        if hasattr(opt, "free"):
+            opt.free()
         dm.free()
         c.steps_s = times
         c.measured_s = statistics.median(times)

@@ -95,7 +95,9 @@ def train_sequential(graph, dataset, epochs: int, optimizer, schedule=None, test
                      model: SequentialModel | None = None, on_epoch=None, eval_every: int = 1) -> TrainResult:
     """Train ``graph`` for ``epochs`` epochs on ``dataset``.
 
-    optimizer : hpcnn.runtime.sgd.SGD (or anything with step(params, grads, lr))
+    optimizer : an hpcnn.runtime.optimizers optimiser (or anything with
+                step_nodes(params, grads, lr)); one that needs norms is
+                attached to the model here
     schedule  : callable step -> learning rate (hpcnn.runtime.lr_schedule.Schedule);
                 None keeps the optimiser's lr
     test_dataset : evaluated after every ``eval_every`` epochs and at the end
@@ -113,6 +115,8 @@ def train_sequential(graph, dataset, epochs: int, optimizer, schedule=None, test
         _check_fits(graph, test_dataset, "test data")
         _check_eval_data(test_dataset, graph.batch)
     model = model or SequentialModel(graph, dtype=dtype, seed=seed)
+    if getattr(optimizer, "needs_norms", False) and getattr(optimizer, "norms", None) is None:
+        optimizer.attach(model)       # LARS, LAMB, clipping: norms of the model's whole tensors
     result = TrainResult(model=model)
     nb = dataset.num_batches
     step = start_epoch * nb
