@@ -20,11 +20,30 @@ def cluster_file(tmp_path, **changes):
     return p
 
 
-def test_cost_model_version_starts_at_2_and_old_files_are_version_1():
-    assert isinstance(COST_MODEL_VERSION, int) and COST_MODEL_VERSION >= 2
-    for name in ("local", "paper_p100_cluster"):          # shipped without it
-        m = load_machine(name)
-        assert m.cost_model_version == 1 and m.hosts == []
+def test_every_shipped_machine_file_is_for_this_cost_model():
+    """A machine file shipped in hpcnn/machines/ was calibrated (or, for a
+    datasheet description, written) for the current cost model: when the
+    model changes what a figure means (COST_MODEL_VERSION), the shipped
+    files must be recalibrated with it (hpcnn calibrate)."""
+    from hpcnn.strategy.machine import MACHINES_DIR
+    assert isinstance(COST_MODEL_VERSION, int) and COST_MODEL_VERSION >= 3
+    shipped = sorted(MACHINES_DIR.glob("*.json"))
+    assert {p.stem for p in shipped} >= {"local", "paper_p100_cluster"}
+    for path in shipped:
+        m = load_machine(path)
+        assert m.cost_model_version == COST_MODEL_VERSION, (
+            f"{path.name} was written for cost-model version {m.cost_model_version}, this hpcnn's is "
+            f"{COST_MODEL_VERSION}: recalibrate it (hpcnn calibrate -o {path})")
+        assert stale_warning(m, [1]) is None, path.name
+
+
+def test_files_without_a_version_are_version_1(tmp_path):
+    d = load_machine("paper_p100_cluster").to_dict()
+    del d["cost_model_version"]
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps(d))
+    assert load_machine(p).cost_model_version == 1
+    assert "written for cost-model version 1" in stale_warning(load_machine(p), [1])
 
 
 def test_version_and_hosts_survive_a_save_and_load(tmp_path):
