@@ -122,3 +122,24 @@ def test_a_short_run_on_two_emulated_nodes(tmp_path):
     assert set(out["targets"]) >= {"trialled_within_5pc_of_fastest_baseline", "profile_error",
                                    "machine_file_error", "layer_wise_row_beating_all"}
     assert "trials chose" in r.stdout and (tmp_path / "out.png").is_file()
+
+
+def test_the_measured_section_of_the_paper_page_is_written_in_place(tmp_path):
+    """--paper-report writes the measured section before "## Where hpcnn
+    differs" and, on a later run, replaces it; the other sections stay."""
+    from hpcnn.bench.cluster import PAPER_SECTION, update_paper_report
+    res = fake_result({"data-parallel": [2.0], "owt": [1.2], "model-parallel": [5.0], "searched": [1.0]})
+    out = {"rows": [summarise_row(res, "1gbit", "2x1", 1.19e8)], "settings": {"models": ["vgg16@32"]}}
+    out["targets"] = targets(out["rows"])
+    md = tmp_path / "page.md"
+    md.write_text("# Page\n\n## Predicted\n\nold tables\n\n## Where hpcnn differs from the paper, and why\n\n- x\n")
+    update_paper_report(md, out, tmp_path / "img" / "c.json", tmp_path / "img" / "c.png")
+    text = md.read_text()
+    assert text.index("## Predicted") < text.index(PAPER_SECTION) < text.index("## Where hpcnn differs")
+    assert "| vgg16@32 | 2 x 1 | 1gbit | layer-wise: none of the baselines | searched | 2.00x | 1.20x | 1.5x |" in text
+    assert "(img/c.json)" in text and "![speed-up" in text and "old tables" in text
+    out["rows"][0]["speedup_over_dp"] = 3.0
+    update_paper_report(md, out, tmp_path / "img" / "c.json")
+    again = md.read_text()
+    assert again.count(PAPER_SECTION) == 1 and "| 3.00x |" in again and "![speed-up" not in again
+    assert again.endswith("- x\n")

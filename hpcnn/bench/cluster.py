@@ -100,6 +100,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="also plot the speed-up over data parallelism against the link rate (matplotlib)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per launch (default 1800)")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="run nothing: report (and --plot, --paper-report) the results of an earlier --json")
+    p.add_argument("--paper-report", default=None, metavar="MD",
+                   help="also write the measured section of this page (docs/paper-reproduction.md), the "
+                        "other sections left as they are; needs --json or --from-json")
 
 
 def parse_layout(text: str) -> tuple[int, int]:
@@ -210,6 +215,10 @@ def _wait(args):
 
 
 def run(args) -> int:
+    if args.from_json:
+        out = json.loads(Path(args.from_json).read_text())
+        out["targets"] = targets(out["rows"])
+        return _finish(args, out, args.from_json)
     from hpcnn.cluster import EmulatedCluster
     from hpcnn.strategy.machine import load_machine
     layouts = _check(args)
@@ -255,11 +264,20 @@ def run(args) -> int:
            "seconds": time.perf_counter() - t_start,
            "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"
                         and isinstance(v, (str, int, float, bool, list, type(None)))}}
-    print(report(out))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
+    return _finish(args, out, args.json)
+
+
+def _finish(args, out, json_path) -> int:
+    print(report(out))
     if args.plot:
-        plot(rows, args.plot)
+        plot(out["rows"], args.plot)
+    if args.paper_report:
+        if not json_path:
+            raise SystemExit("hpcnn bench cluster: --paper-report links the results: give --json FILE")
+        update_paper_report(args.paper_report, out, json_path, args.plot)
+        print(f"wrote the measured section of {args.paper_report}")
     return 0
 
 
@@ -428,3 +446,68 @@ def plot(rows, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---- docs/paper-reproduction.md -----------------------------------------------------------------
+PAPER_SECTION = "## Measured on an emulated cluster (paper Figure 7 and Table 4, measured)"
+PAPER_SPEEDUP = {"alexnet": ("AlexNet", 2.2), "vgg16": ("VGG-16", 1.5), "inception_v3": ("Inception-v3", 1.4)}
+
+
+def paper_section(out: dict, json_rel: str, plot_rel: str | None) -> str:
+    """The measured section of docs/paper-reproduction.md from the JSON of
+    ``hpcnn bench cluster --json`` (``json_rel``, ``plot_rel``: their paths
+    relative to the page)."""
+    rows = out["rows"]
+    s = out.get("settings", {})
+    L = [PAPER_SECTION, ""]
+    L.append("The sections above predict the paper's cluster. This one measures: `hpcnn bench cluster` on an "
+             "emulated cluster of two nodes on this project's 2-core machine (network namespaces joined by "
+             "links shaped with tc, MPICH over TCP between the nodes; each node's ranks bound to a core of "
+             "their own, so two 1-core nodes), per link setting the machine file calibrated across the nodes "
+             "by the bench itself, then per network the searched plan, its trials (the plans a job would try) "
+             "and the three baselines, each timed over the same steps; reduced image sizes and a global batch "
+             f"of {rows[0]['batch'] if rows else '?'} so that a step takes seconds, not minutes. "
+             f"The raw results are in [{Path(json_rel).name}]({json_rel}); docs/performance.md, \"Cluster\", "
+             "has every plan's step, its spread and the predictions.\n")
+    L.append(f"Command: `hpcnn bench cluster --models {' '.join(s.get('models', []))} --rates "
+             f"{' '.join(s.get('rates', []))} --layouts {' '.join(s.get('layouts', []))} --json {json_rel}"
+             + (f" --plot {plot_rel}" if plot_rel else "") + "`\n")
+    L.append("| network | nodes x ranks | link | searched plan | trials chose | speed-up over data parallelism | "
+             "over the best of data, model parallelism and OWT | paper, 16 GPUs: over the best other |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        net = r["model"].split("@")[0]
+        paper = PAPER_SPEEDUP.get(net)
+        best = r["plans"][r["fastest_baseline"]]["measured_s"] / r["plans"][r["trialled"]]["measured_s"]
+        L.append(f"| {r['model']} | {r['layout'].replace('x', ' x ')} | {r['rate']} | {_plan_kind(r)} | "
+                 f"{_chosen(r)} | {r['speedup_over_dp']:.2f}x | {best:.2f}x | "
+                 f"{f'{paper[1]:.1f}x' if paper else '-'} |")
+    L.append("")
+    t = out.get("targets", {})
+    pe, fe = t.get("profile_error"), t.get("machine_file_error")
+    if pe and fe:
+        L.append(f"Cost model on the cluster (the paper's Table 4 is within 10% on its P100s): with the run's "
+                 f"own profile |error| median {pe['median'] * 100:.1f}%, max {pe['max'] * 100:.1f}%; from the "
+                 f"machine file alone median {fe['median'] * 100:.1f}%, max {fe['max'] * 100:.1f}%.\n")
+    if plot_rel:
+        L.append(f"![speed-up over data parallelism against the link rate]({plot_rel})\n")
+    return "\n".join(L) + "\n"
+
+
+def update_paper_report(md_path, out: dict, json_path, plot_path=None) -> None:
+    """Write ``paper_section`` into ``md_path`` in place of its measured
+    section (or before "## Where hpcnn differs"), leaving the predicted
+    sections as they are."""
+    md = Path(md_path)
+    rel = lambda p: os.path.relpath(p, md.parent)
+    section = paper_section(out, rel(json_path), rel(plot_path) if plot_path else None)
+    text = md.read_text()
+    if PAPER_SECTION in text:
+        a = text.index(PAPER_SECTION)
+        b = text.find("\n## ", a + len(PAPER_SECTION))
+        text = text[:a] + section + (text[b + 1:] if b >= 0 else "")
+    else:
+        anchor = "## Where hpcnn differs"
+        a = text.find(anchor)
+        text = (text[:a] + section + "\n" + text[a:]) if a >= 0 else text + "\n" + section
+    md.write_text(text)
