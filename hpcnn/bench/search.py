@@ -294,14 +294,14 @@ def write_report(md_path="docs/paper-reproduction.md", img_dir="docs/img", machi
 
     # ---- the page ----------------------------------------------------------------------
     w("# Reproducing Jia et al. (ICML 2018) with hpcnn's cost model and search\n")
-    w("Everything on this page but its last two sections is *predicted* by hpcnn's cost model for the "
+    w("Everything on this page but two sections is *predicted* by hpcnn's cost model for the "
       "paper's cluster, "
       "described in [hpcnn/machines/paper_p100_cluster.json](../hpcnn/machines/paper_p100_cluster.json) "
       "(4 nodes x 4 NVIDIA P100, NVLink inside a node, 100 Gb/s EDR InfiniBand between nodes; every figure "
       "there is sourced or marked as assumed). No P100 cluster was at hand, so nothing here is a "
       "measurement of that cluster; search times are measured on this project's 2-core machine. "
-      "Per-GPU batch 32 and ImageNet-sized inputs, as in the paper; float32. The cost model's accuracy "
-      "and the measured speed-ups on an emulated cluster of two nodes are measured on that machine.\n")
+      "Per-GPU batch 32 and ImageNet-sized inputs, as in the paper; float32. The two sections \"Cost "
+      "model accuracy\" and \"Measured on an emulated cluster\" are measurements on that machine.\n")
     w("Regenerate the whole page, tables and plots (the measured sections are read from the JSON their "
       "benchmarks wrote, `hpcnn bench model` and `hpcnn bench cluster`; `hpcnn bench cluster --from-json "
       "FILE --paper-report docs/paper-reproduction.md` rewrites the cluster section alone):\n\n"
