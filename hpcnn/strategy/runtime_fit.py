@@ -119,11 +119,13 @@ def synthetic_networks(P: int) -> list[SyntheticNetwork]:
     spatial = dict(fallback=lambda n: {"n": P} if len(n.shape) < 4 else None)
     # sizes from a fraction of a millisecond per layer to tens (64 channels
     # at 32x32, 8 samples per rank: about as long as a ResNet-18 layer at
-    # 64 pixels), so that the waits after stretches of compute are measured
-    # at the stretches of real networks, not extrapolated to them
+    # 64 pixels), and, without batch norm, eight such layers in one stretch
+    # (a data-parallel VGG's forward is one stretch of its 13 convolutions),
+    # so that the waits after stretches of compute are measured at the
+    # stretches of real networks, not extrapolated to them
     for L, bn, C, S, B in ((4, False, 8, 16, 4), (4, True, 8, 16, 4), (12, True, 8, 16, 4),
                            (4, True, 16, 32, 4), (2, True, 32, 32, 4), (2, True, 16, 32, 16),
-                           (2, True, 64, 32, 8)):
+                           (2, True, 64, 32, 8), (8, False, 64, 32, 8)):
         g = conv_chain(L, bn, C, S, B)
         out.append(SyntheticNetwork(g.name + "/n", g, uniform_plan(g, P, {"n": P})))
     if P > 1:
