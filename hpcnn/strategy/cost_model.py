@@ -23,8 +23,10 @@ t_x  an edge's exchange, forward and (unless the producer is the input) its
      per message of the rank that handles most messages.  Elements and
      messages are ``hpcnn.parallel.exchange_counts``: the same per-axis
      overlaps ``ExchangePlan`` is built from, equal to the runtime's
-     counters.  With calibrated runtime figures (one node): their latency
-     per exchange and bandwidth, plus assembling the consumer's region.
+     counters.  With calibrated runtime figures: their latency per
+     exchange and bandwidth (inside a node), plus assembling the
+     consumer's region; across nodes, the busiest port at the inter-node
+     rate if that is slower.
 mem  bytes one rank holds for the layer: parameter, gradient and momentum
      shards, buffers, the output tile kept for backward, and the assembled
      input region of every input that arrives over an exchange.
@@ -55,7 +57,7 @@ from hpcnn.parallel.exchange_counts import ExchangeTables, exchange_tables, rank
 from hpcnn.parallel.layout import DIM_NAMES, Layout
 from hpcnn.strategy.config_space import ConfigSpace, SpaceOptions
 from hpcnn.strategy.machine import Machine, allreduce_time, parameter_server_time
-from hpcnn.strategy.tile_geometry import NodeGeometry, NotSeparable, tile_key
+from hpcnn.strategy.tile_geometry import NodeGeometry, NotSeparable, inputs_from_input, tile_key
 
 ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2}
 
@@ -67,6 +69,58 @@ PARALLEL_WORK = 2e8
 #: backward flops relative to forward (conv and fully connected layers compute
 #: the input gradient and the weight gradient, each as costly as the forward)
 BACKWARD_FLOPS = {"conv2d": 2.0, "linear": 2.0}
+
+
+#: per table of measured tiles (its id), the tiles by everything but their
+#: sample count (``sample_index``); a few tables at a time
+_SAMPLE_INDEX: dict = {}
+
+
+def _blank_samples(key: str):
+    """(the key with every tile's sample count blanked, the sample count),
+    or None when the tiles do not all lead with the same sample count."""
+    kind, attrs, ins, out, dtype, *rest = json.loads(key)
+    if not out or any(not s or s[0] != out[0] for s in ins):
+        return None
+    blank = [kind, attrs, [[None] + list(s[1:]) for s in ins], [None] + list(out[1:]), dtype, *rest]
+    return json.dumps(blank, sort_keys=True, separators=(",", ":")), int(out[0])
+
+
+def sample_index(ops: dict) -> dict:
+    """{key with the sample counts blanked: [(samples, seconds)]} of a table
+    of measured tiles ({tile_key: seconds}); cached per table."""
+    hit = _SAMPLE_INDEX.get(id(ops))
+    if hit is not None and hit[0] is ops and hit[1] == len(ops):
+        return hit[2]
+    index: dict = {}
+    for key, t in ops.items():
+        b = _blank_samples(key)
+        if b is not None and b[1] > 0:
+            index.setdefault(b[0], []).append((b[1], float(t)))
+    if len(_SAMPLE_INDEX) >= 16:
+        _SAMPLE_INDEX.clear()
+    _SAMPLE_INDEX[id(ops)] = (ops, len(ops), index)
+    return index
+
+
+def scaled_tile(ops: dict, key: str, overhead: float) -> float | None:
+    """Seconds of the tile ``key`` from a measured tile of the same op and
+    shape but another sample count n0 (the nearest; a larger one on a
+    tie): its time beyond the op's fixed cost ``overhead`` scales with the
+    samples, t = o + (t0 - o) n / n0 (the work of every op here is linear in
+    its samples).  None when no such tile was measured."""
+    if not ops:
+        return None
+    b = _blank_samples(key)
+    if b is None:
+        return None
+    near = sample_index(ops).get(b[0])
+    if not near:
+        return None
+    n = b[1]
+    n0, t0 = min(near, key=lambda e: (abs(math.log(e[0] / n)), -e[0]))
+    o = min(overhead, t0)
+    return o + (t0 - o) * n / n0
 
 
 class CostModelError(ValueError):
@@ -139,14 +193,29 @@ class CostModel:
     # ---- collectives ---------------------------------------------------------
     def allreduce_parts(self, nbytes: float, group: int, link, share: float = 1.0):
         """(latency, bandwidth) seconds of one allreduce of ``nbytes`` over
-        ``group`` ranks: the runtime figures calibrated for this job size
-        when the machine has them, else the link model."""
+        ``group`` ranks whose busiest link is ``link``: the runtime figures
+        calibrated for this job size when the machine has them, else the
+        link model.  Across nodes (``link`` is the inter-node one), the bytes
+        go at the measured collective's bus bandwidth
+        (``Machine.allreduce_across``; else the link's), and the latency is
+        the runtime's when its figures were measured across nodes, else the
+        collective's."""
         if group <= 1 or nbytes <= 0:
             return 0.0, 0.0
-        rt = self.rt
+        m, rt = self.machine, self.rt
+        wire = 2.0 * (group - 1) / group * nbytes
+        if link is m.inter and link is not m.intra:
+            coll = m.allreduce_across(group, share)
+            if coll is None:
+                lat, bw = 2 * math.ceil(math.log2(group)) * link.latency, link.bandwidth / share
+            else:
+                lat, bw = coll
+            if rt is not None and rt.allreduce_latency and rt.nodes > 1:
+                lat = rt.allreduce_alpha(group)
+            return lat, wire / bw
         if rt is not None and rt.allreduce_latency:
             bw = rt.allreduce_bandwidth or link.bandwidth
-            return rt.allreduce_alpha(group), 2.0 * (group - 1) / group * nbytes * share / bw
+            return rt.allreduce_alpha(group), wire * share / bw
         full = allreduce_time(nbytes, group, link, share)
         lat = 2 * math.ceil(math.log2(group)) * link.latency
         return lat, full - lat
@@ -237,7 +306,7 @@ class CostModel:
                 # plan, after every stretch of compute that ends in a synchronisation
                 skew = np.minimum(self.rt.skew * t_c, self.rt.skew_cap_s)
                 t_c = t_c + skew
-            mem_eff = m.memory_bandwidth * float(m.device.get("memory_efficiency", 1.0))
+            mem_eff = m.memory_bandwidth * m.memory_efficiency()
             t_c = t_c + 5.0 * shard * isz / mem_eff            # the optimiser's update
         t_s = np.zeros(C)
         for row in range(C):
@@ -271,22 +340,30 @@ class CostModel:
         flops = ff[inv.reshape(-1)] * (1.0 + BACKWARD_FLOPS.get(node.kind, 1.0))
         nbytes = 3.0 * (in_el + out_el + shard) * isz
         t_f = flops / (m.peak_flops * m.efficiency(node.kind))
-        t_m = nbytes / (m.memory_bandwidth * float(m.device.get("memory_efficiency", 1.0)))
-        t_c = np.maximum(t_f, t_m) + float(m.device.get("op_overhead_s", 0.0))
+        t_m = nbytes / (m.memory_bandwidth * m.memory_efficiency(node.kind))
+        t_c = np.maximum(t_f, t_m) + m.op_overhead(node.kind)
         # slow-down of a tile timed alone when every rank of the job computes
         factor = self.rt.compute_factor if self.rt is not None else m.oversubscription(self.ranks)
         t_c = t_c * factor
         measured = np.zeros(len(t_c), dtype=bool)
         if self._measured or self._rt_ops:
+            o = m.op_overhead(node.kind)
             for u, row in enumerate(uniq):
-                tk = tile_key(node, *geom.split_shapes(row), self.dtype)
+                tk = tile_key(node, *geom.split_shapes(row), self.dtype, inputs_from_input(self.graph, node))
                 hit = inv.reshape(-1) == u
                 if tk in self._rt_ops:           # timed with every rank computing
                     t_c[hit] = float(self._rt_ops[tk])
-                    measured[hit] = True
                 elif tk in self._measured:       # timed alone
                     t_c[hit] = float(self._measured[tk]) * factor
-                    measured[hit] = True
+                else:                            # the same tile at another sample count
+                    got = scaled_tile(self._rt_ops, tk, o)
+                    if got is None:
+                        got = scaled_tile(self._measured, tk, o)
+                        got = None if got is None else got * factor
+                    if got is None:
+                        continue
+                    t_c[hit] = got
+                measured[hit] = True
         if self.rt is not None:
             t_c = t_c * (1.0 + self.rt.tile_inflation)
         return t_c, measured
@@ -335,13 +412,18 @@ class CostModel:
         per consumer configuration) from the pieces."""
         m = self.machine
         b = tab.max_rank * self.itemsize
+        x = tab.node_inter * self.itemsize
         rt = self.rt
-        if rt is not None and rt.exchange is not None and m.nodes_for(self.ranks) <= 1:
-            t = rt.exchange.latency + b / rt.exchange.bandwidth
+        if rt is not None and rt.exchange is not None:
+            t = b / rt.exchange.bandwidth
+            if m.nodes_for(self.ranks) > 1:
+                # across nodes: the busiest node port at the link's rate,
+                # and a link latency per message
+                t = np.maximum(t, x / m.inter.bandwidth) + np.where(x > 0, tab.messages * m.inter.latency, 0.0)
+            t = rt.exchange.latency + t
             if region is not None and rt.copy_bandwidth:
                 t = t + np.asarray(region, dtype=np.float64)[None, :] / rt.copy_bandwidth
             return directions * np.where(tab.max_rank > 0, t, 0.0)
-        x = tab.node_inter * self.itemsize
         lat = np.where(x > 0, m.inter.latency, m.intra.latency)
         t = np.maximum(b / m.intra.bandwidth, x / m.inter.bandwidth) + tab.messages * lat
         return directions * np.where(tab.max_rank > 0, t, 0.0)

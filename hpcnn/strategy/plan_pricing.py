@@ -170,7 +170,9 @@ def overheads(model: CostModel) -> float:
     layers = sum(1 for n in model.graph if n.kind != "input")
     t = rt.node_overhead_s * layers + rt.step_overhead_s
     if model.ranks > 1:
-        t += sum(model.allreduce_parts(8, model.ranks, model.machine.intra))
+        m = model.machine
+        link = m.inter if m.nodes_for(model.ranks) > 1 else m.intra
+        t += sum(model.allreduce_parts(8, model.ranks, link))
     return float(t)
 
 
