@@ -2,7 +2,8 @@
 
 Every op kind registers itself; ``make_op(kind, name, **attrs)`` builds one.
 """
-from hpcnn.ops.base import (REGISTRY, Op, OpError, ParamSpec, TileContext, box_pads, box_shape,
+from hpcnn.ops.base import (REGISTRY, Op, OpError, ParamSpec, PartGrads, RegionPart, TileContext,
+                            TileRegion, box_pads, box_shape,
                             clip_box, dims_of, full_box, init_param, make_op)
 from hpcnn.ops.kernel_set import kernel_set
 from hpcnn.ops.activation import ReLU
@@ -16,7 +17,7 @@ from hpcnn.ops.loss import SoftmaxCrossEntropy
 from hpcnn.ops.pool import AvgPool2d, GlobalAvgPool, MaxPool2d
 from hpcnn.ops.reshape import Flatten
 
-__all__ = ["REGISTRY", "Op", "OpError", "ParamSpec", "TileContext", "box_pads",
+__all__ = ["REGISTRY", "Op", "OpError", "ParamSpec", "PartGrads", "RegionPart", "TileContext", "TileRegion", "box_pads",
            "box_shape", "clip_box", "dims_of", "full_box", "init_param", "make_op", "kernel_set", "ReLU",
            "BatchNorm", "Conv2d", "Dropout", "Input", "Add", "Concat", "Linear",
            "SoftmaxCrossEntropy", "AvgPool2d", "GlobalAvgPool", "MaxPool2d", "Flatten"]
