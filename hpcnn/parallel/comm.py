@@ -7,24 +7,52 @@ it is given, so its messages never match the caller's) and the backend:
   source tile that other ranks need and assembles its own needed region
   (its clipped need box) from the pieces it receives and its own tile.  When
   the region is a part of its own tile (the identity included) the result is
-  a view and nothing is copied.
+  a view and nothing is copied.  With ``pieces=True`` nothing is assembled:
+  the result is a ``TileRegion`` whose parts are views of this rank's own
+  tile and the pieces as they arrived (a halo exchange then moves and
+  writes the halo strips alone).
 * ``exchange_adjoint(plan, grad, acc)``: the exact adjoint.  Every
   destination sends the gradient of each received piece back to the piece's
-  owner, which sums them (and its own piece) into the gradient of its tile.
+  owner, which sums them (and its own piece) into the gradient of its tile,
+  in place.  ``grad`` is the region's gradient as one array or per piece.
+* ``start_exchange`` / ``start_adjoint`` begin the same transfers and return
+  a ``Flight`` whose ``finish()`` completes them, so that a tile's interior
+  can be computed while its halo is in flight.
 * ``allreduce(arr, comm)``: sum over a (sub-)communicator.
 
-Two transports execute plans: ``p2p`` (Isend/Irecv, one message per
-source-destination pair; the default, chosen by measurement, see
-docs/performance.md) and ``neighbor`` (one MPI neighbourhood all-to-all on a
-distributed-graph communicator per plan; every rank of the communicator must
-then call ``exchange`` for every plan, in the same order).
+Three transports execute a plan, each moving every piece once without a
+copy by hpcnn where MPI can read or write it in place:
 
-GPU arrays (CuPy): the stream is synchronised before every MPI call; when MPI
-is not CUDA-aware (``hpcnn.backend.probe_cuda_aware``, or
-HPCNN_CUDA_AWARE=0|1) messages are staged through host memory.
+* ``p2p``: one Isend/Irecv per source-destination pair;
+* ``neighbor``: one MPI neighbourhood all-to-all (``Ineighbor_alltoallw``)
+  on a distributed-graph communicator made per plan;
+* ``alltoallw``: one ``Ialltoallw`` over the whole communicator (the
+  Alltoallv of the same bytes, with a datatype per peer).
+
+``neighbor`` and ``alltoallw`` are collective: when any rank of the
+communicator moves data in a plan, every rank must start that plan's
+exchange, in the same order (ranks without pieces take part with nothing).
+The runtime chooses a transport per plan by measurement at set-up
+(``measure_transports``).
+
+How a piece meets MPI (host memory): a piece whose elements are contiguous
+in memory is handed over as it is; a strided one whose contiguous runs are
+at least ``DATATYPE_MIN_RUN`` bytes travels as an MPI derived datatype
+(MPI reads it from the tile and writes it into the region directly); one
+with shorter runs (a channel slice of a channels-last tile) is packed by
+NumPy into one persistent buffer per plan and direction, which measured
+faster than MPI's own packing of short runs.  Pieces travel in the
+channels-last element order of 4-D tensors (the layout of the kernels'
+outputs) and in logical order otherwise.  GPU arrays (CuPy): the stream is
+synchronised before every MPI call, pieces are packed on the device, and
+when MPI is not CUDA-aware (``hpcnn.backend.probe_cuda_aware``, or
+HPCNN_CUDA_AWARE=0|1) they are staged through host memory; with
+CUDA-aware MPI only ``p2p`` runs on device buffers.
 
 Every byte handed to MPI for another rank is counted, per plan key and
-direction and per step by category (``ByteCounter``).
+direction and per step by category (``ByteCounter``).  A message is a
+(source, destination) pair of the plan's pieces, whatever the number of
+MPI calls the transport makes for it.
 """
 from __future__ import annotations
 
@@ -37,11 +65,19 @@ from mpi4py import MPI
 
 from hpcnn.backend import get_backend, probe_cuda_aware, to_host
 
-__all__ = ["Communicator", "ByteCounter", "TRANSPORTS", "detect_cuda_aware"]
+__all__ = ["Communicator", "ByteCounter", "Flight", "TRANSPORTS", "DATATYPE_MIN_RUN",
+           "detect_cuda_aware"]
 
-TRANSPORTS = ("p2p", "neighbor")
+TRANSPORTS = ("p2p", "neighbor", "alltoallw")
+_COLLECTIVE = ("neighbor", "alltoallw")
 _TAG_SPAN = 30000   # MPI guarantees tags up to 32767
 
+#: a strided piece whose contiguous runs are at least this many bytes is sent
+#: and received as an MPI derived datatype (no copy by hpcnn); shorter runs
+#: are packed by NumPy.  Measured with MPICH 5.0.2 on shared memory: runs of
+#: 128 KiB cost nothing over a contiguous message, runs of 16 to 128 bytes
+#: cost MPI 10-20% more than NumPy's pack and unpack (docs/performance.md)
+DATATYPE_MIN_RUN = 1024
 
 _cuda_aware_found: dict = {}
 
@@ -67,10 +103,12 @@ class ByteCounter:
     """Bytes and messages sent to other ranks.
 
     per_plan[key][direction] : cumulative bytes ('forward' / 'backward'),
-                               and MPI calls ('messages_forward' / ...)
+                               and messages ('messages_forward' / ...):
+                               (source, destination) pairs of the plan
     step[category]           : bytes since the last ``reset_step``
     total[category]          : bytes since creation
-    calls[category]          : MPI calls (messages or collectives) since reset
+    calls[category]          : messages or collectives since reset
+    seconds[category]        : time spent inside the calls since reset
     """
 
     def __init__(self):
@@ -99,6 +137,164 @@ class ByteCounter:
         return dict(self.step)
 
 
+# ---- pieces in memory ---------------------------------------------------------------------
+def _canonical(a):
+    """The piece in its travelling element order: channels-last for 4-D."""
+    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+
+
+def _address(a) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _span(a) -> int:
+    """Bytes from the first to one past the last element of a view with
+    non-negative strides."""
+    return sum((s - 1) * st for s, st in zip(a.shape, a.strides)) + a.itemsize
+
+
+_types: dict = {}
+
+
+def _mpi_type(dtype):
+    return MPI._typedict[np.dtype(dtype).char]
+
+
+def _strided_type(c):
+    """(committed MPI datatype, its contiguous run in bytes) describing the
+    elements of the canonical view ``c`` in order, relative to its first
+    element; None when its strides are not usable (negative or zero)."""
+    it = c.itemsize
+    dims = [(int(s), int(st)) for s, st in zip(c.shape, c.strides) if s > 1]
+    if any(st <= 0 for _, st in dims):
+        return None
+    run = 1
+    while dims and dims[-1][1] == it * run:
+        run *= dims[-1][0]
+        dims.pop()
+    key = (c.dtype.char, run, tuple(dims))
+    hit = _types.get(key)
+    if hit is None:
+        t = _mpi_type(c.dtype).Create_contiguous(run)
+        for s, st in reversed(dims):
+            t2 = t.Create_hvector(s, 1, st)
+            t.Free()
+            t = t2
+        t.Commit()
+        if len(_types) > 4096:          # plans of many shapes: do not grow without bound
+            for old in _types.values():
+                old.Free()
+            _types.clear()
+        hit = _types[key] = (t, run * it)
+    return hit
+
+
+class _Buf:
+    """One piece as MPI sees it: (memory, count, datatype) at the piece's
+    address, plus what to do before sending or after receiving."""
+
+    __slots__ = ("mem", "count", "mtype", "addr", "pack", "unpack", "array")
+
+    def __init__(self, mem, count, mtype, addr, array, pack=None, unpack=None):
+        self.mem, self.count, self.mtype, self.addr = mem, count, mtype, addr
+        self.array, self.pack, self.unpack = array, pack, unpack
+
+    def spec(self):
+        return [self.mem, self.count, self.mtype]
+
+    def anchored(self):
+        """A datatype of this piece at its absolute address (for the
+        collectives, which take every piece relative to MPI_BOTTOM)."""
+        t = MPI.Datatype.Create_struct([self.count], [self.addr], [self.mtype])
+        t.Commit()
+        return t
+
+
+class _Program:
+    """One rank's part of a plan: the slices of what it sends, receives and
+    copies from its own tile, in both directions, and its buffers."""
+
+    def __init__(self, plan, me):
+        self.plan = plan
+        self.src_box = sb = plan.src.box(me)
+        self.need = need = plan.need(me)
+        self.sends = [(d, b.slices(sb.lo), b.shape) for d, b in plan.sends(me) if d != me]
+        if need is not None:
+            self.recvs = [(s, b.slices(need.lo), b.shape) for s, b in plan.receives(me) if s != me]
+            self.local = [(b.slices(sb.lo), b.slices(need.lo), b) for s, b in plan.receives(me) if s == me]
+        else:
+            self.recvs, self.local = [], []
+        self.view = (need is not None and not need.empty and not self.recvs and len(self.local) == 1)
+        self.traffic = plan.total_bytes() > 0
+        self.moves = bool(self.sends or self.recvs)
+        self.whole_tile = (sb is not None and len(self.local) == 1 and self.local[0][2] == sb)
+        self.sent = plan.bytes_sent(me)
+        self.received = plan.bytes_received(me)
+        self.graphs: dict = {}
+        self.slots: dict = {}
+        self.busy: set = set()
+
+    def slot(self, purpose, n, dtype, xp):
+        """A persistent flat buffer of at least ``n`` elements for
+        ``purpose`` (packing or staging), or a fresh one while the last is
+        still in use by a flight."""
+        key = (purpose, np.dtype(dtype).char, xp.__name__)
+        if key in self.busy:
+            return xp.empty(n, dtype=dtype), None
+        buf = self.slots.get(key)
+        if buf is None or buf.size < n:
+            buf = self.slots[key] = xp.empty(n, dtype=dtype)
+        self.busy.add(key)
+        return buf, key
+
+
+class Flight:
+    """Transfers started by ``start_exchange`` or ``start_adjoint``;
+    ``finish()`` waits for them and returns the result (the region, or the
+    tile's gradient).  ``test()`` lets MPI advance them meanwhile."""
+
+    def __init__(self, cm, prog, key, category, direction):
+        self.cm, self.prog, self.key, self.category = cm, prog, key, category
+        self.direction = direction
+        self.reqs: list = []
+        self.keep: list = []
+        self.types: list = []
+        self.unpack: list = []
+        self.slot_keys: list = []
+        self.spent = 0.0
+        self.nbytes = 0
+        self.messages = 0
+        self.done = False
+        self._finish = None
+        self.started_at = time.perf_counter()
+
+    def test(self) -> bool:
+        if self.done or not self.reqs:
+            return True
+        return MPI.Request.Testall(self.reqs)
+
+    def finish(self, *args, **kw):
+        if self.done:
+            raise RuntimeError(f"the exchange {self.key!r} was finished twice")
+        t0 = time.perf_counter()
+        if self.reqs:
+            MPI.Request.Waitall(self.reqs)
+        for t in self.types:
+            t.Free()
+        for dst, src in self.unpack:
+            dst[...] = self.cm._to_compute(src)
+        for k in self.slot_keys:
+            self.prog.busy.discard(k)
+        self.done = True
+        out = self._finish(*args, **kw) if self._finish is not None else None
+        self.spent += time.perf_counter() - t0
+        if self.prog.traffic and (self.prog.moves or self.transport in _COLLECTIVE):
+            self.cm.counter.add(self.category, self.nbytes, self.key, self.direction,
+                                calls=self.messages, seconds=self.spent)
+        self.keep = self.types = self.unpack = []
+        return out
+
+
 class Communicator:
     """Plans and collectives on a private duplicate of ``comm``."""
 
@@ -113,44 +309,29 @@ class Communicator:
         self.backend = backend or get_backend()
         self.transport = transport
         self.counter = ByteCounter()
-        self._graph_comms = {}
+        self._programs: dict = {}
         # staging through host memory when the arrays live on a GPU and MPI
         # does not accept device buffers
         if self.backend.is_gpu and probe:
             detect_cuda_aware(self.mpi, self.backend)
         self.staging = bool(self.backend.is_gpu and not self.backend.cuda_aware)
+        self.device_buffers = bool(self.backend.is_gpu and not self.staging)
 
     # ---- buffers ------------------------------------------------------------
     def _sync(self):
         if self.backend.is_gpu:
             self.backend.synchronize()
 
-    def _send_buf(self, a):
-        """A contiguous buffer MPI can read (host copy when staging)."""
-        xp = self.backend.xp
-        a = xp.ascontiguousarray(a)
-        if self.staging:
-            return to_host(a)
-        return a
-
-    def _recv_buf(self, shape, dtype, view=None):
-        """A buffer MPI can write: ``view`` itself when it is a contiguous
-        window on the right memory, else a fresh contiguous array."""
-        if view is not None and not self.staging and view.flags.c_contiguous:
-            return view, False
-        if self.staging:
-            return np.empty(shape, dtype=dtype), True
-        return self.backend.xp.empty(shape, dtype=dtype), True
-
     def _alloc(self, shape, dtype, like=None, zeros=False):
         """A new array of ``shape`` on the compute device, laid out in
         memory like ``like`` when that is a 4-D channels-last array (the
-        layout the fast kernels return and read without a copy), else
-        C-contiguous."""
+        layout the fast kernels return and read without a copy), channels-
+        last too for a 4-D array without a model, else C-contiguous."""
         xp = self.backend.xp
         make = xp.zeros if zeros else xp.empty
-        if (like is not None and like.ndim == 4 and len(shape) == 4 and like.shape[1] > 1
-                and like.strides[1] == like.itemsize and not like.flags.c_contiguous):
+        if len(shape) == 4 and shape[1] > 1 and (like is None or (
+                like.ndim == 4 and like.shape[1] > 1 and like.strides[1] == like.itemsize
+                and not like.flags.c_contiguous)):
             n, c, h, w = shape
             return make((n, h, w, c), dtype=dtype).transpose(0, 3, 1, 2)
         return make(shape, dtype=dtype)
@@ -161,14 +342,137 @@ class Communicator:
     def _tag(self, tag):
         return int(tag) % _TAG_SPAN
 
+    def _program(self, plan) -> _Program:
+        prog = self._programs.get(plan)
+        if prog is None:
+            prog = self._programs[plan] = _Program(plan, self.rank)
+        return prog
+
+    def _check_transport(self, transport):
+        t = self.transport if transport is None else transport
+        if t not in TRANSPORTS:
+            raise ValueError(f"unknown transport {t!r}: choose one of {', '.join(TRANSPORTS)}")
+        if self.device_buffers and t != "p2p":
+            t = "p2p"      # collectives with datatypes on device memory are not relied upon
+        return t
+
+    def _send_buf(self, fl, view, purpose, dtype, slots):
+        """The MPI view of a piece to send (packing it where needed)."""
+        xp = self.backend.xp
+        c = _canonical(view)
+        if self.backend.is_gpu:
+            a = xp.ascontiguousarray(c)
+            if self.staging:
+                a = to_host(a)
+            fl.keep.append(a)
+            return _Buf(a, a.size, _mpi_type(dtype), _address(a) if not self.device_buffers else 0, a)
+        return self._host_buf(fl, c, purpose, dtype, slots, send=True)
+
+    def _recv_buf(self, fl, view, purpose, dtype, slots):
+        """The MPI view of where a piece is received (in place where MPI
+        can write it, else a staging slot unpacked at the end)."""
+        c = _canonical(view)
+        if self.backend.is_gpu:
+            if self.device_buffers and c.flags.c_contiguous:
+                return _Buf(c, c.size, _mpi_type(dtype), 0, c)
+            a = np.empty(c.shape, dtype=dtype) if self.staging else self.backend.xp.empty(c.shape, dtype=dtype)
+            fl.unpack.append((c, a))
+            fl.keep.append(a)
+            return _Buf(a, a.size, _mpi_type(dtype), _address(a) if self.staging else 0, a)
+        return self._host_buf(fl, c, purpose, dtype, slots, send=False)
+
+    def _host_buf(self, fl, c, purpose, dtype, slots, send):
+        mt = _mpi_type(dtype)
+        if c.flags.c_contiguous:
+            fl.keep.append(c)
+            return _Buf(c, c.size, mt, _address(c), c)
+        st = _strided_type(c)
+        if st is not None and st[1] >= DATATYPE_MIN_RUN:
+            fl.keep.append(c)
+            return _Buf(MPI.memory.fromaddress(_address(c), _span(c)), 1, st[0], _address(c), c)
+        # short runs: a slot of the plan's pack (or staging) buffer
+        off = slots["used"]
+        slots["used"] += c.size
+        slots["pieces"].append((c, off, send))
+        return None
+
+    def _bind_slots(self, fl, prog, purpose, dtype, slots, bufs):
+        """Give the pieces that need a pack or staging slot their place in
+        one buffer of the plan (packing the outgoing ones now)."""
+        if not slots["pieces"]:
+            return
+        xp = self.backend.xp
+        flat, key = prog.slot(purpose, slots["used"], dtype, xp)
+        if key is not None:
+            fl.slot_keys.append(key)
+        fl.keep.append(flat)
+        mt = _mpi_type(dtype)
+        it = iter(slots["pieces"])
+        for i, b in enumerate(bufs):
+            if b is not None:
+                continue
+            c, off, send = next(it)
+            part = flat[off:off + c.size].reshape(c.shape)
+            if send:
+                part[...] = c
+            else:
+                fl.unpack.append((c, part))
+            bufs[i] = _Buf(part, c.size, mt, _address(part), part)
+
+    def _post(self, fl, transport, sends, recvs, tag, graph_key, prog):
+        """Start the transfers: ``sends``/``recvs`` are [(peer, _Buf)]."""
+        t = self._tag(tag)
+        self._sync()
+        if transport == "p2p":
+            for peer, b in recvs:
+                fl.reqs.append(self.mpi.Irecv(b.spec(), source=peer, tag=t))
+            for peer, b in sends:
+                fl.reqs.append(self.mpi.Isend(b.spec(), dest=peer, tag=t))
+            return
+        if transport == "alltoallw":
+            P = self.size
+            sc, rc = [0] * P, [0] * P
+            st, rt = [MPI.BYTE] * P, [MPI.BYTE] * P
+            for peer, b in sends:
+                sc[peer], st[peer] = 1, b.anchored()
+                fl.types.append(st[peer])
+            for peer, b in recvs:
+                rc[peer], rt[peer] = 1, b.anchored()
+                fl.types.append(rt[peer])
+            zero = [0] * P
+            fl.reqs.append(self.mpi.Ialltoallw([MPI.BOTTOM, sc, zero, st], [MPI.BOTTOM, rc, zero, rt]))
+            return
+        # neighbourhood collective on the plan's graph (sources: who sends
+        # to this rank in this direction; destinations: whom it sends to)
+        gc = prog.graphs.get(graph_key)
+        if gc is None:
+            gc = prog.graphs[graph_key] = self.mpi.Create_dist_graph_adjacent(
+                [p for p, _ in recvs], [p for p, _ in sends], reorder=False)
+        st = [b.anchored() for _, b in sends]
+        rt = [b.anchored() for _, b in recvs]
+        fl.types.extend(st + rt)
+        fl.reqs.append(gc.Ineighbor_alltoallw([MPI.BOTTOM, [1] * len(st), [0] * len(st), st],
+                                              [MPI.BOTTOM, [1] * len(rt), [0] * len(rt), rt]))
+
     # ---- forward ------------------------------------------------------------
-    def exchange(self, plan, tile, dtype=None, tag=0, key=None, category="exchange"):
+    def exchange(self, plan, tile, dtype=None, tag=0, key=None, category="exchange", pieces=False,
+                 transport=None):
         """Run ``plan`` forward.  ``tile`` is this rank's source tile (None
         when it holds none).  Returns this rank's region (an array of the
-        clipped need's shape; a view of ``tile`` when it comes from the tile
-        alone) or None when this rank needs nothing."""
+        clipped need's shape, a view of ``tile`` when it comes from the tile
+        alone; a ``TileRegion`` with ``pieces=True``) or None when this rank
+        needs nothing."""
+        return self.start_exchange(plan, tile, dtype, tag, key, category, pieces, transport).finish()
+
+    def start_exchange(self, plan, tile, dtype=None, tag=0, key=None, category="exchange",
+                       pieces=False, transport=None) -> Flight:
+        """Start ``plan`` forward; ``finish()`` of the returned flight gives
+        what ``exchange`` returns.  With ``pieces=True``, ``flight.region(wait)``
+        gives the region at once, its own parts readable and the others after
+        ``wait`` (which must finish the flight)."""
         me = self.rank
-        src_box = plan.src.box(me)
+        prog = self._program(plan)
+        src_box = prog.src_box
         if src_box is not None:
             if tile is None:
                 raise ValueError(f"rank {me} holds tile {src_box} of the source of plan {key!r} "
@@ -184,198 +488,227 @@ class Communicator:
         if dtype.itemsize != plan.itemsize:
             raise ValueError(f"plan {key!r} was compiled for {plan.itemsize}-byte elements, "
                              f"got {dtype}")
-        need = plan.need(me)
-        recvs = plan.receives(me)
-        # zero-copy: the region is (part of) this rank's own tile
-        if need is not None and not need.empty and len(recvs) == 1 and recvs[0][0] == me:
-            if need == src_box:
-                region = tile
-            else:
-                region = tile[need.slices(src_box.lo)]
-            if self.transport == "neighbor":
-                self._neighbor_forward(plan, tile, src_box, None, need, dtype, tag, key, category)
-            else:
-                self._p2p_forward(plan, tile, src_box, None, need, dtype, tag, key, category)
-            return region
-        out = None
-        if need is not None:
-            out = self._alloc(need.shape, dtype, like=tile)
-        if self.transport == "neighbor":
-            self._neighbor_forward(plan, tile, src_box, out, need, dtype, tag, key, category)
-        else:
-            self._p2p_forward(plan, tile, src_box, out, need, dtype, tag, key, category)
-        return out
-
-    def _p2p_forward(self, plan, tile, src_box, out, need, dtype, tag, key, category):
-        me, t = self.rank, self._tag(tag)
-        sends = [(d, b) for d, b in plan.sends(me) if d != me]
-        recvs = [(s, b) for s, b in plan.receives(me) if s != me] if out is not None else []
-        if not sends and not recvs:
-            if out is not None:
-                self._local_pieces(plan, tile, src_box, out, need)
-            return
         t0 = time.perf_counter()
-        reqs, pending = [], []
-        sendbufs = [self._send_buf(tile[b.slices(src_box.lo)]) for _, b in sends]
-        recvbufs = []
-        for s, b in recvs:
-            buf, temp = self._recv_buf(b.shape, dtype, out[b.slices(need.lo)])
-            recvbufs.append(buf)
-            pending.append((buf, b, temp))
-        self._sync()
-        for (s, b), buf in zip(recvs, recvbufs):
-            reqs.append(self.mpi.Irecv(buf, source=s, tag=t))
-        nbytes = 0
-        for (d, b), buf in zip(sends, sendbufs):
-            reqs.append(self.mpi.Isend(buf, dest=d, tag=t))
-            nbytes += buf.nbytes
-        if out is not None:
-            self._local_pieces(plan, tile, src_box, out, need)
-        MPI.Request.Waitall(reqs)
-        for buf, b, temp in pending:
-            if temp:
-                out[b.slices(need.lo)] = self._to_compute(buf)
-        self.counter.add(category, nbytes, key, "forward", calls=len(sends),
-                         seconds=time.perf_counter() - t0)
+        transport = self._check_transport(transport)
+        fl = Flight(self, prog, key, category, "forward")
+        fl.transport = transport
+        need = prog.need
+        out = parts = None
+        if prog.view:
+            loc = prog.local[0]
+            out = tile if loc[2] == src_box else tile[loc[0]]
+            pieces = False
+        elif need is not None:
+            if pieces and prog.recvs:
+                parts = self._fresh_parts(prog, dtype, tile)
+            else:
+                pieces = False
+                out = self._alloc(need.shape, dtype, like=tile)
+        enter = prog.traffic and (prog.moves or transport in _COLLECTIVE)
+        if enter:
+            sslots = {"used": 0, "pieces": []}
+            rslots = {"used": 0, "pieces": []}
+            sbufs = [self._send_buf(fl, tile[sl], "fsend", dtype, sslots) for _, sl, _ in prog.sends]
+            if parts is not None:
+                rbufs = [self._recv_buf(fl, a, "frecv", dtype, rslots) for a in parts[1]]
+            elif out is not None and not prog.view:
+                rbufs = [self._recv_buf(fl, out[sl], "frecv", dtype, rslots) for _, sl, _ in prog.recvs]
+            else:
+                rbufs = []
+            self._bind_slots(fl, prog, "fsend", dtype, sslots, sbufs)
+            self._bind_slots(fl, prog, "frecv", dtype, rslots, rbufs)
+            self._post(fl, transport, [(d, b) for (d, _, _), b in zip(prog.sends, sbufs)],
+                       [(s, b) for (s, _, _), b in zip(prog.recvs, rbufs)], tag, "forward", prog)
+            fl.nbytes = prog.sent
+            fl.messages = len(prog.sends)
+        # this rank's own pieces, while the others travel
+        if out is not None and not prog.view:
+            for tsl, nsl, _ in prog.local:
+                out[nsl] = tile[tsl]
+        fl.spent = time.perf_counter() - t0
+        if parts is not None:
+            shape, remote = parts
+            fl.region_parts = (need.shape, dtype,
+                               [(b.shift(need.lo), tile[tsl], True) for tsl, _, b in prog.local]
+                               + [(self._rel(need, sl), a, False) for (_, sl, _), a in zip(prog.recvs, remote)])
+            fl.part_sources = [me] * len(prog.local) + [s for s, _, _ in prog.recvs]
+            fl._finish = lambda: self._region_of(fl, None)
+        else:
+            fl._finish = lambda: out
+        return fl
 
-    def _local_pieces(self, plan, tile, src_box, out, need):
-        me = self.rank
-        for s, b in plan.receives(me):
-            if s == me:
-                out[b.slices(need.lo)] = tile[b.slices(src_box.lo)]
+    @staticmethod
+    def _rel(need, slices):
+        return tuple((s.start, s.stop) for s in slices)
+
+    def _fresh_parts(self, prog, dtype, tile):
+        """Fresh arrays for the pieces other ranks send, contiguous in the
+        travelling order (channels-last for 4-D), in one allocation."""
+        xp = self.backend.xp
+        total = sum(int(np.prod(shape)) for _, _, shape in prog.recvs)
+        flat = xp.empty(total, dtype=dtype)
+        out, off = [], 0
+        for _, _, shape in prog.recvs:
+            n = int(np.prod(shape))
+            if len(shape) == 4:
+                a = flat[off:off + n].reshape(shape[0], shape[2], shape[3], shape[1]).transpose(0, 3, 1, 2)
+            else:
+                a = flat[off:off + n].reshape(shape)
+            out.append(a)
+            off += n
+        return (None, out)
+
+    def _region_of(self, fl, wait):
+        from hpcnn.ops.base import TileRegion
+        shape, dtype, parts = fl.region_parts
+        return TileRegion(shape, dtype, parts, wait=wait, xp=self.backend.xp)
+
+    def region(self, fl, wait):
+        """The TileRegion of a flight started with ``pieces=True`` before it
+        finished: ``wait`` must finish ``fl``."""
+        return self._region_of(fl, wait)
 
     # ---- backward (adjoint) -------------------------------------------------
     def exchange_adjoint(self, plan, grad, acc=None, dtype=None, tag=0, key=None,
-                         category="exchange"):
+                         category="exchange", transport=None, borrow=False):
         """The adjoint of ``exchange``.  ``grad`` is the gradient of this
-        rank's region (None when it needs nothing, or zeros implied when it
-        has none); ``acc`` is the gradient of this rank's source tile, to
-        which the returned pieces are added (created as zeros when None and
-        this rank holds a source tile).  Returns ``acc`` (None when this rank
+        rank's region (an array of its shape, or {source rank: gradient of
+        that piece}, None entries and None meaning zeros); ``acc`` is the
+        gradient of this rank's source tile, to which the returned pieces are
+        added in place (created when None and this rank holds a source tile:
+        with ``borrow``, this rank's own piece of ``grad`` itself when it is
+        the whole tile, else zeros).  Returns ``acc`` (None when this rank
         holds no source tile)."""
+        return self.start_adjoint(plan, grad, dtype, tag, key, category, transport).finish(acc, borrow=borrow)
+
+    def start_adjoint(self, plan, grad, dtype=None, tag=0, key=None, category="exchange",
+                      transport=None) -> Flight:
+        """Start the adjoint: the gradients of the pieces that came from
+        other ranks go home.  ``finish(acc, local=None, borrow=False)``
+        waits and sums into ``acc`` what comes back and this rank's own
+        pieces (from ``local`` when given: {rank: gradient} or the region's
+        gradient array, else from ``grad``)."""
         me = self.rank
-        src_box = plan.src.box(me)
-        need = plan.need(me)
+        prog = self._program(plan)
+        need, src_box = prog.need, prog.src_box
         if dtype is None:
-            dtype = grad.dtype if grad is not None else (acc.dtype if acc is not None else None)
+            if isinstance(grad, dict):
+                dtype = next((g.dtype for g in grad.values() if g is not None), None)
+            elif grad is not None:
+                dtype = grad.dtype
             if dtype is None:
                 raise ValueError(f"rank {me}: give the dtype of plan {key!r}'s gradient")
         dtype = np.dtype(dtype)
-        xp = self.backend.xp
-        if need is not None and grad is not None and tuple(grad.shape) != need.shape:
+        if need is not None and grad is not None and not isinstance(grad, dict) \
+                and tuple(grad.shape) != need.shape:
             raise ValueError(f"rank {me}: plan {key!r} expects a region gradient of shape "
                              f"{need.shape}, got {tuple(grad.shape)}")
-        if need is not None and not need.empty and grad is None:
-            grad = xp.zeros(need.shape, dtype=dtype)
-        if src_box is not None and acc is None:
-            acc = self._alloc(src_box.shape, dtype, like=grad, zeros=True)
-        if self.transport == "neighbor":
-            self._neighbor_adjoint(plan, grad, acc, src_box, need, dtype, tag, key, category)
+        t0 = time.perf_counter()
+        transport = self._check_transport(transport)
+        fl = Flight(self, prog, key, category, "backward")
+        fl.transport = transport
+        enter = prog.traffic and (prog.moves or transport in _COLLECTIVE)
+        recv_slots = []
+        if enter:
+            xp = self.backend.xp
+            sslots = {"used": 0, "pieces": []}
+            sbufs = []
+            for s, sl, shape in prog.recvs:
+                g = self._piece_grad(grad, s, sl, shape, dtype)
+                sbufs.append(self._send_buf(fl, g, "asend", dtype, sslots))
+            self._bind_slots(fl, prog, "asend", dtype, sslots, sbufs)
+            # what comes back is summed into the tile's gradient: staged
+            total = sum(int(np.prod(shape)) for _, _, shape in prog.sends)
+            rbufs = []
+            if total:
+                host = self.staging
+                flat, skey = prog.slot("arecv", total, dtype, np if host else xp)
+                if skey is not None:
+                    fl.slot_keys.append(skey)
+                fl.keep.append(flat)
+                off = 0
+                mt = _mpi_type(dtype)
+                for d, sl, shape in prog.sends:
+                    n = int(np.prod(shape))
+                    cshape = (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else shape
+                    part = flat[off:off + n].reshape(cshape)
+                    rbufs.append(_Buf(part, n, mt, _address(part) if (host or not self.backend.is_gpu) else 0, part))
+                    recv_slots.append((sl, part))
+                    off += n
+            self._post(fl, transport, [(s, b) for (s, _, _), b in zip(prog.recvs, sbufs)],
+                       [(d, b) for (d, _, _), b in zip(prog.sends, rbufs)], tag, "adjoint", prog)
+            fl.nbytes = prog.received
+            fl.messages = len(prog.recvs)
+        fl.spent = time.perf_counter() - t0
+
+        def finish(acc=None, local=None, borrow=False):
+            src = grad if local is None else local
+            if src_box is None:
+                return acc
+            own = [(tsl, self._piece_grad(src, me, nsl, b.shape, dtype, zeros=False), b)
+                   for tsl, nsl, b in prog.local]
+            if acc is None:
+                if (borrow and prog.whole_tile and own and own[0][1] is not None
+                        and tuple(own[0][1].shape) == src_box.shape):
+                    acc = own[0][1]
+                    own = []
+                else:
+                    like = next((g for _, g, _ in own if g is not None), None)
+                    acc = self._alloc(src_box.shape, dtype, like=like, zeros=True)
+            xp = self.backend.xp
+            for tsl, g, _ in own:
+                if g is not None:
+                    view = acc[tsl]
+                    xp.add(view, g, out=view)
+            for tsl, part in recv_slots:
+                view = _canonical(acc[tsl])
+                xp.add(view, self._to_compute(part), out=view)
+            return acc
+        fl._finish = finish
+        return fl
+
+    def _piece_grad(self, grad, src, slices, shape, dtype, zeros=True):
+        """The gradient of the piece that came from ``src`` (at ``slices``
+        of the region): from the region's gradient array, or the entry of a
+        {rank: gradient} mapping; zeros (or None) when there is none."""
+        if isinstance(grad, dict):
+            g = grad.get(src)
+        elif grad is not None:
+            g = grad[slices]
         else:
-            self._p2p_adjoint(plan, grad, acc, src_box, need, dtype, tag, key, category)
-        return acc
+            g = None
+        if g is None and zeros:
+            g = self._alloc(shape, dtype, zeros=True)
+        return g
 
-    def _p2p_adjoint(self, plan, grad, acc, src_box, need, dtype, tag, key, category):
-        me, t = self.rank, self._tag(tag)
-        # messages flow from destinations back to sources
-        sends = [(s, b) for s, b in plan.receives(me) if s != me] if grad is not None else []
-        recvs = [(d, b) for d, b in plan.sends(me) if d != me]
-        t0 = time.perf_counter()
-        reqs = []
-        sendbufs = [self._send_buf(grad[b.slices(need.lo)]) for _, b in sends]
-        recvbufs = [self._recv_buf(b.shape, dtype)[0] for _, b in recvs]
-        if sends or recvs:
-            self._sync()
-        for (d, b), buf in zip(recvs, recvbufs):
-            reqs.append(self.mpi.Irecv(buf, source=d, tag=t))
-        nbytes = 0
-        for (s, b), buf in zip(sends, sendbufs):
-            reqs.append(self.mpi.Isend(buf, dest=s, tag=t))
-            nbytes += buf.nbytes
-        self._local_adjoint(plan, grad, acc, src_box, need)
-        if reqs:
-            MPI.Request.Waitall(reqs)
-        for (d, b), buf in zip(recvs, recvbufs):
-            acc[b.slices(src_box.lo)] += self._to_compute(buf)
-        if sends or recvs:
-            self.counter.add(category, nbytes, key, "backward", calls=len(sends),
-                             seconds=time.perf_counter() - t0)
-
-    def _local_adjoint(self, plan, grad, acc, src_box, need):
-        me = self.rank
-        if grad is None or acc is None:
-            return
-        for s, b in plan.receives(me):
-            if s == me:
-                acc[b.slices(src_box.lo)] += grad[b.slices(need.lo)]
-
-    # ---- neighbourhood collectives -------------------------------------------
-    def _graph_comm(self, plan):
-        """The distributed-graph communicator of ``plan`` (created
-        collectively on first use: every rank must reach it)."""
-        gc = self._graph_comms.get(plan)
-        if gc is None:
-            me = self.rank
-            sources = [s for s, _ in plan.receives(me) if s != me]
-            dests = [d for d, _ in plan.sends(me) if d != me]
-            gc = self.mpi.Create_dist_graph_adjacent(sources, dests, reorder=False)
-            self._graph_comms[plan] = gc
-        return gc
-
-    def _alltoallv(self, gc, send_parts, recv_shapes, dtype):
-        """One Neighbor_alltoallv: send_parts in destination order, receive
-        into contiguous parts of recv_shapes in source order."""
-        xp = np if self.staging else self.backend.xp
-        scounts = [int(np.prod(p.shape)) for p in send_parts]
-        rcounts = [int(np.prod(s)) for s in recv_shapes]
-        sbuf = (xp.concatenate([p.reshape(-1) for p in send_parts]) if send_parts
-                else xp.empty(0, dtype=dtype))
-        rbuf = xp.empty(sum(rcounts), dtype=dtype)
-        sdis = np.concatenate([[0], np.cumsum(scounts)[:-1]]).astype(int).tolist() if scounts else []
-        rdis = np.concatenate([[0], np.cumsum(rcounts)[:-1]]).astype(int).tolist() if rcounts else []
-        mtype = MPI._typedict[np.dtype(dtype).char]
-        self._sync()
-        gc.Neighbor_alltoallv([sbuf, scounts, sdis, mtype], [rbuf, rcounts, rdis, mtype])
-        parts = [rbuf[o:o + c].reshape(s) for o, c, s in zip(rdis, rcounts, recv_shapes)]
-        return parts, int(sbuf.nbytes)
-
-    def _neighbor_forward(self, plan, tile, src_box, out, need, dtype, tag, key, category):
-        me = self.rank
-        gc = self._graph_comm(plan)
-        sends = [(d, b) for d, b in plan.sends(me) if d != me]
-        recvs = [(s, b) for s, b in plan.receives(me) if s != me]
-        t0 = time.perf_counter()
-        parts = [self._send_buf(tile[b.slices(src_box.lo)]) for _, b in sends]
-        got, nbytes = self._alltoallv(gc, parts, [b.shape for _, b in recvs], dtype)
-        if out is not None:
-            self._local_pieces(plan, tile, src_box, out, need)
-            for (s, b), g in zip(recvs, got):
-                out[b.slices(need.lo)] = self._to_compute(g)
-        if sends or recvs:
-            self.counter.add(category, nbytes, key, "forward", calls=len(sends),
-                             seconds=time.perf_counter() - t0)
-
-    def _neighbor_adjoint(self, plan, grad, acc, src_box, need, dtype, tag, key, category):
-        me = self.rank
-        # the adjoint sends along the reversed edges: to the sources of the
-        # forward, in the order the graph lists them (its sources)
-        sources = [s for s, _ in plan.receives(me) if s != me]
-        dests = [d for d, _ in plan.sends(me) if d != me]
-        t0 = time.perf_counter()
-        back = [self._send_buf(grad[b.slices(need.lo)]) for s, b in plan.receives(me) if s != me]
-        # reversed graph: a second communicator with sources and destinations swapped
-        rgc = self._graph_comms.get((plan, "adjoint"))
-        if rgc is None:
-            rgc = self.mpi.Create_dist_graph_adjacent(dests, sources, reorder=False)
-            self._graph_comms[(plan, "adjoint")] = rgc
-        got, nbytes = self._alltoallv(rgc, back, [b.shape for d, b in plan.sends(me) if d != me],
-                                      dtype)
-        self._local_adjoint(plan, grad, acc, src_box, need)
-        for (d, b), g in zip([(d, b) for d, b in plan.sends(me) if d != me], got):
-            acc[b.slices(src_box.lo)] += self._to_compute(g)
-        if sources or dests:
-            self.counter.add(category, nbytes, key, "backward", calls=len(back),
-                             seconds=time.perf_counter() - t0)
+    # ---- choosing a transport ---------------------------------------------------
+    def measure_transports(self, plan, dtype, pieces=False, reps=3, transports=TRANSPORTS) -> dict:
+        """Seconds of one forward and adjoint of ``plan`` per transport: the
+        median of ``reps`` (after one untimed), the slowest rank's, the same
+        on every rank.  Collective (every rank calls it for the same plans in
+        the same order); counts nothing in ``counter``."""
+        prog = self._program(plan)
+        dtype = np.dtype(dtype)
+        tile = self._alloc(prog.src_box.shape, dtype, zeros=True) if prog.src_box is not None else None
+        need = prog.need
+        grad = self._alloc(need.shape, dtype, zeros=True) if need is not None else None
+        saved, self.counter = self.counter, ByteCounter()
+        mine = []
+        try:
+            for t in transports:
+                times = []
+                for r in range(reps + 1):
+                    t0 = time.perf_counter()
+                    self.exchange(plan, tile, dtype, tag=1, pieces=pieces, transport=t)
+                    self.exchange_adjoint(plan, grad, None, dtype, tag=2, transport=t)
+                    if r:
+                        times.append(time.perf_counter() - t0)
+                mine.append(float(np.median(times)))
+        finally:
+            self.counter = saved
+        worst = np.empty(len(mine))
+        self.mpi.Allreduce(np.asarray(mine, dtype=np.float64), worst, op=MPI.MAX)
+        return dict(zip(transports, (float(v) for v in worst)))
 
     # ---- collectives ----------------------------------------------------------
     def allreduce(self, arr, comm=None, category="allreduce", key=None):
@@ -435,8 +768,10 @@ class Communicator:
         return recv
 
     def free(self):
-        for gc in self._graph_comms.values():
-            gc.Free()
-        self._graph_comms.clear()
+        for prog in self._programs.values():
+            for gc in prog.graphs.values():
+                gc.Free()
+            prog.graphs.clear()
+        self._programs.clear()
         if self.mpi not in (MPI.COMM_WORLD, MPI.COMM_SELF):
             self.mpi.Free()
