@@ -144,13 +144,23 @@ def _canonical(a):
 
 
 def _address(a) -> int:
-    return a.__array_interface__["data"][0]
+    """Address of the first element of a host array."""
+    if a.flags.c_contiguous:
+        return MPI.Get_address(a)
+    c = a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+    if c.flags.c_contiguous:
+        return MPI.Get_address(c)
+    return a.ctypes.data
 
 
 def _span(a) -> int:
     """Bytes from the first to one past the last element of a view with
-    non-negative strides."""
+    positive strides."""
     return sum((s - 1) * st for s, st in zip(a.shape, a.strides)) + a.itemsize
+
+
+def _positive(a) -> bool:
+    return all(st > 0 or s == 1 for s, st in zip(a.shape, a.strides))
 
 
 _types: dict = {}
@@ -163,7 +173,7 @@ def _mpi_type(dtype):
 def _strided_type(c):
     """(committed MPI datatype, its contiguous run in bytes) describing the
     elements of the canonical view ``c`` in order, relative to its first
-    element; None when its strides are not usable (negative or zero)."""
+    element; None when its strides are not usable (not positive)."""
     it = c.itemsize
     dims = [(int(s), int(st)) for s, st in zip(c.shape, c.strides) if s > 1]
     if any(st <= 0 for _, st in dims):
@@ -182,42 +192,81 @@ def _strided_type(c):
             t = t2
         t.Commit()
         if len(_types) > 4096:          # plans of many shapes: do not grow without bound
-            for old in _types.values():
+            for old, _ in _types.values():
                 old.Free()
             _types.clear()
         hit = _types[key] = (t, run * it)
     return hit
 
 
-class _Buf:
-    """One piece as MPI sees it: (memory, count, datatype) at the piece's
-    address, plus what to do before sending or after receiving."""
+class _Piece:
+    """How one piece meets MPI: its peer, its slices in the array it lives
+    in, and either (in place) its byte offset from that array's first
+    element with a count and datatype, or its place in a pack/staging
+    buffer (``slot`` >= 0, ``cshape``: its canonical shape)."""
 
-    __slots__ = ("mem", "count", "mtype", "addr", "pack", "unpack", "array")
+    __slots__ = ("peer", "sl", "count", "mtype", "span", "off", "slot", "cshape")
 
-    def __init__(self, mem, count, mtype, addr, array, pack=None, unpack=None):
-        self.mem, self.count, self.mtype, self.addr = mem, count, mtype, addr
-        self.array, self.pack, self.unpack = array, pack, unpack
+    def __init__(self, peer, sl, count, mtype, span, off, slot=-1, cshape=None):
+        self.peer, self.sl, self.count, self.mtype = peer, sl, count, mtype
+        self.span, self.off, self.slot, self.cshape = span, off, slot, cshape
 
-    def spec(self):
-        return [self.mem, self.count, self.mtype]
 
-    def anchored(self):
-        """A datatype of this piece at its absolute address (for the
-        collectives, which take every piece relative to MPI_BOTTOM)."""
-        t = MPI.Datatype.Create_struct([self.count], [self.addr], [self.mtype])
-        t.Commit()
-        return t
+def _describe(peer, sl, c, base, dtype, used):
+    """A _Piece for the canonical view ``c`` of an array whose first element
+    is at ``base``; ``used``: elements of the slot buffer taken so far."""
+    mt = _mpi_type(dtype)
+    if c.flags.c_contiguous:
+        return _Piece(peer, sl, c.size, mt, c.nbytes, _address(c) - base), used
+    st = _strided_type(c)
+    if st is not None and st[1] >= DATATYPE_MIN_RUN:
+        return _Piece(peer, sl, 1, st[0], _span(c), _address(c) - base), used
+    return _Piece(peer, sl, c.size, mt, c.size * c.itemsize, 0, used, c.shape), used + c.size
+
+
+class _Recipe:
+    """The pieces of one direction of a plan on this rank, for arrays of
+    one memory layout, worked out once: per call only addresses change."""
+
+    __slots__ = ("pieces", "slots", "direct")
+
+    def __init__(self, pieces, slots):
+        self.pieces, self.slots = pieces, slots
+        self.direct = slots == 0
+
+
+def _recipe_for(array, entries, dtype) -> _Recipe:
+    base = _address(array)
+    out, used = [], 0
+    for peer, sl, _ in entries:
+        p, used = _describe(peer, sl, _canonical(array[sl]), base, dtype, used)
+        out.append(p)
+    return _Recipe(out, used)
+
+
+def _contiguous_recipe(entries, dtype) -> _Recipe:
+    """Pieces one after the other in one flat buffer, contiguous in their
+    travelling order (fresh parts, staging of what the adjoint receives)."""
+    mt, it = _mpi_type(dtype), np.dtype(dtype).itemsize
+    out, off = [], 0
+    for peer, sl, shape in entries:
+        n = int(np.prod(shape))
+        out.append(_Piece(peer, sl, n, mt, n * it, off * it, -1,
+                          (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else tuple(shape)))
+        off += n
+    return _Recipe(out, 0), off
 
 
 class _Program:
     """One rank's part of a plan: the slices of what it sends, receives and
-    copies from its own tile, in both directions, and its buffers."""
+    copies from its own tile, in both directions, its recipes and buffers."""
 
     def __init__(self, plan, me):
         self.plan = plan
         self.src_box = sb = plan.src.box(me)
         self.need = need = plan.need(me)
+        self.src_shape = sb.shape if sb is not None else None
+        self.need_shape = need.shape if need is not None else None
         self.sends = [(d, b.slices(sb.lo), b.shape) for d, b in plan.sends(me) if d != me]
         if need is not None:
             self.recvs = [(s, b.slices(need.lo), b.shape) for s, b in plan.receives(me) if s != me]
@@ -230,9 +279,32 @@ class _Program:
         self.whole_tile = (sb is not None and len(self.local) == 1 and self.local[0][2] == sb)
         self.sent = plan.bytes_sent(me)
         self.received = plan.bytes_received(me)
+        self.sources = [me] * len(self.local) + [s for s, _, _ in self.recvs]
+        self.rel_boxes = ([b.shift(need.lo) for _, _, b in self.local]
+                          + [tuple((x.start, x.stop) for x in sl) for _, sl, _ in self.recvs]) if need else []
         self.graphs: dict = {}
         self.slots: dict = {}
         self.busy: set = set()
+        self.recipes: dict = {}
+
+    def recipe(self, what, array, dtype):
+        key = (what, array.shape, array.strides, np.dtype(dtype).char)
+        r = self.recipes.get(key)
+        if r is None:
+            if len(self.recipes) > 64:
+                self.recipes.clear()
+            entries = self.sends if what == "fsend" else self.recvs
+            r = _recipe_for(array, entries, dtype)
+            self.recipes[key] = r
+        return r
+
+    def contiguous(self, what, dtype):
+        key = (what, np.dtype(dtype).char)
+        r = self.recipes.get(key)
+        if r is None:
+            entries = self.recvs if what == "fresh" else self.sends
+            r = self.recipes[key] = _contiguous_recipe(entries, dtype)
+        return r
 
     def slot(self, purpose, n, dtype, xp):
         """A persistent flat buffer of at least ``n`` elements for
@@ -253,19 +325,26 @@ class Flight:
     ``finish()`` waits for them and returns the result (the region, or the
     tile's gradient).  ``test()`` lets MPI advance them meanwhile."""
 
-    def __init__(self, cm, prog, key, category, direction):
+    __slots__ = ("cm", "prog", "key", "category", "direction", "transport", "reqs", "keep", "types",
+                 "unpack", "slot_keys", "spent", "nbytes", "messages", "done", "_finish",
+                 "started_at", "region_parts", "part_sources", "count")
+
+    def __init__(self, cm, prog, key, category, direction, transport):
         self.cm, self.prog, self.key, self.category = cm, prog, key, category
-        self.direction = direction
-        self.reqs: list = []
-        self.keep: list = []
-        self.types: list = []
-        self.unpack: list = []
-        self.slot_keys: list = []
+        self.direction, self.transport = direction, transport
+        self.reqs = []
+        self.keep = []
+        self.types = []
+        self.unpack = []
+        self.slot_keys = []
         self.spent = 0.0
         self.nbytes = 0
         self.messages = 0
         self.done = False
         self._finish = None
+        self.count = False
+        self.region_parts = None
+        self.part_sources = None
         self.started_at = time.perf_counter()
 
     def test(self) -> bool:
@@ -281,17 +360,19 @@ class Flight:
             MPI.Request.Waitall(self.reqs)
         for t in self.types:
             t.Free()
-        for dst, src in self.unpack:
-            dst[...] = self.cm._to_compute(src)
+        if self.unpack:
+            conv = self.cm._to_compute
+            for dst, src in self.unpack:
+                dst[...] = conv(src)
         for k in self.slot_keys:
             self.prog.busy.discard(k)
         self.done = True
         out = self._finish(*args, **kw) if self._finish is not None else None
         self.spent += time.perf_counter() - t0
-        if self.prog.traffic and (self.prog.moves or self.transport in _COLLECTIVE):
+        if self.count:
             self.cm.counter.add(self.category, self.nbytes, self.key, self.direction,
                                 calls=self.messages, seconds=self.spent)
-        self.keep = self.types = self.unpack = []
+        self.keep = self.types = self.unpack = None
         return out
 
 
@@ -352,107 +433,117 @@ class Communicator:
         t = self.transport if transport is None else transport
         if t not in TRANSPORTS:
             raise ValueError(f"unknown transport {t!r}: choose one of {', '.join(TRANSPORTS)}")
-        if self.device_buffers and t != "p2p":
-            t = "p2p"      # collectives with datatypes on device memory are not relied upon
+        if self.backend.is_gpu:
+            t = "p2p"      # device arrays travel packed, point to point
         return t
 
-    def _send_buf(self, fl, view, purpose, dtype, slots):
-        """The MPI view of a piece to send (packing it where needed)."""
-        xp = self.backend.xp
-        c = _canonical(view)
-        if self.backend.is_gpu:
-            a = xp.ascontiguousarray(c)
-            if self.staging:
-                a = to_host(a)
-            fl.keep.append(a)
-            return _Buf(a, a.size, _mpi_type(dtype), _address(a) if not self.device_buffers else 0, a)
-        return self._host_buf(fl, c, purpose, dtype, slots, send=True)
+    @staticmethod
+    def _host_ok(a) -> bool:
+        if a is None:
+            return True
+        if not isinstance(a, np.ndarray):
+            return False
+        if a.flags.c_contiguous or (a.ndim == 4 and a.transpose(0, 2, 3, 1).flags.c_contiguous):
+            return True
+        return _positive(a)
 
-    def _recv_buf(self, fl, view, purpose, dtype, slots):
-        """The MPI view of where a piece is received (in place where MPI
-        can write it, else a staging slot unpacked at the end)."""
-        c = _canonical(view)
-        if self.backend.is_gpu:
-            if self.device_buffers and c.flags.c_contiguous:
-                return _Buf(c, c.size, _mpi_type(dtype), 0, c)
-            a = np.empty(c.shape, dtype=dtype) if self.staging else self.backend.xp.empty(c.shape, dtype=dtype)
-            fl.unpack.append((c, a))
-            fl.keep.append(a)
-            return _Buf(a, a.size, _mpi_type(dtype), _address(a) if self.staging else 0, a)
-        return self._host_buf(fl, c, purpose, dtype, slots, send=False)
-
-    def _host_buf(self, fl, c, purpose, dtype, slots, send):
-        mt = _mpi_type(dtype)
-        if c.flags.c_contiguous:
-            fl.keep.append(c)
-            return _Buf(c, c.size, mt, _address(c), c)
-        st = _strided_type(c)
-        if st is not None and st[1] >= DATATYPE_MIN_RUN:
-            fl.keep.append(c)
-            return _Buf(MPI.memory.fromaddress(_address(c), _span(c)), 1, st[0], _address(c), c)
-        # short runs: a slot of the plan's pack (or staging) buffer
-        off = slots["used"]
-        slots["used"] += c.size
-        slots["pieces"].append((c, off, send))
-        return None
-
-    def _bind_slots(self, fl, prog, purpose, dtype, slots, bufs):
-        """Give the pieces that need a pack or staging slot their place in
-        one buffer of the plan (packing the outgoing ones now)."""
-        if not slots["pieces"]:
-            return
-        xp = self.backend.xp
-        flat, key = prog.slot(purpose, slots["used"], dtype, xp)
-        if key is not None:
-            fl.slot_keys.append(key)
-        fl.keep.append(flat)
-        mt = _mpi_type(dtype)
-        it = iter(slots["pieces"])
-        for i, b in enumerate(bufs):
-            if b is not None:
+    # ---- moving pieces (host memory) ------------------------------------------------
+    def _bind(self, fl, prog, recipe, array, purpose, dtype, send):
+        """[(peer, memory spec)] of a recipe's pieces in ``array`` (packing
+        the short-run pieces of a send into the plan's buffer now, or
+        staging those of a receive, unpacked at the end); also the array's
+        base address and whether every piece is in place in it."""
+        base = _address(array)
+        out = []
+        slot = None
+        fromaddr = MPI.memory.fromaddress
+        for p in recipe.pieces:
+            if p.slot < 0:
+                out.append((p.peer, p, fromaddr(base + p.off, p.span)))
                 continue
-            c, off, send = next(it)
-            part = flat[off:off + c.size].reshape(c.shape)
+            if slot is None:
+                slot, skey = prog.slot(purpose, recipe.slots, dtype, np)
+                if skey is not None:
+                    fl.slot_keys.append(skey)
+                fl.keep.append(slot)
+            part = slot[p.slot:p.slot + p.count].reshape(p.cshape)
             if send:
-                part[...] = c
+                part[...] = _canonical(array[p.sl])
             else:
-                fl.unpack.append((c, part))
-            bufs[i] = _Buf(part, c.size, mt, _address(part), part)
+                fl.unpack.append((_canonical(array[p.sl]), part))
+            out.append((p.peer, p, fromaddr(_address(part), p.span)))
+        return out, base
 
-    def _post(self, fl, transport, sends, recvs, tag, graph_key, prog):
-        """Start the transfers: ``sends``/``recvs`` are [(peer, _Buf)]."""
+    def _bind_one(self, fl, prog, peer, a, purpose, dtype):
+        """(peer, piece, memory) of one whole array to send: in place, or
+        packed into its own persistent buffer when its runs are short."""
+        c = _canonical(a)
+        p, used = _describe(peer, (slice(None),) * a.ndim, c, _address(c), dtype, 0)
+        fl.keep.append(a)
+        if p.slot < 0:
+            return peer, p, MPI.memory.fromaddress(_address(c), p.span)
+        slot, skey = prog.slot(purpose, used, dtype, np)
+        if skey is not None:
+            fl.slot_keys.append(skey)
+        part = slot[:p.count].reshape(p.cshape)
+        part[...] = c
+        fl.keep.append(slot)
+        return peer, p, MPI.memory.fromaddress(_address(part), p.span)
+
+    def _post(self, fl, transport, sends, recvs, tag, graph_key, prog, sbase=None, rbase=None):
+        """Start the transfers: ``sends``/``recvs`` are [(peer, _Piece,
+        memory)]; ``sbase``/``rbase`` (address, span) of the one array
+        every piece of that side lies in, when they all do (the collectives
+        then take byte displacements into it, else absolute addresses)."""
         t = self._tag(tag)
         self._sync()
+        mpi = self.mpi
         if transport == "p2p":
-            for peer, b in recvs:
-                fl.reqs.append(self.mpi.Irecv(b.spec(), source=peer, tag=t))
-            for peer, b in sends:
-                fl.reqs.append(self.mpi.Isend(b.spec(), dest=peer, tag=t))
+            reqs = fl.reqs
+            for peer, p, mem in recvs:
+                reqs.append(mpi.Irecv([mem, p.count, p.mtype], peer, t))
+            for peer, p, mem in sends:
+                reqs.append(mpi.Isend([mem, p.count, p.mtype], peer, t))
             return
+
+        def side(items, base):
+            if base is not None:
+                a0, span = base
+                return (MPI.memory.fromaddress(a0, span) if span else MPI.BOTTOM,
+                        [p.count for _, p, _ in items], [p.off for _, p, _ in items],
+                        [p.mtype for _, p, _ in items])
+            types = []
+            for _, p, mem in items:
+                at = MPI.Datatype.Create_struct([p.count], [MPI.Get_address(mem)], [p.mtype])
+                at.Commit()
+                types.append(at)
+            fl.types.extend(types)
+            return MPI.BOTTOM, [1] * len(items), [0] * len(items), types
+
+        sb, sc, sd, st = side(sends, sbase)
+        rb, rc, rd, rt = side(recvs, rbase)
         if transport == "alltoallw":
             P = self.size
-            sc, rc = [0] * P, [0] * P
-            st, rt = [MPI.BYTE] * P, [MPI.BYTE] * P
-            for peer, b in sends:
-                sc[peer], st[peer] = 1, b.anchored()
-                fl.types.append(st[peer])
-            for peer, b in recvs:
-                rc[peer], rt[peer] = 1, b.anchored()
-                fl.types.append(rt[peer])
-            zero = [0] * P
-            fl.reqs.append(self.mpi.Ialltoallw([MPI.BOTTOM, sc, zero, st], [MPI.BOTTOM, rc, zero, rt]))
+            SC, SD, ST = [0] * P, [0] * P, [MPI.BYTE] * P
+            RC, RD, RT = [0] * P, [0] * P, [MPI.BYTE] * P
+            for (peer, _, _), c, d, ty in zip(sends, sc, sd, st):
+                SC[peer], SD[peer], ST[peer] = c, d, ty
+            for (peer, _, _), c, d, ty in zip(recvs, rc, rd, rt):
+                RC[peer], RD[peer], RT[peer] = c, d, ty
+            if not sends:
+                sb = MPI.BOTTOM
+            if not recvs:
+                rb = MPI.BOTTOM
+            fl.reqs.append(mpi.Ialltoallw([sb, SC, SD, ST], [rb, RC, RD, RT]))
             return
         # neighbourhood collective on the plan's graph (sources: who sends
         # to this rank in this direction; destinations: whom it sends to)
         gc = prog.graphs.get(graph_key)
         if gc is None:
-            gc = prog.graphs[graph_key] = self.mpi.Create_dist_graph_adjacent(
-                [p for p, _ in recvs], [p for p, _ in sends], reorder=False)
-        st = [b.anchored() for _, b in sends]
-        rt = [b.anchored() for _, b in recvs]
-        fl.types.extend(st + rt)
-        fl.reqs.append(gc.Ineighbor_alltoallw([MPI.BOTTOM, [1] * len(st), [0] * len(st), st],
-                                              [MPI.BOTTOM, [1] * len(rt), [0] * len(rt), rt]))
+            gc = prog.graphs[graph_key] = mpi.Create_dist_graph_adjacent(
+                [peer for peer, _, _ in recvs], [peer for peer, _, _ in sends], reorder=False)
+        fl.reqs.append(gc.Ineighbor_alltoallw([sb if sends else MPI.BOTTOM, sc, sd, st],
+                                              [rb if recvs else MPI.BOTTOM, rc, rd, rt]))
 
     # ---- forward ------------------------------------------------------------
     def exchange(self, plan, tile, dtype=None, tag=0, key=None, category="exchange", pieces=False,
@@ -467,17 +558,17 @@ class Communicator:
     def start_exchange(self, plan, tile, dtype=None, tag=0, key=None, category="exchange",
                        pieces=False, transport=None) -> Flight:
         """Start ``plan`` forward; ``finish()`` of the returned flight gives
-        what ``exchange`` returns.  With ``pieces=True``, ``flight.region(wait)``
-        gives the region at once, its own parts readable and the others after
-        ``wait`` (which must finish the flight)."""
+        what ``exchange`` returns.  With ``pieces=True``, ``region(flight,
+        wait)`` gives the region at once, its own parts readable and the
+        others after ``wait`` (which must finish the flight)."""
         me = self.rank
-        prog = self._program(plan)
+        prog = self._programs.get(plan) or self._program(plan)
         src_box = prog.src_box
         if src_box is not None:
             if tile is None:
                 raise ValueError(f"rank {me} holds tile {src_box} of the source of plan {key!r} "
                                  "but passed no array")
-            if tuple(tile.shape) != src_box.shape:
+            if tile.shape != prog.src_shape:
                 raise ValueError(f"rank {me}: plan {key!r} expects a source tile of shape "
                                  f"{src_box.shape}, got {tuple(tile.shape)}")
         if dtype is None:
@@ -490,73 +581,67 @@ class Communicator:
                              f"got {dtype}")
         t0 = time.perf_counter()
         transport = self._check_transport(transport)
-        fl = Flight(self, prog, key, category, "forward")
-        fl.transport = transport
+        fl = Flight(self, prog, key, category, "forward", transport)
         need = prog.need
-        out = parts = None
+        out = flat = None
         if prog.view:
             loc = prog.local[0]
             out = tile if loc[2] == src_box else tile[loc[0]]
             pieces = False
         elif need is not None:
             if pieces and prog.recvs:
-                parts = self._fresh_parts(prog, dtype, tile)
+                fresh, total = prog.contiguous("fresh", dtype)
+                flat = self.backend.xp.empty(total, dtype=dtype)
             else:
                 pieces = False
-                out = self._alloc(need.shape, dtype, like=tile)
-        enter = prog.traffic and (prog.moves or transport in _COLLECTIVE)
-        if enter:
-            sslots = {"used": 0, "pieces": []}
-            rslots = {"used": 0, "pieces": []}
-            sbufs = [self._send_buf(fl, tile[sl], "fsend", dtype, sslots) for _, sl, _ in prog.sends]
-            if parts is not None:
-                rbufs = [self._recv_buf(fl, a, "frecv", dtype, rslots) for a in parts[1]]
-            elif out is not None and not prog.view:
-                rbufs = [self._recv_buf(fl, out[sl], "frecv", dtype, rslots) for _, sl, _ in prog.recvs]
+                out = self._alloc(prog.need_shape, dtype, like=tile)
+        if prog.traffic and (prog.moves or transport in _COLLECTIVE):
+            if tile is not None and not self._host_ok(tile):
+                tile = self._host_copy(tile)
+            if self.backend.is_gpu:
+                self._start_device(fl, prog, tile, out if not prog.view else None, flat, dtype, tag)
             else:
-                rbufs = []
-            self._bind_slots(fl, prog, "fsend", dtype, sslots, sbufs)
-            self._bind_slots(fl, prog, "frecv", dtype, rslots, rbufs)
-            self._post(fl, transport, [(d, b) for (d, _, _), b in zip(prog.sends, sbufs)],
-                       [(s, b) for (s, _, _), b in zip(prog.recvs, rbufs)], tag, "forward", prog)
-            fl.nbytes = prog.sent
-            fl.messages = len(prog.sends)
+                sends, sbase = ([], None)
+                if prog.sends:
+                    sr = prog.recipe("fsend", tile, dtype)
+                    sends, a0 = self._bind(fl, prog, sr, tile, "fsend", dtype, True)
+                    if sr.direct and transport in _COLLECTIVE:
+                        sbase = (a0, _span(tile))
+                    fl.keep.append(tile)
+                recvs, rbase = ([], None)
+                if prog.recvs and flat is not None:
+                    recvs, a0 = self._bind(fl, prog, fresh, flat, "frecv", dtype, False)
+                    rbase = (a0, flat.nbytes)
+                elif prog.recvs and out is not None:
+                    rr = prog.recipe("frecv", out, dtype)
+                    recvs, a0 = self._bind(fl, prog, rr, out, "frecv", dtype, False)
+                    if rr.direct and transport in _COLLECTIVE:
+                        rbase = (a0, _span(out))
+                self._post(fl, transport, sends, recvs, tag, "forward", prog, sbase, rbase)
+            fl.nbytes, fl.messages, fl.count = prog.sent, len(prog.sends), True
         # this rank's own pieces, while the others travel
         if out is not None and not prog.view:
             for tsl, nsl, _ in prog.local:
                 out[nsl] = tile[tsl]
         fl.spent = time.perf_counter() - t0
-        if parts is not None:
-            shape, remote = parts
-            fl.region_parts = (need.shape, dtype,
-                               [(b.shift(need.lo), tile[tsl], True) for tsl, _, b in prog.local]
-                               + [(self._rel(need, sl), a, False) for (_, sl, _), a in zip(prog.recvs, remote)])
-            fl.part_sources = [me] * len(prog.local) + [s for s, _, _ in prog.recvs]
+        if flat is not None:
+            parts = [(rb, tile[tsl], True) for (tsl, _, _), rb in zip(prog.local, prog.rel_boxes)]
+            for p, rb in zip(fresh.pieces, prog.rel_boxes[len(prog.local):]):
+                a = flat[p.off // dtype.itemsize:p.off // dtype.itemsize + p.count].reshape(p.cshape)
+                parts.append((rb, a.transpose(0, 3, 1, 2) if a.ndim == 4 else a, False))
+            fl.region_parts = (prog.need_shape, dtype, parts)
+            fl.part_sources = prog.sources
             fl._finish = lambda: self._region_of(fl, None)
         else:
             fl._finish = lambda: out
         return fl
 
-    @staticmethod
-    def _rel(need, slices):
-        return tuple((s.start, s.stop) for s in slices)
-
-    def _fresh_parts(self, prog, dtype, tile):
-        """Fresh arrays for the pieces other ranks send, contiguous in the
-        travelling order (channels-last for 4-D), in one allocation."""
-        xp = self.backend.xp
-        total = sum(int(np.prod(shape)) for _, _, shape in prog.recvs)
-        flat = xp.empty(total, dtype=dtype)
-        out, off = [], 0
-        for _, _, shape in prog.recvs:
-            n = int(np.prod(shape))
-            if len(shape) == 4:
-                a = flat[off:off + n].reshape(shape[0], shape[2], shape[3], shape[1]).transpose(0, 3, 1, 2)
-            else:
-                a = flat[off:off + n].reshape(shape)
-            out.append(a)
-            off += n
-        return (None, out)
+    def _host_copy(self, a):
+        """A copy with positive strides of an array MPI cannot address as
+        it is (negative or zero strides), in the same layout otherwise."""
+        out = self._alloc(a.shape, a.dtype, like=a if a.ndim == 4 else None)
+        out[...] = a
+        return out
 
     def _region_of(self, fl, wait):
         from hpcnn.ops.base import TileRegion
@@ -567,6 +652,41 @@ class Communicator:
         """The TileRegion of a flight started with ``pieces=True`` before it
         finished: ``wait`` must finish ``fl``."""
         return self._region_of(fl, wait)
+
+    # ---- device arrays: packed, point to point --------------------------------------
+    def _start_device(self, fl, prog, tile, out, flat, dtype, tag):
+        xp = self.backend.xp
+        t = self._tag(tag)
+        mt = _mpi_type(dtype)
+        sends = []
+        for d, sl, _ in prog.sends:
+            a = xp.ascontiguousarray(_canonical(tile[sl]))
+            if self.staging:
+                a = to_host(a)
+            sends.append((d, a))
+        recvs = []
+        if flat is not None:
+            fresh, _ = prog.contiguous("fresh", dtype)
+            for p in fresh.pieces:
+                i0 = p.off // dtype.itemsize
+                dst = flat[i0:i0 + p.count]
+                if self.staging:
+                    h = np.empty(p.count, dtype=dtype)
+                    fl.unpack.append((dst, h))
+                    dst = h
+                recvs.append((p.peer, dst))
+        elif out is not None:
+            for s, sl, _ in prog.recvs:
+                c = _canonical(out[sl])
+                h = np.empty(c.shape, dtype=dtype) if self.staging else xp.empty(c.shape, dtype=dtype)
+                fl.unpack.append((c, h))
+                recvs.append((s, h))
+        fl.keep.extend(a for _, a in sends + recvs)
+        self._sync()
+        for s, buf in recvs:
+            fl.reqs.append(self.mpi.Irecv([buf, buf.size, mt], s, t))
+        for d, buf in sends:
+            fl.reqs.append(self.mpi.Isend([buf, buf.size, mt], d, t))
 
     # ---- backward (adjoint) -------------------------------------------------
     def exchange_adjoint(self, plan, grad, acc=None, dtype=None, tag=0, key=None,
@@ -605,47 +725,70 @@ class Communicator:
                              f"{need.shape}, got {tuple(grad.shape)}")
         t0 = time.perf_counter()
         transport = self._check_transport(transport)
-        fl = Flight(self, prog, key, category, "backward")
-        fl.transport = transport
-        enter = prog.traffic and (prog.moves or transport in _COLLECTIVE)
-        recv_slots = []
-        if enter:
+        fl = Flight(self, prog, key, category, "backward", transport)
+        back = []         # (tile slices, staged gradient piece) summed into the tile's gradient
+        if prog.traffic and (prog.moves or transport in _COLLECTIVE):
             xp = self.backend.xp
-            sslots = {"used": 0, "pieces": []}
-            sbufs = []
-            for s, sl, shape in prog.recvs:
-                g = self._piece_grad(grad, s, sl, shape, dtype)
-                sbufs.append(self._send_buf(fl, g, "asend", dtype, sslots))
-            self._bind_slots(fl, prog, "asend", dtype, sslots, sbufs)
-            # what comes back is summed into the tile's gradient: staged
-            total = sum(int(np.prod(shape)) for _, _, shape in prog.sends)
-            rbufs = []
-            if total:
-                host = self.staging
-                flat, skey = prog.slot("arecv", total, dtype, np if host else xp)
+            host = not self.backend.is_gpu
+            # the gradients of the pieces other ranks sent go back to them
+            sends, sbase = [], None
+            if prog.recvs:
+                if isinstance(grad, dict) or grad is None:
+                    arrays = [self._piece_grad(grad, s, sl, shape, dtype) for s, sl, shape in prog.recvs]
+                    if host:
+                        for i, ((s, _, _), a) in enumerate(zip(prog.recvs, arrays)):
+                            a = a if self._host_ok(a) else self._host_copy(a)
+                            sends.append(self._bind_one(fl, prog, s, a, f"asend{i}", dtype))
+                    else:
+                        dev = arrays
+                else:
+                    g = grad if not host or self._host_ok(grad) else self._host_copy(grad)
+                    if host:
+                        sr = prog.recipe("asend", g, dtype)
+                        sends, a0 = self._bind(fl, prog, sr, g, "asend", dtype, True)
+                        sbase = (a0, _span(g)) if sr.direct else None
+                        fl.keep.append(g)
+                    else:
+                        dev = [g[sl] for _, sl, _ in prog.recvs]
+            # what comes back is staged, then summed into the tile's gradient
+            recvs, rbase = [], None
+            if prog.sends:
+                rr, total = prog.contiguous("aback", dtype)
+                flat, skey = prog.slot("arecv", total, dtype, np if (host or self.staging) else xp)
                 if skey is not None:
                     fl.slot_keys.append(skey)
                 fl.keep.append(flat)
-                off = 0
+                it = dtype.itemsize
+                for p in rr.pieces:
+                    part = flat[p.off // it:p.off // it + p.count].reshape(p.cshape)
+                    back.append((p.sl, part))
+                if host:
+                    a0 = _address(flat)
+                    recvs = [(p.peer, p, MPI.memory.fromaddress(a0 + p.off, p.span)) for p in rr.pieces]
+                    rbase = (a0, flat.nbytes)
+            if host:
+                self._post(fl, transport, sends, recvs, tag, "adjoint", prog, sbase, rbase)
+            else:
+                t = self._tag(tag)
                 mt = _mpi_type(dtype)
-                for d, sl, shape in prog.sends:
-                    n = int(np.prod(shape))
-                    cshape = (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else shape
-                    part = flat[off:off + n].reshape(cshape)
-                    rbufs.append(_Buf(part, n, mt, _address(part) if (host or not self.backend.is_gpu) else 0, part))
-                    recv_slots.append((sl, part))
-                    off += n
-            self._post(fl, transport, [(s, b) for (s, _, _), b in zip(prog.recvs, sbufs)],
-                       [(d, b) for (d, _, _), b in zip(prog.sends, rbufs)], tag, "adjoint", prog)
-            fl.nbytes = prog.received
-            fl.messages = len(prog.recvs)
+                outgoing = []
+                for (s, _, _), a in zip(prog.recvs, dev if prog.recvs else []):
+                    a = xp.ascontiguousarray(_canonical(a))
+                    outgoing.append((s, to_host(a) if self.staging else a))
+                fl.keep.extend(a for _, a in outgoing)
+                self._sync()
+                for (d, _, _), (_, part) in zip(prog.sends, back):
+                    fl.reqs.append(self.mpi.Irecv([part, part.size, mt], d, t))
+                for s, a in outgoing:
+                    fl.reqs.append(self.mpi.Isend([a, a.size, mt], s, t))
+            fl.nbytes, fl.messages, fl.count = prog.received, len(prog.recvs), True
         fl.spent = time.perf_counter() - t0
 
         def finish(acc=None, local=None, borrow=False):
             src = grad if local is None else local
             if src_box is None:
                 return acc
-            own = [(tsl, self._piece_grad(src, me, nsl, b.shape, dtype, zeros=False), b)
+            own = [(tsl, self._piece_grad(src, me, nsl, b.shape, dtype, zeros=False))
                    for tsl, nsl, b in prog.local]
             if acc is None:
                 if (borrow and prog.whole_tile and own and own[0][1] is not None
@@ -653,14 +796,14 @@ class Communicator:
                     acc = own[0][1]
                     own = []
                 else:
-                    like = next((g for _, g, _ in own if g is not None), None)
+                    like = next((g for _, g in own if g is not None), None)
                     acc = self._alloc(src_box.shape, dtype, like=like, zeros=True)
             xp = self.backend.xp
-            for tsl, g, _ in own:
+            for tsl, g in own:
                 if g is not None:
                     view = acc[tsl]
                     xp.add(view, g, out=view)
-            for tsl, part in recv_slots:
+            for tsl, part in back:
                 view = _canonical(acc[tsl])
                 xp.add(view, self._to_compute(part), out=view)
             return acc

@@ -295,7 +295,7 @@ class DistributedModel:
                 t0 = time.perf_counter()
                 fl = self.cm.start_exchange(e.plan, acts.get(src), self.dtype, tag=e.tag, key=e.key,
                                             category=e.category, pieces=pieces, transport=e.transport)
-                if pieces and self.overlap and hasattr(fl, "region_parts") and fl.reqs:
+                if pieces and self.overlap and fl.region_parts is not None and fl.reqs:
                     regions.append(self.cm.region(fl, self._waiter(fl, e, node.name, clock)))
                     pending.append(fl)
                     self._event(e.category, node.name, t0)
@@ -305,7 +305,7 @@ class DistributedModel:
                     self._event(e.category, node.name, t0, t1)
                     if fl.reqs:
                         self._flight_event(e.category, node.name, fl, t1)
-                if hasattr(fl, "part_sources"):
+                if fl.part_sources is not None:
                     self._sources[(node.name, i)] = fl.part_sources
                 if self._last_reader.get(src) == (node.name, i) and src != g.logits_name:
                     acts.pop(src, None)
