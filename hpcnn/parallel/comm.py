@@ -71,6 +71,11 @@ __all__ = ["Communicator", "ByteCounter", "Flight", "TRANSPORTS", "DATATYPE_MIN_
 TRANSPORTS = ("p2p", "neighbor", "alltoallw")
 _COLLECTIVE = ("neighbor", "alltoallw")
 _TAG_SPAN = 30000   # MPI guarantees tags up to 32767
+_PROBE_TAG = 32000  # no message carries it: the progress thread's Iprobe never matches
+
+#: seconds between the progress thread's polls (HPCNN_PROGRESS_US, in
+#: microseconds; 0 turns the thread off)
+PROGRESS_INTERVAL = 200e-6
 
 #: a strided piece whose contiguous runs are at least this many bytes is sent
 #: and received as an MPI derived datatype (no copy by hpcnn); shorter runs
@@ -327,7 +332,7 @@ class Flight:
 
     __slots__ = ("cm", "prog", "key", "category", "direction", "transport", "reqs", "keep", "types",
                  "unpack", "slot_keys", "spent", "nbytes", "messages", "done", "_finish",
-                 "started_at", "region_parts", "part_sources", "count")
+                 "started_at", "region_parts", "part_sources", "count", "background")
 
     def __init__(self, cm, prog, key, category, direction, transport):
         self.cm, self.prog, self.key, self.category = cm, prog, key, category
@@ -345,6 +350,7 @@ class Flight:
         self.count = False
         self.region_parts = None
         self.part_sources = None
+        self.background = False
         self.started_at = time.perf_counter()
 
     def test(self) -> bool:
@@ -358,6 +364,9 @@ class Flight:
         t0 = time.perf_counter()
         if self.reqs:
             MPI.Request.Waitall(self.reqs)
+        if self.background:
+            self.cm._progress.release()
+            self.background = False
         for t in self.types:
             t.Free()
         if self.unpack:
@@ -374,6 +383,52 @@ class Flight:
                                 calls=self.messages, seconds=self.spent)
         self.keep = self.types = self.unpack = None
         return out
+
+
+class _Progress:
+    """A thread that keeps MPI's progress engine turning (an Iprobe for a
+    tag nobody sends, every ``interval`` seconds) while exchanges are in
+    flight behind computation: MPICH advances a rendezvous (large messages,
+    or any message over TCP) only inside MPI calls, and the computing
+    thread makes none.  Needs MPI_THREAD_MULTIPLE; sleeps when idle."""
+
+    def __init__(self, comm, interval):
+        import threading
+        self.comm, self.interval = comm, interval
+        self.users = 0
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="hpcnn-mpi-progress", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            self.wake.wait()
+            if self.stopping:
+                return
+            while self.users > 0 and not self.stopping:
+                self.comm.Iprobe(MPI.ANY_SOURCE, _PROBE_TAG)
+                time.sleep(self.interval)
+            if self.stopping:
+                return
+
+    def acquire(self):
+        with self.lock:
+            self.users += 1
+            if self.users == 1:
+                self.wake.set()
+
+    def release(self):
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                self.wake.clear()
+
+    def stop(self):
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=5)
 
 
 class Communicator:
@@ -397,6 +452,24 @@ class Communicator:
             detect_cuda_aware(self.mpi, self.backend)
         self.staging = bool(self.backend.is_gpu and not self.backend.cuda_aware)
         self.device_buffers = bool(self.backend.is_gpu and not self.staging)
+        self._progress = None
+
+    def background(self, fl) -> None:
+        """Keep MPI progressing ``fl`` while this thread computes (until
+        ``fl`` finishes): the progress thread, when MPI allows threads."""
+        if fl.reqs and not fl.background and self._progress_thread() is not None:
+            self._progress.acquire()
+            fl.background = True
+
+    def _progress_thread(self):
+        if self._progress is None:
+            us = os.environ.get("HPCNN_PROGRESS_US", "").strip()
+            interval = float(us) * 1e-6 if us else PROGRESS_INTERVAL
+            if interval <= 0 or MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+                self._progress = False
+            else:
+                self._progress = _Progress(self.mpi, interval)
+        return self._progress or None
 
     # ---- buffers ------------------------------------------------------------
     def _sync(self):
@@ -911,6 +984,9 @@ class Communicator:
         return recv
 
     def free(self):
+        if self._progress:
+            self._progress.stop()
+        self._progress = None
         for prog in self._programs.values():
             for gc in prog.graphs.values():
                 gc.Free()

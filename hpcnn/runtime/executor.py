@@ -296,6 +296,7 @@ class DistributedModel:
                 fl = self.cm.start_exchange(e.plan, acts.get(src), self.dtype, tag=e.tag, key=e.key,
                                             category=e.category, pieces=pieces, transport=e.transport)
                 if pieces and self.overlap and fl.region_parts is not None and fl.reqs:
+                    self.cm.background(fl)
                     regions.append(self.cm.region(fl, self._waiter(fl, e, node.name, clock)))
                     pending.append(fl)
                     self._event(e.category, node.name, t0)
@@ -402,7 +403,7 @@ class DistributedModel:
                 ctx = self._ctx[name]
                 clock = [time.perf_counter()]
                 ctx.halo_grads_ready = [self._early_adjoint(name, i, early, clock)
-                                        if (name, i) in self._sources else None
+                                        if self.overlap and (name, i) in self._sources else None
                                         for i in range(len(node.inputs))]
                 dxs, dps = node.op.backward(dy, self._saved.pop(name), self.params.get(name, {}), ctx)
                 self._event("backward", name, clock[0])
@@ -467,6 +468,7 @@ class DistributedModel:
             grads = {sources[k]: v for k, v in by_part.items()}
             early[i] = self.cm.start_adjoint(e.plan, grads, self.dtype, tag=e.tag, key=e.key,
                                              category=e.category, transport=e.transport)
+            self.cm.background(early[i])
             clock[0] = time.perf_counter()
             self._event(e.category, name, t0, clock[0])
         return ready
