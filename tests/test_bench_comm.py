@@ -47,3 +47,5 @@ def test_bench_comm_small(tmp_path):
     for k in ("overlap", "no_overlap"):
         assert stack[k]["steps"] > 0 and stack[k]["halo"] > 0 and stack[k]["compute"] > 0
     assert stack["overlap"]["flight"] > 0
+    pred = stack["predicted"]
+    assert pred["no_overlap"] >= pred["overlap"] > 0 and pred["machine"] == "local"
