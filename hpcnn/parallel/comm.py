@@ -71,7 +71,6 @@ __all__ = ["Communicator", "ByteCounter", "Flight", "TRANSPORTS", "DATATYPE_MIN_
 TRANSPORTS = ("p2p", "neighbor", "alltoallw")
 _COLLECTIVE = ("neighbor", "alltoallw")
 _TAG_SPAN = 30000   # MPI guarantees tags up to 32767
-_PROBE_TAG = 32000  # no message carries it: the progress thread's Iprobe never matches
 
 #: seconds between the progress thread's polls (HPCNN_PROGRESS_US, in
 #: microseconds; 0 turns the thread off)
@@ -195,11 +194,7 @@ def _strided_type(c):
             t2 = t.Create_hvector(s, 1, st)
             t.Free()
             t = t2
-        t.Commit()
-        if len(_types) > 4096:          # plans of many shapes: do not grow without bound
-            for old, _ in _types.values():
-                old.Free()
-            _types.clear()
+        t.Commit()                      # kept for the process: recipes hold them
         hit = _types[key] = (t, run * it)
     return hit
 
@@ -249,9 +244,10 @@ def _recipe_for(array, entries, dtype) -> _Recipe:
     return _Recipe(out, used)
 
 
-def _contiguous_recipe(entries, dtype) -> _Recipe:
-    """Pieces one after the other in one flat buffer, contiguous in their
-    travelling order (fresh parts, staging of what the adjoint receives)."""
+def _contiguous_recipe(entries, dtype) -> tuple:
+    """(recipe, elements): pieces one after the other in one flat buffer,
+    contiguous in their travelling order (fresh parts, staging of what the
+    adjoint receives)."""
     mt, it = _mpi_type(dtype), np.dtype(dtype).itemsize
     out, off = [], 0
     for peer, sl, shape in entries:
@@ -362,11 +358,11 @@ class Flight:
         if self.done:
             raise RuntimeError(f"the exchange {self.key!r} was finished twice")
         t0 = time.perf_counter()
+        if self.background:
+            self.cm._progress.release(self)
+            self.background = False
         if self.reqs:
             MPI.Request.Waitall(self.reqs)
-        if self.background:
-            self.cm._progress.release()
-            self.background = False
         for t in self.types:
             t.Free()
         if self.unpack:
@@ -386,16 +382,18 @@ class Flight:
 
 
 class _Progress:
-    """A thread that keeps MPI's progress engine turning (an Iprobe for a
-    tag nobody sends, every ``interval`` seconds) while exchanges are in
-    flight behind computation: MPICH advances a rendezvous (large messages,
-    or any message over TCP) only inside MPI calls, and the computing
-    thread makes none.  Needs MPI_THREAD_MULTIPLE; sleeps when idle."""
+    """A thread that advances exchanges in flight behind computation: it
+    tests their requests every ``interval`` seconds until they complete
+    (MPICH advances a rendezvous -- large messages, or any message over
+    TCP -- only inside MPI calls, and the computing thread makes none),
+    then sleeps.  A flight leaves it (``release``) before its own thread
+    waits on it, so that no request is completed by two threads at once.
+    Needs MPI_THREAD_MULTIPLE."""
 
-    def __init__(self, comm, interval):
+    def __init__(self, interval):
         import threading
-        self.comm, self.interval = comm, interval
-        self.users = 0
+        self.interval = interval
+        self.flights: list = []
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
@@ -403,27 +401,23 @@ class _Progress:
         self.thread.start()
 
     def _run(self):
-        while True:
+        while not self.stopping:
             self.wake.wait()
-            if self.stopping:
-                return
-            while self.users > 0 and not self.stopping:
-                self.comm.Iprobe(MPI.ANY_SOURCE, _PROBE_TAG)
-                time.sleep(self.interval)
-            if self.stopping:
-                return
+            with self.lock:
+                self.flights = [fl for fl in self.flights if not MPI.Request.Testall(fl.reqs)]
+                if not self.flights:
+                    self.wake.clear()
+            time.sleep(self.interval)
 
-    def acquire(self):
+    def acquire(self, fl):
         with self.lock:
-            self.users += 1
-            if self.users == 1:
-                self.wake.set()
+            self.flights.append(fl)
+            self.wake.set()
 
-    def release(self):
+    def release(self, fl):
         with self.lock:
-            self.users -= 1
-            if self.users == 0:
-                self.wake.clear()
+            if fl in self.flights:
+                self.flights.remove(fl)
 
     def stop(self):
         self.stopping = True
@@ -458,7 +452,7 @@ class Communicator:
         """Keep MPI progressing ``fl`` while this thread computes (until
         ``fl`` finishes): the progress thread, when MPI allows threads."""
         if fl.reqs and not fl.background and self._progress_thread() is not None:
-            self._progress.acquire()
+            self._progress.acquire(fl)
             fl.background = True
 
     def _progress_thread(self):
@@ -468,7 +462,7 @@ class Communicator:
             if interval <= 0 or MPI.Query_thread() != MPI.THREAD_MULTIPLE:
                 self._progress = False
             else:
-                self._progress = _Progress(self.mpi, interval)
+                self._progress = _Progress(interval)
         return self._progress or None
 
     # ---- buffers ------------------------------------------------------------
@@ -628,6 +622,20 @@ class Communicator:
         needs nothing."""
         return self.start_exchange(plan, tile, dtype, tag, key, category, pieces, transport).finish()
 
+    def local_region(self, plan, tile, dtype=None, key=None):
+        """The region of a plan that moves nothing on any rank: (a view of)
+        this rank's tile, or None when it needs nothing; what ``exchange``
+        returns, without a flight."""
+        prog = self._programs.get(plan) or self._program(plan)
+        if prog.traffic or not (prog.view or prog.need is None):
+            return self.exchange(plan, tile, dtype, key=key)
+        if prog.need is None:
+            return None
+        if tile is None or tile.shape != prog.src_shape:
+            return self.exchange(plan, tile, dtype, key=key)     # says what is wrong
+        loc = prog.local[0]
+        return tile if loc[2] == prog.src_box else tile[loc[0]]
+
     def start_exchange(self, plan, tile, dtype=None, tag=0, key=None, category="exchange",
                        pieces=False, transport=None) -> Flight:
         """Start ``plan`` forward; ``finish()`` of the returned flight gives
@@ -669,7 +677,7 @@ class Communicator:
                 pieces = False
                 out = self._alloc(prog.need_shape, dtype, like=tile)
         if prog.traffic and (prog.moves or transport in _COLLECTIVE):
-            if tile is not None and not self._host_ok(tile):
+            if not self.backend.is_gpu and not self._host_ok(tile):
                 tile = self._host_copy(tile)
             if self.backend.is_gpu:
                 self._start_device(fl, prog, tile, out if not prog.view else None, flat, dtype, tag)

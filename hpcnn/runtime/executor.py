@@ -57,11 +57,11 @@ class Edge:
     category: str
     tag: int
     transport: str = "p2p"
+    #: whether any rank moves data in this exchange
+    traffic: bool = True
 
-    @property
-    def traffic(self) -> bool:
-        """Whether any rank moves data in this exchange."""
-        return self.plan.total_bytes() > 0
+    def __post_init__(self):
+        self.traffic = self.plan.total_bytes() > 0
 
     @property
     def key(self) -> str:
@@ -291,6 +291,12 @@ class DistributedModel:
             clock = [0.0]          # where the op's own time starts (moved by waits inside it)
             for i, src in enumerate(node.inputs):
                 e = self.edges[(node.name, i)]
+                if not e.traffic:
+                    # nothing moves anywhere: the region is (part of) the tile
+                    regions.append(self.cm.local_region(e.plan, acts.get(src), self.dtype, key=e.key))
+                    if self._last_reader.get(src) == (node.name, i) and src != g.logits_name:
+                        acts.pop(src, None)
+                    continue
                 pieces = holds and node.op.takes_pieces
                 t0 = time.perf_counter()
                 fl = self.cm.start_exchange(e.plan, acts.get(src), self.dtype, tag=e.tag, key=e.key,
