@@ -74,3 +74,24 @@ def test_a_described_machine_keeps_the_papers_model():
     B = np.array([[1, 1, 4, 1]])
     tab = cm.edge_tables("c2", 0, B, B)
     assert np.allclose(cm.edge_seconds(tab, "r1", "c2", 0, B), cm.exchange_seconds(tab, 2))
+
+
+def test_a_channel_split_source_is_assembled_for_a_3x3_window_not_for_1x1():
+    g = Graph("chan")
+    x = g.input((4, 16, 16, 16))
+    x = g.conv(x, 16, 3, padding=1, name="c1")
+    x = g.relu(x, name="r1")
+    x3 = g.conv(x, 16, 3, padding=1, name="c3")
+    x1 = g.conv(x3, 16, 1, name="c11")
+    x = g.global_avgpool(x1, name="gap")
+    g.loss(g.linear(x, 4, name="fc"))
+    cm = CostModel(g, 2, load_machine("local"), overlap=True)
+    A = np.array([[1, 2, 1, 1], [1, 1, 2, 1]])        # channels split, rows split
+    B = np.array([[1, 2, 1, 1]])
+    assert cm.by_pieces("r1", "c3", A)[:, 0].tolist() == [False, True]
+    assert cm.by_pieces("c3", "c11", A)[:, 0].tolist() == [True, True]
+    tab = cm.edge_tables("c3", 0, A, B)
+    t = cm.edge_seconds(tab, "r1", "c3", 0, B, A)
+    full = cm.exchange_seconds(tab, 2, cm.region_bytes("c3", 0, B))
+    assert np.isclose(t[0, 0], full[0, 0])            # assembled: the region's copy, no overlap
+    assert t[1, 0] <= cm.exchange_seconds(tab, 2)[1, 0]

@@ -256,6 +256,12 @@ class Op:
     # backward then returns a PartGrads for them); see the module docstring
     takes_pieces: ClassVar[bool] = False
 
+    def convolves_pieces(self, channel_split: bool) -> bool:
+        """For an op that takes pieces: whether it computes on them part by
+        part (assembling nothing, overlapping the transfer) when the parts
+        split the input channels or not.  The cost model prices by it."""
+        return self.takes_pieces
+
     def __init__(self, name: str = ""):
         self.name = name or self.kind
 

@@ -15,6 +15,13 @@ Backward runs the other way round: the gradients of the other ranks' parts
 first, handed back at once (``ctx.halo_grads_ready``), then the own part's
 and the weights'.  Every (output, tap, channel) product is computed once,
 as in one whole convolution.
+
+Parts that split the input channels (a channel-split producer) all reach
+every output: convolving them one by one would repeat, per part, the
+kernel's unrolling of the output gradient in backward and add the outputs
+up (15-30% slower than one convolution, measured), so a window larger than
+1x1 assembles such a region first -- its own part while the others travel
+-- and convolves it once (``convolves_pieces``).
 """
 from __future__ import annotations
 
@@ -152,7 +159,7 @@ class Conv2d(_Window):
 
     def backward(self, dy, saved, params, ctx):
         K, saved = saved
-        if isinstance(saved, _PartsSaved):
+        if isinstance(saved, (_PartsSaved, _AssembledSaved)):
             return self._backward_parts(K, dy, saved, params, ctx)
         dx, dw, db = K.conv2d_backward(dy, saved, params["weight"], self.bias,
                                        ctx.needs_input_grad(0))
@@ -182,8 +189,16 @@ class Conv2d(_Window):
                  and ow0 == 0 and ow1 == out_shape[3])
         return out, crop, ((ph0, ph1), (pw0, pw1)), (c0, c1), whole
 
+    def convolves_pieces(self, channel_split: bool) -> bool:
+        """Whether a region given as pieces is convolved part by part (else
+        assembled first): always for a 1x1 window, else unless the parts
+        split the input channels (see the module docstring)."""
+        return not channel_split or self.kernel_size == (1, 1)
+
     def _forward_parts(self, K, region, params, pads, ctx):
         w, b = params["weight"], params.get("bias")
+        if not self.convolves_pieces(len({p.box[1] for p in region.parts}) > 1):
+            return self._forward_assembled(K, region, params, pads)
         n, cin = region.shape[:2]
         out_shape = (n, w.shape[0]) + tuple(hi - lo for lo, hi in ctx.out_box[2:])
         y, runs, biased = None, [None] * len(region.parts), False
@@ -212,7 +227,32 @@ class Conv2d(_Window):
             y += b[None, :, None, None]
         return y, (K, _PartsSaved(runs, [p.shape for p in region.parts], [p.local for p in region.parts]))
 
+    def _forward_assembled(self, K, region, params, pads):
+        """One convolution of the region, copied into one channels-last
+        array: the own parts before the wait, the others after."""
+        from hpcnn.backend import array_module
+        first = region.parts[0].array
+        n, c, h, w_ = region.shape
+        x = array_module(first).empty((n, h, w_, c), dtype=region.dtype).transpose(0, 3, 1, 2)
+        for part in region.parts:
+            if not part.local:
+                region.wait()
+            x[tuple(slice(lo, hi) for lo, hi in part.box)] = part.array
+        region.wait()
+        y, sk = K.conv2d_forward(x, params["weight"], params.get("bias"), self.stride, (pads[2], pads[3]),
+                                 self.dilation)
+        return y, (K, _AssembledSaved(sk, [p.box for p in region.parts]))
+
     def _backward_parts(self, K, dy, saved, params, ctx):
+        if isinstance(saved, _AssembledSaved):
+            dx, dw, db = K.conv2d_backward(dy, saved.kernel, params["weight"], self.bias,
+                                           ctx.needs_input_grad(0))
+            grads = {"weight": dw}
+            if self.bias:
+                grads["bias"] = db
+            if dx is None:
+                return [None], grads
+            return [PartGrads(dx[tuple(slice(lo, hi) for lo, hi in b)] for b in saved.boxes)], grads
         w = params["weight"]
         cin = w.shape[1]
         want_dx = ctx.needs_input_grad(0)
@@ -269,6 +309,16 @@ class _PartsSaved:
 
     def __init__(self, runs, shapes, local):
         self.runs, self.shapes, self.local = runs, shapes, local
+
+
+class _AssembledSaved:
+    """A convolution of a region assembled from pieces: the kernel's saved
+    state and the parts' boxes (its backward returns their gradients)."""
+
+    __slots__ = ("kernel", "boxes")
+
+    def __init__(self, kernel, boxes):
+        self.kernel, self.boxes = kernel, boxes
 
 
 def _zeros_like_layout(like, shape, ref=None):

@@ -25,12 +25,13 @@ t_x  an edge's exchange, forward and (unless the producer is the input) its
      overlaps ``ExchangePlan`` is built from, equal to the runtime's
      counters.  With calibrated runtime figures (one node): their latency
      per exchange and bandwidth, plus assembling the consumer's region
-     (not for a convolution, which takes its region as pieces).  Overlap
-     (``CostModel.overlap``, on with runtime figures): the bytes of an edge
-     into a convolution travel while it computes its own part, so per
-     direction t_x = fixed + max(0, transfer - hidden), hidden = the share
-     of its region the rank holds itself times the tile's forward (or
-     backward) time.
+     (not for a convolution that convolves its region part by part,
+     ``Op.convolves_pieces``: any but a window larger than 1x1 over split
+     input channels).  Overlap (``CostModel.overlap``, on with runtime
+     figures): the bytes of such an edge travel while the convolution
+     computes its own part, so per direction t_x = fixed + max(0, transfer
+     - hidden), hidden = the share of its region the rank holds itself times
+     the tile's forward (or backward) time.
 mem  bytes one rank holds for the layer: parameter, gradient and momentum
      shards, buffers, the output tile kept for backward, and the assembled
      input region of every input that arrives over an exchange.
@@ -374,28 +375,49 @@ class CostModel:
 
     def edge_cost(self, src, dst, i, A, B) -> EdgeCost:
         tab = self.edge_tables(dst, i, A, B)
-        return EdgeCost(self.edge_seconds(tab, src, dst, i, B), tab)
+        return EdgeCost(self.edge_seconds(tab, src, dst, i, B, A), tab)
 
-    def edge_seconds(self, tab: ExchangeTables, src: str, dst: str, i: int, B) -> np.ndarray:
-        """t_x of an edge per pair of configurations.  A consumer that takes
-        its region as pieces (a convolution) assembles nothing; with
-        ``overlap`` the transfer of each direction is hidden behind the
-        consumer's compute on its own part (``hidden_compute``), so only
-        the latency terms and what the compute does not cover count:
-        per direction, fixed + max(0, transfer - hidden)."""
-        takes_pieces = self.graph[dst].op.takes_pieces
+    def by_pieces(self, src: str, dst: str, A) -> np.ndarray:
+        """Per source configuration (rows of ``A``; a column), whether the
+        consumer convolves its region part by part (``Op.convolves_pieces``:
+        it assembles nothing and may overlap), given whether the source
+        splits the channels."""
+        op = self.graph[dst].op
+        if not op.takes_pieces:
+            return np.zeros((1, 1), dtype=bool)
+        if A is None:
+            return np.ones((1, 1), dtype=bool)
+        A = np.asarray(A, dtype=np.int64)
+        dims = DIM_NAMES[A.shape[1]]
+        split = A[:, dims.index("c")] > 1 if "c" in dims else np.zeros(len(A), dtype=bool)
+        return np.array([op.convolves_pieces(bool(c)) for c in split], dtype=bool)[:, None]
+
+    def edge_seconds(self, tab: ExchangeTables, src: str, dst: str, i: int, B, A=None) -> np.ndarray:
+        """t_x of an edge per pair of configurations (``A``: the source's,
+        when known).  A consumer that convolves its region as pieces
+        (``by_pieces``) assembles nothing; with ``overlap`` the transfer of
+        each direction is hidden behind its compute on its own part
+        (``hidden_compute``), so only the latency terms and what the compute
+        does not cover count: per direction, fixed + max(0, transfer -
+        hidden).  Otherwise both directions in full, plus assembling the
+        region (with runtime figures)."""
+        pieces = self.by_pieces(src, dst, A)
         region = None
-        if self.rt is not None and self.rt.copy_bandwidth and not takes_pieces:
+        if self.rt is not None and self.rt.copy_bandwidth and not pieces.all():
             region = self.region_bytes(dst, i, B)
         dirs = self.directions(src, dst)
-        if not (takes_pieces and self.overlap):
-            return self.exchange_seconds(tab, dirs, region)
-        fixed, transfer = self.exchange_parts(tab, region)
-        fwd, bwd = self.hidden_compute(tab, dst, i, B)
-        t = fixed + np.maximum(0.0, transfer - fwd)
-        if dirs == 2:
-            t = t + fixed + np.maximum(0.0, transfer - bwd)
-        return t
+        full = self.exchange_seconds(tab, dirs, region)
+        if not pieces.any():
+            return full
+        fixed, transfer = self.exchange_parts(tab)
+        if self.overlap:
+            fwd, bwd = self.hidden_compute(tab, dst, i, B)
+            t = fixed + np.maximum(0.0, transfer - fwd)
+            if dirs == 2:
+                t = t + fixed + np.maximum(0.0, transfer - bwd)
+        else:
+            t = dirs * (fixed + transfer)
+        return np.where(pieces, t, full)
 
     def hidden_compute(self, tab: ExchangeTables, dst: str, i: int, B):
         """(forward, backward) seconds of the consumer's compute that runs
