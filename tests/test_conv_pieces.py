@@ -30,7 +30,8 @@ def _cuts(n, rng, most):
     return list(zip(b, b[1:]))
 
 
-def _case(rng, kernels, k, s, p, d, shape, cout, out_rows=None, local=1, most=3):
+def _case(rng, kernels, k, s, p, d, shape, cout, out_rows=None, local=1, most=3, samples=False,
+          spatial=True):
     op = make_op("conv2d", "c", out_channels=cout, kernel_size=k, stride=s, padding=p, dilation=d)
     out_shape = op.infer_shape([shape])
     rows = out_rows or (0, out_shape[2])
@@ -44,8 +45,11 @@ def _case(rng, kernels, k, s, p, d, shape, cout, out_rows=None, local=1, most=3)
     dy = rng.standard_normal(y0.shape)
     (dx0,), g0 = op.backward(dy, s0, params, ctx)
     R = xr.shape
-    boxes = [((0, R[0]), cb, hb, wb) for cb, hb, wb in itertools.product(
-        _cuts(R[1], rng, 1), _cuts(R[2], rng, most), _cuts(R[3], rng, most))]
+    boxes = [(nb, cb, hb, wb) for nb, cb, hb, wb in itertools.product(
+        _cuts(R[0], rng, 2) if samples else [(0, R[0])], _cuts(R[1], rng, 1) if spatial else [(0, R[1])],
+        _cuts(R[2], rng, most) if spatial else [(0, R[2])], _cuts(R[3], rng, most) if spatial else [(0, R[3])])]
+    if len(boxes) < 2:
+        return 0
     local = min(local, len(boxes) - 1)
     parts = []
     for j, b in enumerate(boxes):
@@ -102,6 +106,17 @@ def test_conv_over_pieces_equals_whole_convolution(kernels):
             n_parts += _case(rng, kernels, k, s, p, d, shape, int(rng.integers(1, 4)), rows,
                              local=int(rng.integers(0, 3)))
     assert n_parts > 100
+
+
+def test_parts_that_split_the_samples(kernels):
+    """A redistribution from a sample split: parts of whole images,
+    disjoint outputs (placed, each with the bias); and samples with rows."""
+    rng = np.random.default_rng(8)
+    n = 0
+    for k, s, p, d in [(3, 1, 1, 1), (1, 1, 0, 1), (3, 2, 1, 1)]:
+        for spatial in (False, True):
+            n += _case(rng, kernels, k, s, p, d, (5, 3, 9, 8), 4, samples=True, spatial=spatial)
+    assert n > 10
 
 
 def test_halo_wider_than_a_part(kernels):

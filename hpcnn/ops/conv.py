@@ -202,24 +202,33 @@ class Conv2d(_Window):
         n, cin = region.shape[:2]
         out_shape = (n, w.shape[0]) + tuple(hi - lo for lo, hi in ctx.out_box[2:])
         y, runs, biased = None, [None] * len(region.parts), False
-        for k, part in enumerate(region.parts):
+        geos = [self._part_plan(part, region.shape, out_shape, pads) for part in region.parts]
+        # parts that split the samples alone write disjoint outputs: placed
+        # (each with the bias), not summed
+        by_samples = (len(region.parts) > 1 and len({p.box[1:] for p in region.parts}) == 1
+                      and all(geo is not None for geo in geos))
+        for k, (part, geo) in enumerate(zip(region.parts, geos)):
             if not part.local:
                 region.wait()
-            geo = self._part_plan(part, region.shape, out_shape, pads)
             if geo is None:
                 continue
             out, crop, kpads, (c0, c1), whole = geo
             wq = w if (c0, c1) == (0, cin) else w[:, c0:c1]
             first = y is None and whole
-            yq, sq = K.conv2d_forward(part.array[crop], wq, b if first else None, self.stride,
+            with_bias = first or by_samples
+            yq, sq = K.conv2d_forward(part.array[crop], wq, b if with_bias else None, self.stride,
                                       kpads, self.dilation)
-            runs[k] = (sq, out, crop, (c0, c1), first)
+            runs[k] = (sq, out, crop, (c0, c1), with_bias)
+            biased = biased or (with_bias and b is not None)
             if first:
-                y, biased = yq, b is not None
+                y = yq
                 continue
             if y is None:
-                y = _zeros_like_layout(yq, out_shape)
-            y[out] += yq
+                y = _zeros_like_layout(yq, out_shape, empty=by_samples)
+            if by_samples:
+                y[out] = yq
+            else:
+                y[out] += yq
         region.wait()          # every part is read by some output, but keep the promise
         if y is None:          # no part is read (an empty tile): zeros
             y = _zeros_like_layout(None, out_shape, w)
@@ -273,7 +282,7 @@ class Conv2d(_Window):
             run = saved.runs[k]
             if run is None:
                 continue
-            sq, out, crop, (c0, c1), first = run
+            sq, out, crop, (c0, c1), first = run          # first: the part that added the bias
             wq = w if (c0, c1) == (0, cin) else w[:, c0:c1]
             dxq, dwq, dbq = K.conv2d_backward(dy[out], sq, wq, self.bias and first, want_dx)
             if want_dx:
@@ -286,7 +295,7 @@ class Conv2d(_Window):
                     dw = _zeros_like_layout(None, w.shape, w)
                 dw[:, c0:c1] += dwq
             if first and self.bias:
-                db = dbq
+                db = dbq if db is None else db + dbq
         if dw is None:
             dw = _zeros_like_layout(None, w.shape, w)
         grads = {"weight": dw}
@@ -321,17 +330,18 @@ class _AssembledSaved:
         self.kernel, self.boxes = kernel, boxes
 
 
-def _zeros_like_layout(like, shape, ref=None):
-    """Zeros of ``shape``, channels-last when ``like`` is (the layout the
-    fast kernels return), else C order."""
+def _zeros_like_layout(like, shape, ref=None, empty=False):
+    """Zeros (or, with ``empty``, uninitialised) of ``shape``, channels-last
+    when ``like`` is (the layout the fast kernels return), else C order."""
     from hpcnn.backend import array_module
     xp = array_module(like if like is not None else ref)
     dtype = (like if like is not None else ref).dtype
+    make = xp.empty if empty else xp.zeros
     if (like is not None and like.ndim == 4 and len(shape) == 4 and like.shape[1] > 1
             and like.strides[1] == like.itemsize and not like.flags.c_contiguous):
         n, c, h, w = shape
-        return xp.zeros((n, h, w, c), dtype=dtype).transpose(0, 3, 1, 2)
-    return xp.zeros(shape, dtype=dtype)
+        return make((n, h, w, c), dtype=dtype).transpose(0, 3, 1, 2)
+    return make(shape, dtype=dtype)
 
 
 def _whole_crop(crop, dxq, shape) -> bool:
