@@ -2,7 +2,8 @@
 
 Every op kind registers itself; ``make_op(kind, name, **attrs)`` builds one.
 """
-from hpcnn.ops.base import (REGISTRY, Op, OpError, ParamSpec, TileContext, box_pads, box_shape,
+from hpcnn.ops.base import (REGISTRY, Op, OpError, ParamSpec, PartGrads, RegionPart, TileContext,
+                            TileRegion, box_pads, box_shape,
                             clip_box, dims_of, full_box, init_param, make_op)
 from hpcnn.ops.kernel_set import kernel_set
 from hpcnn.ops.activation import Clip, HardSwish, LeakyReLU, ReLU, Sigmoid
@@ -17,7 +18,9 @@ from hpcnn.ops.pool import AvgPool2d, GlobalAvgPool, MaxPool2d
 from hpcnn.ops.reshape import Flatten
 from hpcnn.ops.scale import ChannelScale
 
-__all__ = ["REGISTRY", "Op", "OpError", "ParamSpec", "TileContext", "box_pads",
-           "box_shape", "clip_box", "dims_of", "full_box", "init_param", "make_op", "kernel_set", "ReLU", "Sigmoid", "LeakyReLU", "Clip", "HardSwish", "ChannelScale",
+__all__ = ["REGISTRY", "Op", "OpError", "ParamSpec", "PartGrads", "RegionPart", "TileContext",
+           "TileRegion", "box_pads", "box_shape", "clip_box", "dims_of", "full_box", "init_param",
+           "make_op", "kernel_set", "ReLU", "Sigmoid", "LeakyReLU", "Clip", "HardSwish",
+           "ChannelScale",
            "BatchNorm", "Conv2d", "Dropout", "Input", "Add", "Concat", "Linear",
            "SoftmaxCrossEntropy", "AvgPool2d", "GlobalAvgPool", "MaxPool2d", "Flatten"]

@@ -25,8 +25,15 @@ t_x  an edge's exchange, forward and (unless the producer is the input) its
      overlaps ``ExchangePlan`` is built from, equal to the runtime's
      counters.  With calibrated runtime figures: their latency per
      exchange and bandwidth (inside a node), plus assembling the
-     consumer's region; across nodes, the busiest port at the inter-node
-     rate if that is slower.
+     consumer's region (not for a convolution that convolves its region
+     part by part, ``Op.convolves_pieces``: any but a window larger than
+     1x1 over split input channels); across nodes, the busiest port at the
+     inter-node rate if that is slower, and the link's latency per message.
+     Overlap (``CostModel.overlap``, on with runtime figures): the bytes of
+     such an edge travel while the convolution computes its own part, so
+     per direction t_x = fixed + max(0, transfer - hidden), hidden = the
+     share of its region the rank holds itself times the tile's forward
+     (or backward) time.
 mem  bytes one rank holds for the layer: parameter, gradient and momentum
      shards, buffers, the output tile kept for backward, and the assembled
      input region of every input that arrives over an exchange.
@@ -36,8 +43,9 @@ stretches of compute, the executor's overheads -- is ``plan_pricing``.
 
 Stated assumptions (the paper's, plus ours): layer times are stable and do
 not depend on the data; the sum ignores overlap of communication with
-compute and between branches; moving s bytes costs s / bandwidth plus a
-latency per message.
+compute (except a convolution's own exchanges behind its own compute, with
+runtime figures) and between branches; moving s bytes costs s / bandwidth
+plus a latency per message.
 """
 from __future__ import annotations
 
@@ -163,7 +171,7 @@ class CostModel:
 
     def __init__(self, graph, ranks: int, machine: Machine, dtype="float32",
                  opts: SpaceOptions | None = None, space: ConfigSpace | None = None,
-                 bucket_bytes: float = 4 << 20):
+                 bucket_bytes: float = 4 << 20, overlap: bool | None = None):
         self.graph = graph
         self.ranks = int(ranks)
         self.machine = machine
@@ -180,6 +188,11 @@ class CostModel:
         self.rt = machine.runtime_at(self.ranks)
         self._rt_ops = self.rt.ops if self.rt is not None else {}
         self.bucket_bytes = float(bucket_bytes)
+        #: price the runtime's overlap of a convolution's exchanges with its
+        #: own part's compute; default: with runtime figures (a machine
+        #: calibrated for hpcnn's runtime), not on a described machine, whose
+        #: model stays the paper's (which ignores overlap)
+        self.overlap = (self.rt is not None) if overlap is None else bool(overlap)
         self.live = graph.reaches_loss()
         self.stats = {"edge_tables": 0, "edge_cache_hits": 0, "table_seconds": 0.0,
                       "node_seconds": 0.0}
@@ -410,23 +423,33 @@ class CostModel:
         runtime figures, the calibrated latency per exchange and bandwidth,
         plus assembling the consumer's input region (``region``: its bytes
         per consumer configuration) from the pieces."""
+        lat, bw = self.exchange_parts(tab, region)
+        return directions * (lat + bw)
+
+    def exchange_parts(self, tab: ExchangeTables, region=None):
+        """(fixed, transfer) seconds of one direction of an edge's exchange
+        per pair of the tables: the latency terms (and the region's
+        assembly), which cost the ranks' own time, and the bytes over the
+        link, which may travel while a rank computes."""
         m = self.machine
         b = tab.max_rank * self.itemsize
         x = tab.node_inter * self.itemsize
         rt = self.rt
+        moves = tab.max_rank > 0
         if rt is not None and rt.exchange is not None:
-            t = b / rt.exchange.bandwidth
+            fixed = np.full(b.shape, float(rt.exchange.latency))
+            transfer = b / rt.exchange.bandwidth
             if m.nodes_for(self.ranks) > 1:
                 # across nodes: the busiest node port at the link's rate,
                 # and a link latency per message
-                t = np.maximum(t, x / m.inter.bandwidth) + np.where(x > 0, tab.messages * m.inter.latency, 0.0)
-            t = rt.exchange.latency + t
+                transfer = np.maximum(transfer, x / m.inter.bandwidth)
+                fixed = fixed + np.where(x > 0, tab.messages * m.inter.latency, 0.0)
             if region is not None and rt.copy_bandwidth:
-                t = t + np.asarray(region, dtype=np.float64)[None, :] / rt.copy_bandwidth
-            return directions * np.where(tab.max_rank > 0, t, 0.0)
+                fixed = fixed + np.asarray(region, dtype=np.float64)[None, :] / rt.copy_bandwidth
+            return np.where(moves, fixed, 0.0), np.where(moves, transfer, 0.0)
         lat = np.where(x > 0, m.inter.latency, m.intra.latency)
-        t = np.maximum(b / m.intra.bandwidth, x / m.inter.bandwidth) + tab.messages * lat
-        return directions * np.where(tab.max_rank > 0, t, 0.0)
+        return (np.where(moves, tab.messages * lat, 0.0),
+                np.where(moves, np.maximum(b / m.intra.bandwidth, x / m.inter.bandwidth), 0.0))
 
     def region_bytes(self, dst: str, i: int, B: np.ndarray) -> np.ndarray:
         """Bytes of input ``i``'s region that the representative tile of
@@ -435,13 +458,63 @@ class CostModel:
 
     def edge_cost(self, src, dst, i, A, B) -> EdgeCost:
         tab = self.edge_tables(dst, i, A, B)
-        return EdgeCost(self.edge_seconds(tab, src, dst, i, B), tab)
+        return EdgeCost(self.edge_seconds(tab, src, dst, i, B, A), tab)
 
-    def edge_seconds(self, tab: ExchangeTables, src: str, dst: str, i: int, B) -> np.ndarray:
+    def by_pieces(self, src: str, dst: str, A) -> np.ndarray:
+        """Per source configuration (rows of ``A``; a column), whether the
+        consumer convolves its region part by part (``Op.convolves_pieces``:
+        it assembles nothing and may overlap), given whether the source
+        splits the channels."""
+        op = self.graph[dst].op
+        if not op.takes_pieces:
+            return np.zeros((1, 1), dtype=bool)
+        if A is None:
+            return np.ones((1, 1), dtype=bool)
+        A = np.asarray(A, dtype=np.int64)
+        dims = DIM_NAMES[A.shape[1]]
+        split = A[:, dims.index("c")] > 1 if "c" in dims else np.zeros(len(A), dtype=bool)
+        return np.array([op.convolves_pieces(bool(c)) for c in split], dtype=bool)[:, None]
+
+    def edge_seconds(self, tab: ExchangeTables, src: str, dst: str, i: int, B, A=None) -> np.ndarray:
+        """t_x of an edge per pair of configurations (``A``: the source's,
+        when known).  A consumer that convolves its region as pieces
+        (``by_pieces``) assembles nothing; with ``overlap`` the transfer of
+        each direction is hidden behind its compute on its own part
+        (``hidden_compute``), so only the latency terms and what the compute
+        does not cover count: per direction, fixed + max(0, transfer -
+        hidden).  Otherwise both directions in full, plus assembling the
+        region (with runtime figures)."""
+        pieces = self.by_pieces(src, dst, A)
         region = None
-        if self.rt is not None and self.rt.copy_bandwidth:
+        if self.rt is not None and self.rt.copy_bandwidth and not pieces.all():
             region = self.region_bytes(dst, i, B)
-        return self.exchange_seconds(tab, self.directions(src, dst), region)
+        dirs = self.directions(src, dst)
+        full = self.exchange_seconds(tab, dirs, region)
+        if not pieces.any():
+            return full
+        fixed, transfer = self.exchange_parts(tab)
+        if self.overlap:
+            fwd, bwd = self.hidden_compute(tab, dst, i, B)
+            t = fixed + np.maximum(0.0, transfer - fwd)
+            if dirs == 2:
+                t = t + fixed + np.maximum(0.0, transfer - bwd)
+        else:
+            t = dirs * (fixed + transfer)
+        return np.where(pieces, t, full)
+
+    def hidden_compute(self, tab: ExchangeTables, dst: str, i: int, B):
+        """(forward, backward) seconds of the consumer's compute that runs
+        while its input's pieces travel, per pair of the tables: the share
+        of its region this rank holds itself (1 - elements received on the
+        busiest rank / region elements) times the tile's forward and
+        backward time (the tile's time split as its flops: 1 : BACKWARD_FLOPS)."""
+        node = self.graph[dst]
+        B = np.asarray(B, dtype=np.int64)
+        tile = self.node_cost(dst, B, with_inputs=False).tile
+        region = np.maximum(self.geometry(dst).region_elements(i, B).astype(np.float64), 1.0)
+        own = np.clip(1.0 - tab.max_rank / region[None, :], 0.0, 1.0)
+        back = BACKWARD_FLOPS.get(node.kind, 1.0)
+        return own * (tile / (1.0 + back))[None, :], own * (tile * back / (1.0 + back))[None, :]
 
     # ---- the search problem -------------------------------------------------
     def build_tables(self, workers: int | None = None) -> int:

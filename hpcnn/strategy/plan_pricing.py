@@ -184,7 +184,7 @@ def _edge(model: CostModel, layouts, where, n, i, src, d) -> EdgeCost:
     Ls, Ld = layouts[src], layouts[n.name]
     if not (_default_ranks(Ls) and _default_ranks(Ld)):
         tab = model.layout_tables(Ls, Ld, n.name, i)
-        return EdgeCost(model.edge_seconds(tab, src, n.name, i, d), tab)
+        return EdgeCost(model.edge_seconds(tab, src, n.name, i, d, np.array([Ls.degrees])), tab)
     (gs, cs), (gi, ci) = where[src], where[n.name]
     if cs is not None and ci is not None and gs != gi:
         ec = model.edge_cost(src, n.name, i, sp.configs[gs], sp.configs[gi])
