@@ -1,0 +1,178 @@
+"""Local kernels of grouped convolution on one tile (``Conv2d`` with
+``groups`` > 1).  Arrays are logical NCHW; NumPy or CuPy, whichever owns the
+input.  The weights are (Cout, Cin/G, kh, kw): output channel o belongs to
+group o // (Cout/G) and reads only that group's Cin/G input channels.
+
+Depthwise convolution (Cin/G == 1, channel multiplier m = Cout/Cin) has a
+direct kernel on channels-last memory: the output (N, Ho, Wo, C, m) is the
+sum over the kh*kw window taps of the tap's shifted slice of the padded
+input (N, Ho, Wo, C) times that tap's per-channel weights (C, m), one
+vectorised multiply-add per tap (no unrolling, no GEMM: each output reads
+only kh*kw values).  Backward runs the same taps: the weight gradient of a
+tap is the per-channel sum of the slice times dY, the input gradient the
+tap's slice of dX plus dY times the weights.  Outputs are channels-last
+views (``nchw_view``), as the other fast kernels return.
+
+Other groups loop over the groups of the tile, each an ordinary
+convolution of the kernel set in use (``window_kernels``) on the group's
+input channels, the outputs written into one channels-last array.  The
+reference kernel set uses that loop for depthwise convolution too, which
+keeps it an independent check of the direct kernel.
+"""
+from __future__ import annotations
+
+from hpcnn.backend import array_module
+from hpcnn.ops.host_memory import POOL
+from hpcnn.ops.host_threads import split
+from hpcnn.ops.nhwc_kernels import _out_size, _padded, _reordered, _tap, colsum, nchw_view, nhwc
+
+
+class _DepthwiseSaved:
+    __slots__ = ("tp", "padded", "wt", "xshape", "oshape", "k", "stride", "pads", "dilation")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+class _GroupsSaved:
+    __slots__ = ("runs", "xshape", "groups")
+
+    def __init__(self, runs, xshape, groups):
+        self.runs, self.xshape, self.groups = runs, xshape, groups
+
+
+def grouped_forward(K, x, w, b, stride, pads, dilation, groups):
+    """(y, saved) of a convolution with ``groups`` groups, K the kernel set
+    (a module with conv2d_forward/backward)."""
+    c = x.shape[1]
+    if w.shape[1] * groups != c or w.shape[0] % groups:
+        raise ValueError(f"grouped convolution: input channels {c} and weight {tuple(w.shape)} do not "
+                         f"make {groups} groups (need Cin = G * weight.shape[1] and Cout divisible by G)")
+    if w.shape[1] == 1 and getattr(K, "__name__", "").endswith("nhwc_kernels"):
+        return depthwise_forward(x, w, b, stride, pads, dilation)
+    return _loop_forward(K, x, w, b, stride, pads, dilation, groups)
+
+
+def grouped_backward(K, dy, saved, w, has_bias, need_input_grad=True):
+    """(dx, dw, db) of ``grouped_forward``; dx None without ``need_input_grad``."""
+    if isinstance(saved, _DepthwiseSaved):
+        return depthwise_backward(dy, saved, w, has_bias, need_input_grad)
+    return _loop_backward(K, dy, saved, w, has_bias, need_input_grad)
+
+
+# ---- depthwise: one multiply-add per window tap ------------------------------------
+def depthwise_forward(x, w, b, stride, pads, dilation):
+    xp = array_module(x)
+    n, c, h, wd = x.shape
+    cout, _, kh, kw = w.shape
+    m = cout // c
+    (pt, pb), (pl, pr) = pads
+    ho = _out_size(h, kh, stride[0], pt, pb, dilation[0])
+    wo = _out_size(wd, kw, stride[1], pl, pr, dilation[1])
+    t = nhwc(x)
+    tp = _padded(xp, t, pads, 0)
+    # per tap the weights of every (channel, multiple): (kh*kw, C, m)
+    wt = _reordered(w.reshape(c, m, kh, kw), (2, 3, 0, 1)).reshape(kh * kw, c, m)
+    y = xp.empty((n, ho, wo, c, m), dtype=x.dtype)
+    bias = None if b is None else b.reshape(c, m)
+
+    def part(a, z):
+        ya, ta = y[a:z], tp[a:z]
+        tmp = xp.empty(ya.shape, dtype=ya.dtype) if kh * kw > 1 else None
+        for q in range(kh * kw):
+            i, j = divmod(q, kw)
+            v = _tap(ta, i, j, ho, wo, stride, dilation)[..., None]
+            if q == 0:
+                xp.multiply(v, wt[q], out=ya)
+            else:
+                xp.multiply(v, wt[q], out=tmp)
+                ya += tmp
+        if bias is not None:
+            ya += bias
+    split(n, part, y.size * kh * kw, xp)
+    saved = _DepthwiseSaved(tp=tp, padded=tp is not t, wt=wt, xshape=(n, c, h, wd), oshape=(ho, wo),
+                            k=(kh, kw), stride=tuple(stride), pads=pads, dilation=tuple(dilation))
+    return nchw_view(y.reshape(n, ho, wo, cout)), saved
+
+
+def depthwise_backward(dy, saved, w, has_bias, need_input_grad=True):
+    """Consumes ``saved``: its padded copy of the input goes back to the pool."""
+    xp = array_module(dy)
+    n, c, h, wd = saved.xshape
+    ho, wo = saved.oshape
+    kh, kw = saved.k
+    s, d, tp, wt = saved.stride, saved.dilation, saved.tp, saved.wt
+    cout = w.shape[0]
+    m = cout // c
+    g = nhwc(dy).reshape(n, ho, wo, c, m)
+    db = colsum(g.reshape(-1, cout)) if has_bias else None
+    (pt, pb), (pl, pr) = saved.pads
+    dtp = xp.zeros(tp.shape, dtype=dy.dtype) if need_input_grad else None
+    chunks = []
+
+    def part(a, z):
+        ga, ta = g[a:z], tp[a:z]
+        dwa = xp.empty((kh * kw, c, m), dtype=dy.dtype)
+        tmp = xp.empty(ga.shape[:4], dtype=dy.dtype) if need_input_grad else None
+        for q in range(kh * kw):
+            i, j = divmod(q, kw)
+            v = _tap(ta, i, j, ho, wo, s, d)
+            dwa[q] = xp.einsum("nhwc,nhwcm->cm", v, ga)
+            if need_input_grad:
+                if m == 1:
+                    xp.multiply(ga[..., 0], wt[q, :, 0], out=tmp)
+                else:
+                    tmp[...] = xp.einsum("nhwcm,cm->nhwc", ga, wt[q])
+                dst = _tap(dtp[a:z], i, j, ho, wo, s, d)
+                xp.add(dst, tmp, out=dst)
+        chunks.append(dwa)
+    split(n, part, g.size * kh * kw * 2, xp)
+    dwt = chunks[0]
+    for extra in chunks[1:]:
+        dwt = dwt + extra
+    dw = _reordered(dwt.reshape(kh, kw, c, m), (2, 3, 0, 1)).reshape(cout, 1, kh, kw)
+    if saved.padded:
+        POOL.give(tp)
+    if not need_input_grad:
+        return None, dw, db
+    return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :]), dw, db
+
+
+# ---- any groups: a loop of ordinary convolutions -------------------------------------
+def _loop_forward(K, x, w, b, stride, pads, dilation, groups):
+    xp = array_module(x)
+    n, c, h, wd = x.shape
+    cout = w.shape[0]
+    cg, og = c // groups, cout // groups
+    y, runs = None, []
+    for gi in range(groups):
+        xs = x[:, gi * cg:(gi + 1) * cg]
+        yg, sg = K.conv2d_forward(xs, w[gi * og:(gi + 1) * og], None if b is None else b[gi * og:(gi + 1) * og],
+                                  stride, pads, dilation)
+        if y is None:
+            y = xp.empty((n, yg.shape[2], yg.shape[3], cout), dtype=x.dtype)
+        y[..., gi * og:(gi + 1) * og] = yg.transpose(0, 2, 3, 1)
+        runs.append(sg)
+    return nchw_view(y), _GroupsSaved(runs, (n, c, h, wd), groups)
+
+
+def _loop_backward(K, dy, saved, w, has_bias, need_input_grad):
+    xp = array_module(dy)
+    n, c, h, wd = saved.xshape
+    groups = saved.groups
+    cout = w.shape[0]
+    cg, og = c // groups, cout // groups
+    kh, kw = w.shape[2:]
+    dx = xp.empty((n, h, wd, c), dtype=dy.dtype) if need_input_grad else None
+    dw = xp.empty((cout, cg, kh, kw), dtype=dy.dtype)
+    db = xp.empty(cout, dtype=dy.dtype) if has_bias else None
+    for gi, sg in enumerate(saved.runs):
+        o = slice(gi * og, (gi + 1) * og)
+        dxg, dwg, dbg = K.conv2d_backward(dy[:, o], sg, w[o], has_bias, need_input_grad)
+        dw[o] = dwg
+        if has_bias:
+            db[o] = dbg
+        if need_input_grad:
+            dx[..., gi * cg:(gi + 1) * cg] = dxg.transpose(0, 2, 3, 1)
+    return (nchw_view(dx) if need_input_grad else None), dw, db
