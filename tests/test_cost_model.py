@@ -129,6 +129,46 @@ def test_exchange_counts_on_explicit_ranks_equal_the_exchange_plan(P, R):
     assert _check_edges(every_op_graph(), P, R, pairs_per_edge=12, seed=P + R, explicit=True) > 150
 
 
+def grouped_graph(batch=6):
+    """Grouped convolutions whose channel ranges need only their groups'
+    input channels: depthwise (multiplier 1 and 2, stride 2) and 3 groups,
+    after channel-split producers of odd widths."""
+    g = Graph("grouped")
+    x = g.input((batch, 3, 11, 9))
+    c = g.conv(x, 6, 3, padding=1)
+    d = g.conv(c, 6, 3, padding=1, groups=6)
+    m = g.conv(d, 12, 3, stride=2, padding=((1, 0), (0, 1)), groups=6)
+    q = g.conv(m, 9, 3, dilation=2, padding=2, groups=3)
+    f = g.flatten(g.global_avgpool(q))
+    g.loss(g.linear(f, 4))
+    return g
+
+
+@pytest.mark.parametrize("P,R", [(4, 2), (6, 4)])
+def test_exchange_counts_of_grouped_convs_equal_the_exchange_plan(P, R):
+    assert _check_edges(grouped_graph(), P, R, pairs_per_edge=40, seed=P, explicit=False) > 100
+    assert _check_edges(grouped_graph(), P, R, pairs_per_edge=10, seed=P + 1, explicit=True) > 30
+
+
+def test_a_channel_split_depthwise_conv_after_a_channel_split_needs_no_exchange():
+    """Depthwise: output channels [c0, c1) read input channels [c0, c1) only."""
+    g = grouped_graph()
+    geom = InputGeometry(g["conv2d_2"].op, 0, g["conv2d_2"].in_shapes, g["conv2d_2"].shape)
+    assert geom.dep == (0, 1, 2, 3)
+    c = np.array([[1, 3, 1, 1]])
+    tab = exchange_tables(geom, c, c)
+    assert tab.total[0, 0] == 0 and tab.messages[0, 0] == 0
+    # multiplier 2 with 3 chunks of 12 output channels: chunk j reads input channels [2j, 2j+2)
+    geom = InputGeometry(g["conv2d_3"].op, 0, g["conv2d_3"].in_shapes, g["conv2d_3"].shape)
+    lo, hi = geom.need_bounds(1, 3)
+    assert lo.tolist() == [0, 2, 4] and hi.tolist() == [2, 4, 6]
+    # 3 groups (4 input and 3 output channels each), 9 outputs cut into chunks of 5 and 4:
+    # output 5 lies inside group 1, so both chunks read group 1's input channels 4..7
+    geom = InputGeometry(g["conv2d_4"].op, 0, g["conv2d_4"].in_shapes, g["conv2d_4"].shape)
+    lo, hi = geom.need_bounds(1, 2)
+    assert lo.tolist() == [0, 4] and hi.tolist() == [8, 12]
+
+
 def test_messages_count_every_pair_of_ranks_that_exchange():
     """A 3x3 convolution with padding 1 split four ways over height: the
     inner ranks send two halos and receive two (4 messages), the outer ones

@@ -32,7 +32,7 @@ TORCHVISION_PARAMS = {
 # 16*(6*5*5)+16, fc1 400*120+120, fc2 120*84+84, fc 84*10+10.
 LENET5_PARAMS = (6 * 25 + 6) + (16 * 6 * 25 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
 
-SMALL = ["lenet5", "resnet_small", "inception_small", "digits_cnn"]
+SMALL = ["lenet5", "resnet_small", "inception_small", "digits_cnn", "mobilenet_small"]
 
 
 def meta_oracle(name, **kw):

@@ -16,7 +16,7 @@ from hpcnn.models.alexnet import alexnet
 from hpcnn.models.inception import inception_v3
 from hpcnn.models.lenet import lenet5
 from hpcnn.models.resnet import resnet18, resnet50, resnet101
-from hpcnn.models.small import digits_cnn, inception_small, resnet_small
+from hpcnn.models.small import digits_cnn, inception_small, mobilenet_small, resnet_small
 from hpcnn.models.vgg import vgg16
 
 
@@ -59,6 +59,9 @@ _SPECS = [
               "stem + 4-branch Inception block + reduction (tests)", small=True),
     ModelSpec("digits_cnn", digits_cnn, 1, (16, 16), 10, 4,
               "2 conv+BN+ReLU+pool, dropout, fc (digits data)", small=True),
+    ModelSpec("mobilenet_small", mobilenet_small, 3, (16, 16), 10, 1,
+              "depthwise-separable blocks, multiplier 2, inverted residual, grouped conv (tests)",
+              small=True),
 ]
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
