@@ -13,18 +13,22 @@ tap is the per-channel sum of the slice times dY, the input gradient the
 tap's slice of dX plus dY times the weights.  Outputs are channels-last
 views (``nchw_view``), as the other fast kernels return.
 
-Other groups loop over the groups of the tile, each an ordinary
-convolution of the kernel set in use (``window_kernels``) on the group's
-input channels, the outputs written into one channels-last array.  The
-reference kernel set uses that loop for depthwise convolution too, which
-keeps it an independent check of the direct kernel.
+Other groups are one batched GEMM on the fast kernel set: the padded
+channels-last input is unrolled by one strided copy straight into per-group
+column matrices (G, N*Ho*Wo, kh*kw*Cin/G), multiplied by the weights
+reordered to (G, Cout/G, kh*kw*Cin/G); backward is the batched dW = dY^T
+cols and dcols = dY W, then col2im (the kh*kw shifted slices summed into
+dX).  The reference kernel set loops over the groups, each an ordinary
+convolution of that set, and uses the loop for depthwise convolution too,
+which keeps it an independent check of both fast kernels.
 """
 from __future__ import annotations
 
 from hpcnn.backend import array_module
 from hpcnn.ops.host_memory import POOL
 from hpcnn.ops.host_threads import split
-from hpcnn.ops.nhwc_kernels import _out_size, _padded, _reordered, _tap, colsum, nchw_view, nhwc
+from hpcnn.ops.nhwc_kernels import (_as_strided, _out_size, _padded, _reordered, _tap, colsum, copy_split,
+                                    nchw_view, nhwc, rows2d)
 
 
 class _DepthwiseSaved:
@@ -49,8 +53,10 @@ def grouped_forward(K, x, w, b, stride, pads, dilation, groups):
     if w.shape[1] * groups != c or w.shape[0] % groups:
         raise ValueError(f"grouped convolution: input channels {c} and weight {tuple(w.shape)} do not "
                          f"make {groups} groups (need Cin = G * weight.shape[1] and Cout divisible by G)")
-    if w.shape[1] == 1 and getattr(K, "__name__", "").endswith("nhwc_kernels"):
-        return depthwise_forward(x, w, b, stride, pads, dilation)
+    if getattr(K, "__name__", "").endswith("nhwc_kernels"):
+        if w.shape[1] == 1:
+            return depthwise_forward(x, w, b, stride, pads, dilation)
+        return batched_forward(x, w, b, stride, pads, dilation, groups)
     return _loop_forward(K, x, w, b, stride, pads, dilation, groups)
 
 
@@ -58,6 +64,8 @@ def grouped_backward(K, dy, saved, w, has_bias, need_input_grad=True):
     """(dx, dw, db) of ``grouped_forward``; dx None without ``need_input_grad``."""
     if isinstance(saved, _DepthwiseSaved):
         return depthwise_backward(dy, saved, w, has_bias, need_input_grad)
+    if isinstance(saved, _BatchedSaved):
+        return batched_backward(dy, saved, w, has_bias, need_input_grad)
     return _loop_backward(K, dy, saved, w, has_bias, need_input_grad)
 
 
@@ -136,6 +144,83 @@ def depthwise_backward(dy, saved, w, has_bias, need_input_grad=True):
         POOL.give(tp)
     if not need_input_grad:
         return None, dw, db
+    return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :]), dw, db
+
+
+# ---- any groups, fast: one batched GEMM ---------------------------------------------
+class _BatchedSaved:
+    __slots__ = ("cols", "wk", "xshape", "oshape", "k", "stride", "pads", "dilation", "groups")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+def batched_forward(x, w, b, stride, pads, dilation, groups):
+    xp = array_module(x)
+    n, c, h, wd = x.shape
+    cout, cg, kh, kw = w.shape
+    og = cout // groups
+    (pt, pb), (pl, pr) = pads
+    ho = _out_size(h, kh, stride[0], pt, pb, dilation[0])
+    wo = _out_size(wd, kw, stride[1], pl, pr, dilation[1])
+    m = n * ho * wo
+    t = nhwc(x)
+    tp = _padded(xp, t, pads, 0)
+    sn, sh, sw, sc = tp.strides
+    # per group, per output pixel, its kh x kw x cg window: (G, N, Ho, Wo, kh, kw, cg)
+    win = _as_strided(xp, tp, (groups, n, ho, wo, kh, kw, cg),
+                      (sc * cg, sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], sc))
+    cols = copy_split(win, POOL.take(xp, win.shape, x.dtype)).reshape(groups, m, kh * kw * cg)
+    if tp is not t:
+        POOL.give(tp)
+    wk = _reordered(w.reshape(groups, og, cg, kh, kw), (0, 1, 3, 4, 2)).reshape(groups, og, kh * kw * cg)
+    y3 = xp.matmul(cols, wk.transpose(0, 2, 1))                       # (G, M, og)
+    y = xp.empty((m, groups, og), dtype=x.dtype)
+    y[...] = y3.transpose(1, 0, 2)
+    y = y.reshape(m, cout)
+    if b is not None:
+        y += b
+    saved = _BatchedSaved(cols=cols, wk=wk, xshape=(n, c, h, wd), oshape=(ho, wo), k=(kh, kw),
+                          stride=tuple(stride), pads=pads, dilation=tuple(dilation), groups=groups)
+    return nchw_view(y.reshape(n, ho, wo, cout)), saved
+
+
+def batched_backward(dy, saved, w, has_bias, need_input_grad=True):
+    """Consumes ``saved``: its column buffer goes back to the pool."""
+    xp = array_module(dy)
+    n, c, h, wd = saved.xshape
+    ho, wo = saved.oshape
+    kh, kw = saved.k
+    groups, cols, wk = saved.groups, saved.cols, saved.wk
+    cout, cg = w.shape[:2]
+    og = cout // groups
+    m = n * ho * wo
+    dy2 = rows2d(nhwc(dy))                                             # (M, cout)
+    dyg = xp.empty((groups, m, og), dtype=dy.dtype)
+    dyg[...] = dy2.reshape(m, groups, og).transpose(1, 0, 2)
+    dwk = xp.matmul(dyg.transpose(0, 2, 1), cols)                      # (G, og, kh kw cg)
+    POOL.give(cols)
+    dw = _reordered(dwk.reshape(groups, og, kh, kw, cg), (0, 1, 4, 2, 3)).reshape(cout, cg, kh, kw)
+    db = colsum(dy2) if has_bias else None
+    if not need_input_grad:
+        return None, dw, db
+    dcg = xp.matmul(dyg, wk).reshape(groups, n, ho, wo, kh, kw, cg)
+    # channels-last again, (N, Ho, Wo, kh, kw, C): one copy, then contiguous slices per tap
+    dcols = copy_split(dcg.transpose(1, 2, 3, 4, 5, 0, 6),
+                       POOL.take(xp, (n, ho, wo, kh, kw, groups, cg), dy.dtype)).reshape(n, ho, wo, kh, kw, c)
+    del dcg
+    (pt, pb), (pl, pr) = saved.pads
+    dtp = xp.zeros((n, h + pt + pb, wd + pl + pr, c), dtype=dy.dtype)
+    s, d = saved.stride, saved.dilation
+
+    def part(a, z):
+        for i in range(kh):
+            for j in range(kw):
+                dst = _tap(dtp[a:z], i, j, ho, wo, s, d)
+                xp.add(dst, dcols[a:z, :, :, i, j, :], out=dst)
+    split(n, part, dcols.size, xp)
+    POOL.give(dcols)
     return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :]), dw, db
 
 
