@@ -4,13 +4,15 @@ input.  The weights are (Cout, Cin/G, kh, kw): output channel o belongs to
 group o // (Cout/G) and reads only that group's Cin/G input channels.
 
 Depthwise convolution (Cin/G == 1, channel multiplier m = Cout/Cin) has a
-direct kernel on channels-last memory: the output (N, Ho, Wo, C, m) is the
-sum over the kh*kw window taps of the tap's shifted slice of the padded
-input (N, Ho, Wo, C) times that tap's per-channel weights (C, m), one
-vectorised multiply-add per tap (no unrolling, no GEMM: each output reads
-only kh*kw values).  Backward runs the same taps: the weight gradient of a
-tap is the per-channel sum of the slice times dY, the input gradient the
-tap's slice of dX plus dY times the weights.  Outputs are channels-last
+direct kernel on channels-last memory: per multiple j, the outputs
+(N, Ho, Wo, C) of channels c*m + j are the sum over the kh*kw window taps
+of the tap's shifted slice of the padded input (N, Ho, Wo, C) times that
+tap's per-channel weights (C,), one vectorised multiply-add per tap (no
+unrolling, no GEMM: each output reads only kh*kw values), on chunks of
+samples small enough for the passes to stay in cache.  Backward runs the
+same taps: the weight gradient of a tap is the per-channel sum of the
+slice times dY (a matrix-vector product), the input gradient the tap's
+slice of dX plus dY times the weights.  Outputs are channels-last
 views (``nchw_view``), as the other fast kernels return.
 
 Other groups are one batched GEMM on the fast kernel set: the padded
@@ -70,6 +72,14 @@ def grouped_backward(K, dy, saved, w, has_bias, need_input_grad=True):
 
 
 # ---- depthwise: one multiply-add per window tap ------------------------------------
+_CHUNK = 1 << 16        # values of a chunk of samples the tap passes work on (256 KiB of float32)
+
+
+def _grain(a) -> int:
+    """Samples per chunk of ``a`` (N, ...) for about _CHUNK values."""
+    per = max(1, a.size // max(1, a.shape[0]))
+    return max(1, _CHUNK // per)
+
 def depthwise_forward(x, w, b, stride, pads, dilation):
     xp = array_module(x)
     n, c, h, wd = x.shape
@@ -80,25 +90,31 @@ def depthwise_forward(x, w, b, stride, pads, dilation):
     wo = _out_size(wd, kw, stride[1], pl, pr, dilation[1])
     t = nhwc(x)
     tp = _padded(xp, t, pads, 0)
-    # per tap the weights of every (channel, multiple): (kh*kw, C, m)
-    wt = _reordered(w.reshape(c, m, kh, kw), (2, 3, 0, 1)).reshape(kh * kw, c, m)
+    # per multiple and tap the weights of every channel: (m, kh*kw, C)
+    wt = _reordered(w.reshape(c, m, kh, kw), (1, 2, 3, 0)).reshape(m, kh * kw, c)
     y = xp.empty((n, ho, wo, c, m), dtype=x.dtype)
     bias = None if b is None else b.reshape(c, m)
 
     def part(a, z):
-        ya, ta = y[a:z], tp[a:z]
-        tmp = xp.empty(ya.shape, dtype=ya.dtype) if kh * kw > 1 else None
-        for q in range(kh * kw):
-            i, j = divmod(q, kw)
-            v = _tap(ta, i, j, ho, wo, stride, dilation)[..., None]
-            if q == 0:
-                xp.multiply(v, wt[q], out=ya)
-            else:
-                xp.multiply(v, wt[q], out=tmp)
-                ya += tmp
-        if bias is not None:
-            ya += bias
-    split(n, part, y.size * kh * kw, xp)
+        ta = tp[a:z]
+        acc = y[a:z, ..., 0] if m == 1 else xp.empty((z - a, ho, wo, c), dtype=x.dtype)
+        tmp = xp.empty(acc.shape, dtype=x.dtype) if kh * kw > 1 else None
+        for j in range(m):             # each multiple: a depthwise convolution of its own
+            for q in range(kh * kw):
+                i, k = divmod(q, kw)
+                v = _tap(ta, i, k, ho, wo, stride, dilation)
+                if q == 0:
+                    xp.multiply(v, wt[j, q], out=acc)
+                else:
+                    xp.multiply(v, wt[j, q], out=tmp)
+                    acc += tmp
+            if bias is not None:
+                acc += bias[:, j]
+            if m > 1:
+                y[a:z, ..., j] = acc
+    # samples in chunks of about _CHUNK values, so that the kh*kw passes over
+    # the output stay in cache
+    split(n, part, y.size * kh * kw, xp, grain=_grain(y))
     saved = _DepthwiseSaved(tp=tp, padded=tp is not t, wt=wt, xshape=(n, c, h, wd), oshape=(ho, wo),
                             k=(kh, kw), stride=tuple(stride), pads=pads, dilation=tuple(dilation))
     return nchw_view(y.reshape(n, ho, wo, cout)), saved
@@ -120,26 +136,32 @@ def depthwise_backward(dy, saved, w, has_bias, need_input_grad=True):
     chunks = []
 
     def part(a, z):
-        ga, ta = g[a:z], tp[a:z]
-        dwa = xp.empty((kh * kw, c, m), dtype=dy.dtype)
-        tmp = xp.empty(ga.shape[:4], dtype=dy.dtype) if need_input_grad else None
-        for q in range(kh * kw):
-            i, j = divmod(q, kw)
-            v = _tap(ta, i, j, ho, wo, s, d)
-            dwa[q] = xp.einsum("nhwc,nhwcm->cm", v, ga)
-            if need_input_grad:
-                if m == 1:
-                    xp.multiply(ga[..., 0], wt[q, :, 0], out=tmp)
-                else:
-                    tmp[...] = xp.einsum("nhwcm,cm->nhwc", ga, wt[q])
-                dst = _tap(dtp[a:z], i, j, ho, wo, s, d)
-                xp.add(dst, tmp, out=dst)
+        ta = tp[a:z]
+        dwa = xp.empty((m, kh * kw, c), dtype=dy.dtype)
+        prod = xp.empty((z - a, ho, wo, c), dtype=dy.dtype)
+        gj = None
+        for j in range(m):
+            if m == 1:
+                gj = g[a:z, ..., 0]
+            else:                      # one multiple's gradient, contiguous
+                gj = xp.empty(prod.shape, dtype=dy.dtype) if gj is None else gj
+                gj[...] = g[a:z, ..., j]
+            for q in range(kh * kw):
+                i, k = divmod(q, kw)
+                v = _tap(ta, i, k, ho, wo, s, d)
+                # the tap's weight gradient: per channel the sum of slice * dY
+                xp.multiply(v, gj, out=prod)
+                dwa[j, q] = colsum(prod.reshape(-1, c))
+                if need_input_grad:
+                    dst = _tap(dtp[a:z], i, k, ho, wo, s, d)
+                    xp.multiply(gj, wt[j, q], out=prod)
+                    xp.add(dst, prod, out=dst)
         chunks.append(dwa)
-    split(n, part, g.size * kh * kw * 2, xp)
+    split(n, part, g.size * kh * kw * 2, xp, grain=_grain(g))
     dwt = chunks[0]
     for extra in chunks[1:]:
         dwt = dwt + extra
-    dw = _reordered(dwt.reshape(kh, kw, c, m), (2, 3, 0, 1)).reshape(cout, 1, kh, kw)
+    dw = _reordered(dwt.reshape(m, kh, kw, c), (3, 0, 1, 2)).reshape(cout, 1, kh, kw)
     if saved.padded:
         POOL.give(tp)
     if not need_input_grad:
