@@ -684,3 +684,24 @@ def test_exchanges_across_nodes_with_runtime_figures_take_the_slower_port():
     want = 2e-4 + max(b / 50e9, x / m.inter.bandwidth) + tab.messages[0, 0] * m.inter.latency + region / 5e9
     assert cm.exchange_seconds(tab, 1, region=[region])[0, 0] == pytest.approx(want)
     assert x / m.inter.bandwidth > b / 50e9            # the port decides here
+
+
+def test_grouped_conv_flops_parameters_and_tiles_divide_by_groups():
+    """A depthwise conv costs kh*kw multiply-adds per output, a grouped one
+    Cin/G*kh*kw; their weights hold Cin/G input channels; and a tile's
+    flops count the whole groups it computes (its input tile's channels)."""
+    from hpcnn.strategy.tile_geometry import NodeGeometry
+    g = grouped_graph()
+    dw, m2, g3 = g["conv2d_2"], g["conv2d_3"], g["conv2d_4"]
+    n, c, h, w = dw.shape
+    assert dw.flops() == 2 * n * c * h * w * 9
+    assert m2.flops() == 2 * int(np.prod(m2.shape)) * 9
+    assert g3.flops() == 2 * int(np.prod(g3.shape)) * 4 * 9
+    assert dw.param_specs()["weight"].shape == (6, 1, 3, 3)
+    assert g3.param_specs()["weight"].shape == (9, 4, 3, 3)
+    assert g3.param_specs()["weight"].shard_size(2) == 5 * 4 * 9
+    # g3 split 2 ways over channels: the first tile has outputs 0..4 (groups 0 and 1) and reads
+    # 8 input channels; it computes both groups whole (6 outputs of 4 inputs each)
+    ins, out, _ = NodeGeometry(g3).tile((1, 2, 1, 1))
+    assert ins[0][1] == 8 and out[1] == 5
+    assert g3.op.flops(ins, out) == 2 * out[0] * out[2] * out[3] * 6 * 4 * 9
