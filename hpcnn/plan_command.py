@@ -75,14 +75,12 @@ def format_report(rep) -> str:
              f"({rep['dtype']})",
              f"{'layer':26s} {'op':14s} {'config':12s} {'ranks':>5s} {'t_c ms':>9s} {'t_x ms':>9s} "
              f"{'t_s ms':>9s} {'mem MiB':>9s}"]
-    prev = None
     for r in rep["predicted"]["layers"]:
         cfg = _cfg(r["config"])
         shown = ("= " + cfg) if r.get("folded") else cfg
         lines.append(f"{r['node'][:26]:26s} {r['op'][:14]:14s} {shown[:12]:12s} {r['ranks']:5d} "
                      f"{r['t_c'] * ms:9.3f} {r['t_x'] * ms:9.3f} {r['t_s'] * ms:9.3f} "
                      f"{r['memory'] / 2 ** 20:9.1f}")
-        prev = r
     p = rep["predicted"]
     lines.append(f"{'whole plan':26s} {'':14s} {'':12s} {'':5s} {p['t_c_s'] * ms:9.3f} {p['t_x_s'] * ms:9.3f} "
                  f"{p['t_s_s'] * ms:9.3f} {p['memory_bytes'] / 2 ** 20:9.1f}")
@@ -92,7 +90,7 @@ def format_report(rep) -> str:
         lines.append("(the rows price gradient buckets and waits per layer, as the search does; the whole "
                      "plan follows the runtime's buckets and the stretches between synchronisations)")
     lines.append("")
-    lines.append(f"predicted iteration time (ms) and speed-up of the found plan:")
+    lines.append("predicted iteration time (ms) and speed-up of the found plan:")
     lines.append(f"  {'searched':16s} {p['total_s'] * ms:10.3f}")
     for name, b in rep.get("baselines", {}).items():
         lines.append(f"  {name:16s} {b['total_s'] * ms:10.3f}   x{b['total_s'] / p['total_s']:.2f}")

@@ -358,7 +358,7 @@ def _training_step_share(args, world, backend) -> dict:
     from hpcnn.strategy.baselines import data_parallel
     from hpcnn.strategy.plan import Plan
 
-    P, me = world.Get_size(), world.Get_rank()
+    P = world.Get_size()
     g = build_model(args.model, batch=args.batch, image_size=args.image_size)
     out = {"model": args.model, "batch": args.batch, "image_size": args.image_size, "plans": {}}
     spatial = {}

@@ -426,7 +426,7 @@ def write_report(md_path="docs/paper-reproduction.md", img_dir="docs/img", machi
     w(f"Its example, the first fully connected layer of VGG-16 on 2 GPUs: sample parallelism moves "
       f"408 MB per GPU (the gradient of its 102.8 M weights), channel parallelism 32 MB. hpcnn's model "
       f"(per-GPU batch 32): sample parallel {fc1_sample / 1e6:.0f} MB per GPU (allreduce of the "
-      f"{fc1_params / 4 / 1e6:.1f} M parameters), channel parallel {fc1_channel / 1e6:.1f} MB per GPU "
+      f"{fc1_sample / 4 / 1e6:.1f} M parameters), channel parallel {fc1_channel / 1e6:.1f} MB per GPU "
       f"(half the batch's 25088 input features gathered forward, their gradients returned backward).\n")
     w(f"![communication]({rel(img / 'communication.png')})\n")
 

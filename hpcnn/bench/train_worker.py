@@ -100,7 +100,7 @@ def run_hpcnn(a) -> dict:
     from hpcnn.strategy.plan import Plan
 
     world = MPI.COMM_WORLD
-    P, me = world.Get_size(), world.Get_rank()
+    P = world.Get_size()
     limit_threads(a.threads)
     g = build_model("resnet18", batch=P * a.batch, image_size=a.image_size, num_classes=a.classes)
     search_s, trials = None, None

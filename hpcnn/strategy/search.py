@@ -32,7 +32,6 @@ every assignment is infinite the search says so.
 """
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 
