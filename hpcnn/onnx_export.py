@@ -31,9 +31,10 @@ def add_arguments(p):
                    help="dtype of the weights and of the model's input (default float32)")
 
 
-def checkpoint_network(path):
+def checkpoint_network(path, batch=None):
     """(graph, params, buffers) of a checkpoint: the network rebuilt from its
-    metadata and its whole logical tensors."""
+    metadata (for ``batch`` samples, default the batch it was trained with)
+    and its whole logical tensors."""
     import h5py
 
     from hpcnn.checkpoint import read_meta
@@ -50,7 +51,7 @@ def checkpoint_network(path):
         p = Path(p).expanduser()
         return p if p.is_absolute() else job_dir / p
 
-    g = build_network(meta["job"]["model"], int(shape[0]), tuple(shape[1:]), int(net["num_classes"]), resolve)
+    g = build_network(meta["job"]["model"], int(batch or shape[0]), tuple(shape[1:]), int(net["num_classes"]), resolve)
     params, buffers = {}, {}
     with h5py.File(path, "r") as f:
         for store, group in ((params, "params"), (buffers, "buffers")):
