@@ -24,7 +24,7 @@ class Net(nn.Module):
 
     def __init__(self, classes=5):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=1, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.branch_a = nn.Sequential(nn.Conv2d(8, 4, 3, padding=2, dilation=2), nn.LeakyReLU(0.1))
         self.branch_b = nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU6())
         self.se = SE(8)
