@@ -50,6 +50,15 @@ def _onnx():
     return onnx, numpy_helper
 
 
+def _decimal(v) -> float:
+    """A float attribute of an ONNX node as its author wrote it.  ONNX
+    stores attributes in float32 (LeakyReLU's 0.1 becomes
+    0.100000001490116...); the shortest decimal that rounds to that float32
+    is the value the exporter was given (PyTorch's float64 0.1), which the
+    float64 arithmetic of hpcnn then uses."""
+    return float(str(np.float32(v)))
+
+
 class _Tensor:
     """An ONNX tensor as hpcnn holds it: the hpcnn node producing it, and
     whether ONNX sees it as (N, C, 1, 1) where hpcnn has (N, C)."""
@@ -205,8 +214,8 @@ class _Importer:
         x = self.inp(n)
         scale, bias, mean, var = (self.const(n, t) for t in n.input[1:5])
         # ONNX: running = running * momentum + batch * (1 - momentum); hpcnn/torch the other way
-        out = self.add(n, i, "batchnorm", [x.node], pooled=x.pooled, eps=float(a.get("epsilon", 1e-5)),
-                       momentum=1.0 - float(a.get("momentum", 0.9)))
+        out = self.add(n, i, "batchnorm", [x.node], pooled=x.pooled, eps=_decimal(a.get("epsilon", 1e-5)),
+                       momentum=1.0 - _decimal(a.get("momentum", 0.9)))
         if self.with_weights:
             self.g.initial[out] = {"weight": scale, "bias": bias, "running_mean": mean, "running_var": var}
 
@@ -224,7 +233,7 @@ class _Importer:
         self._unary(n, i, "hardswish")
 
     def op_LeakyRelu(self, n, i):
-        self._unary(n, i, "leaky_relu", negative_slope=float(self.attrs(n).get("alpha", 0.01)))
+        self._unary(n, i, "leaky_relu", negative_slope=_decimal(self.attrs(n).get("alpha", 0.01)))
 
     def op_Clip(self, n, i):
         a = self.attrs(n)
