@@ -27,7 +27,7 @@ def add_arguments(p):
                    help="a checkpoint file (ckpt-XXXXXXXX.h5), or a directory: its newest checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a job key, e.g. --set data.test=val (repeatable)")
-    p.add_argument("--plan", default=None, help="use this plan JSON file (overrides plan.mode)")
+    p.add_argument("--plan", default=None, help="search, data-parallel or a plan JSON file (overrides plan.mode)")
     p.add_argument("--batch", type=int, default=None,
                    help="samples per evaluated batch (default: the job's micro-batch)")
     p.add_argument("-o", "--output", default=None, metavar="RESULT.json",

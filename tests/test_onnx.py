@@ -161,6 +161,9 @@ def test_an_imported_network_exports_and_onnxruntime_agrees(tmp_path, fold_bn):
     want = SequentialModel(load_onnx(tmp_path / "net.onnx", batch=5), dtype=np.float32).predict(x)
     got = _ort(tmp_path / "back.onnx", x)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    # and the exported file imports again (its additions are Sum nodes) with the same logits
+    again = SequentialModel(load_onnx(tmp_path / "back.onnx", batch=5), dtype=np.float32).predict(x)
+    assert np.abs(again - want).max() <= 1e-5 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("fold_bn", [False, True], ids=["bn-kept", "bn-folded"])
