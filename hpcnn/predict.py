@@ -1,5 +1,7 @@
 """``hpcnn predict --model net.onnx|CKPT.h5 --input x.npy|data.h5 -o
-logits.npy``: the logits of a network for a set of images, in one process.
+logits.npy``: the logits of a network for a set of images, in one process
+(or under ``mpiexec -n N``: each rank the whole network on a contiguous
+share of the batches, rank 0 gathers and writes).
 
 The model is an ONNX file (imported with its weights, as ``model.onnx``
 imports it) or an hpcnn checkpoint (the network rebuilt from what it
@@ -123,21 +125,23 @@ class _Images:
         return np.asarray(self.x[lo:hi], dtype=self.dtype)
 
 
-def predict(model, images, batch: int, on_batch=None) -> np.ndarray:
-    """Logits of every image (inference mode), ``batch`` at a time."""
+def predict(model, images, batch: int, on_batch=None, rows=None) -> np.ndarray:
+    """Logits of every image (inference mode), ``batch`` at a time; of the
+    images ``rows`` = (first, end) only when given (batch-aligned first)."""
     from hpcnn.backend import to_host
+    first, end = rows if rows is not None else (0, images.n)
     out = None
-    for lo in range(0, images.n, batch):
-        hi = min(images.n, lo + batch)
+    for lo in range(first, end, batch):
+        hi = min(end, lo + batch)
         x = images.rows(lo, hi)
         if hi - lo < batch:             # the graph's batch is fixed: pad, then drop the padding
             x = np.concatenate([x, np.zeros((batch - (hi - lo),) + x.shape[1:], x.dtype)])
         z = to_host(model.predict(x))[: hi - lo]
         if out is None:
-            out = np.empty((images.n, z.shape[1]), dtype=z.dtype)
-        out[lo:hi] = z
+            out = np.empty((end - first, z.shape[1]), dtype=z.dtype)
+        out[lo - first:hi - first] = z
         if on_batch is not None:
-            on_batch(hi)
+            on_batch(hi - first)
     if out is None:
         k = model.graph[model.graph.logits_name].shape[1]
         out = np.empty((0, k), dtype=model.dtype)
@@ -180,30 +184,57 @@ def _progress(mode, total, batch):
     return line, lambda: None
 
 
+def share(n: int, batch: int, rank: int, world: int) -> tuple:
+    """(first, end) image of ``rank``'s contiguous share of the batches."""
+    nb = -(-n // batch)
+    lo, hi = rank * nb // world, (rank + 1) * nb // world
+    return min(n, lo * batch), min(n, hi * batch)
+
+
 def run(args) -> int:
+    from mpi4py import MPI
+
     from hpcnn.checkpoint import CheckpointError
     from hpcnn.data.hdf5_format import DataError
+    from hpcnn.failsafe import abort_on_exception
+    from hpcnn.job_errors import JobFailure, agree
     from hpcnn.models import ModelError
+    comm = MPI.COMM_WORLD
+    abort_on_exception(comm)
+    rank, world = comm.Get_rank(), comm.Get_size()
     if args.batch < 1:
-        print(f"hpcnn predict: error: --batch must be a positive number of images, got {args.batch}",
-              file=sys.stderr)
+        if rank == 0:
+            print(f"hpcnn predict: error: --batch must be a positive number of images, got {args.batch}",
+                  file=sys.stderr)
         return 2
     dtype = np.dtype(args.dtype)
+    expected = (PredictError, CheckpointError, DataError, ModelError, OSError)
     try:
-        model, job = load_model(args.model, args.batch, dtype)
+        def setup():
+            model, job = load_model(args.model, args.batch, dtype)
+            g = model.graph
+            images = _Images(args.input, args.split, g[g.input_name].shape[1:], dtype, job,
+                             mean=_numbers(args.mean, "--mean"), std=_numbers(args.std, "--std"))
+            return model, images
+        model, images = agree(comm, setup, expected)
         g = model.graph
-        images = _Images(args.input, args.split, g[g.input_name].shape[1:], dtype, job,
-                         mean=_numbers(args.mean, "--mean"), std=_numbers(args.std, "--std"))
-        update, close = _progress(args.progress, images.n, args.batch)
+        rows = share(images.n, args.batch, rank, world)
+        update, close = _progress(args.progress if rank == 0 else "off", rows[1] - rows[0], args.batch)
         t0 = time.perf_counter()
         try:
-            logits = predict(model, images, args.batch, update)
+            logits = predict(model, images, args.batch, update, rows=rows)
         finally:
             close()
-        np.save(args.output, logits)
-    except (PredictError, CheckpointError, DataError, ModelError, OSError) as exc:
-        print(f"hpcnn predict: error: {exc}", file=sys.stderr)
+        if world > 1:
+            parts = comm.gather(logits, root=0)
+            if rank == 0:
+                logits = np.concatenate(parts)
+        agree(comm, lambda: np.save(args.output, logits) if rank == 0 else None, (OSError,))
+    except JobFailure as exc:
+        if rank == 0:
+            print(f"hpcnn predict: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: logits {logits.shape} {logits.dtype} of {g.name} "
-          f"({time.perf_counter() - t0:.1f} s)")
+    if rank == 0:
+        print(f"wrote {args.output}: logits {logits.shape} {logits.dtype} of {g.name} "
+              f"({time.perf_counter() - t0:.1f} s{f' on {world} ranks' if world > 1 else ''})")
     return 0

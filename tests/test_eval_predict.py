@@ -1,8 +1,8 @@
 """hpcnn eval and hpcnn predict on a checkpoint the digits job trained: the
 same test accuracy and loss in one process and at 2 ranks under another
 plan, equal to the sequential executor's on the checkpoint's weights; the
-logits of predict from the checkpoint and from its ONNX export equal the
-sequential executor's and onnxruntime's; clear errors for a missing,
+logits of predict from the checkpoint (in one process and on 3 ranks) and
+from its ONNX export equal the sequential executor's and onnxruntime's; clear errors for a missing,
 corrupt or foreign checkpoint."""
 import json
 import subprocess
@@ -137,6 +137,11 @@ def test_predict_from_the_checkpoint_and_from_its_onnx_export_gives_the_logits(t
     got = np.load(d / "ck.npy")
     assert got.shape == (359, 10) and got.dtype == np.float32
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    # under mpiexec each rank predicts a share of the batches (3, 3 and 2 of 8): the same logits
+    r = run_mpi(3, [sys.executable, "-m", "hpcnn", "predict", "--model", ckpt, "--input", data, "-o",
+                    d / "ck3.npy", "--batch", 50], timeout=600)
+    assert r.returncode == 0 and "on 3 ranks" in r.stdout, r.stderr[-3000:]
+    assert np.array_equal(np.load(d / "ck3.npy"), got)
     # from its ONNX export, reading a .npy array as it is; onnxruntime agrees
     r = hpcnn("export", ckpt, "-o", d / "digits.onnx")
     assert r.returncode == 0, r.stderr

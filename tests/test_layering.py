@@ -32,7 +32,7 @@ LAYER = {
 }
 # modules of a layer that may import MPI (the rest of that layer may not)
 MPI_ALLOWED = ("hpcnn.backend", "hpcnn.parallel.comm", "hpcnn.parallel.groups", "hpcnn.runtime",
-               "hpcnn.checkpoint", "hpcnn.calibration", "hpcnn.train", "hpcnn.evaluate", "hpcnn.failsafe", "hpcnn.bench", "hpcnn.plan_command",
+               "hpcnn.checkpoint", "hpcnn.calibration", "hpcnn.train", "hpcnn.evaluate", "hpcnn.predict", "hpcnn.failsafe", "hpcnn.bench", "hpcnn.plan_command",
                "hpcnn.cluster.probe")
 #: a string constant that names an hpcnn module
 MODULE_NAME = re.compile(r"^hpcnn(\.\w+)+$")
