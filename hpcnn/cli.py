@@ -19,6 +19,8 @@ COMMANDS = {
     "calibrate": ("hpcnn.calibration.command", "measure this machine's cost-model table"),
     "bench": ("hpcnn.bench.commands", "benchmarks against PyTorch and MPI"),
     "ckpt": ("hpcnn.checkpoint_command", "inspect HDF5 checkpoints"),
+    "eval": ("hpcnn.evaluate", "test accuracy and loss of a checkpoint (any plan and rank count)"),
+    "predict": ("hpcnn.predict", "logits of an ONNX model or a checkpoint for images (.npy or HDF5)"),
     "export": ("hpcnn.onnx_export", "write a trained checkpoint as an ONNX model"),
     "cluster": ("hpcnn.cluster.command", "an emulated multi-node cluster on this machine (root)"),
 }

@@ -23,7 +23,7 @@ class ExportError(ValueError):
 
 
 def add_arguments(p):
-    p.add_argument("checkpoint", help="an hpcnn checkpoint (ckpt-XXXXXXXX.h5)")
+    p.add_argument("checkpoint", help="an hpcnn checkpoint (ckpt-XXXXXXXX.h5), or a directory: its newest")
     p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="where to write the ONNX model")
     p.add_argument("--fold-bn", action="store_true",
                    help="fold every batch norm that follows a convolution into its weights")
@@ -31,9 +31,10 @@ def add_arguments(p):
                    help="dtype of the weights and of the model's input (default float32)")
 
 
-def checkpoint_network(path):
+def checkpoint_network(path, batch=None):
     """(graph, params, buffers) of a checkpoint: the network rebuilt from its
-    metadata and its whole logical tensors."""
+    metadata (for ``batch`` samples, default the batch it was trained with)
+    and its whole logical tensors."""
     import h5py
 
     from hpcnn.checkpoint import read_meta
@@ -50,7 +51,7 @@ def checkpoint_network(path):
         p = Path(p).expanduser()
         return p if p.is_absolute() else job_dir / p
 
-    g = build_network(meta["job"]["model"], int(shape[0]), tuple(shape[1:]), int(net["num_classes"]), resolve)
+    g = build_network(meta["job"]["model"], int(batch or shape[0]), tuple(shape[1:]), int(net["num_classes"]), resolve)
     params, buffers = {}, {}
     with h5py.File(path, "r") as f:
         for store, group in ((params, "params"), (buffers, "buffers")):
@@ -176,8 +177,14 @@ def export_onnx(graph, params: dict, buffers: dict, path, fold_bn: bool = False,
 def run(args) -> int:
     from hpcnn.checkpoint import CheckpointError
     from hpcnn.models import ModelError
+    from hpcnn.checkpoint import latest_checkpoint
     try:
-        g, params, buffers = checkpoint_network(args.checkpoint)
+        path = Path(args.checkpoint)
+        if path.is_dir():
+            path = latest_checkpoint(path)
+            if path is None:
+                raise CheckpointError(f"directory {args.checkpoint!r} holds no checkpoint (ckpt-XXXXXXXX.h5)")
+        g, params, buffers = checkpoint_network(path)
         export_onnx(g, params, buffers, args.output, fold_bn=args.fold_bn, dtype=args.dtype)
     except (CheckpointError, ModelError, ExportError, OSError) as exc:
         print(f"hpcnn export: error: {exc}", file=sys.stderr)
@@ -185,6 +192,6 @@ def run(args) -> int:
     except ImportError:
         print("hpcnn export: error: writing ONNX needs the onnx package: pip install onnx", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: {g.name}, {sum(1 for n in g if n.kind != 'input')} layers, input "
+    print(f"wrote {args.output} from {path}: {g.name}, {sum(1 for n in g if n.kind != 'input')} layers, input "
           f"{['batch'] + list(g[g.input_name].shape[1:])}")
     return 0

@@ -101,6 +101,21 @@ def choose_plan(job, graph, world: int, per_node: list[int] | None = None, warn=
     return Plan.load(job.resolve(mode)), None
 
 
+def augmentations(job):
+    """(training transform, evaluation transform) of a job's [augment]
+    section (the reader drops one that leaves the images as stored)."""
+    from hpcnn.data.augment import Augmentation
+    a, j = job["augment"], job
+    geometry = a["random_resized_crop"] or a["resize"] > 0
+    size = j["model"]["image_size"] or None
+    size = size if geometry else None
+    common = dict(size=size, resize=a["resize"], seed=j["job"]["seed"])
+    train = Augmentation(random_resized_crop=a["random_resized_crop"], scale=a["crop_scale"],
+                         ratio=a["crop_ratio"], flip=a["flip"], **common)
+    test = Augmentation(**common)
+    return train, test
+
+
 @dataclass
 class Position:
     """Where a run is: the next step, epoch and batch of the epoch, the step
@@ -133,16 +148,7 @@ class Trainer:
     def augmentations(self):
         """(training transform, evaluation transform) of the [augment]
         section (the reader drops one that leaves the images as stored)."""
-        from hpcnn.data.augment import Augmentation
-        a, j = self.job["augment"], self.job
-        geometry = a["random_resized_crop"] or a["resize"] > 0
-        size = j["model"]["image_size"] or None
-        size = size if geometry else None
-        common = dict(size=size, resize=a["resize"], seed=j["job"]["seed"])
-        train = Augmentation(random_resized_crop=a["random_resized_crop"], scale=a["crop_scale"],
-                             ratio=a["crop_ratio"], flip=a["flip"], **common)
-        test = Augmentation(**common)
-        return train, test
+        return augmentations(self.job)
 
     def open_data(self):
         """The training and test splits, read in micro-batches (the global
@@ -186,7 +192,10 @@ class Trainer:
     def build_graph(self):
         from hpcnn.graph import GraphError
         from hpcnn.models.sources import build_network
-        j, d = self.job, self.train_data
+        j = self.job
+        # the images' shape and classes: the training split's (an evaluation
+        # opens only the test split)
+        d = self.train_data if self.train_data is not None else self.test_data
         c, h, w = d.sample_shape
         size = j["model"]["image_size"] or h
         if size != h or h != w:
@@ -536,9 +545,17 @@ class Trainer:
     def test_accuracy(self) -> float:
         """Accuracy on the test split (all of it: the last short batch is
         padded and the padding is not counted)."""
+        return self.evaluate()[0]
+
+    def evaluate(self, on_batch=None) -> tuple:
+        """(accuracy, mean cross-entropy, samples) on the test split in
+        inference mode, all of it: the last short batch is padded and the
+        padding is not counted.  ``on_batch(index, batches)`` after each
+        batch (progress)."""
         d, B = self.test_data, self.graph.batch
         box = self.model.input_box()
         correct = count = 0
+        nll = 0.0
         for index in range(d.num_batches):
             rows = d.batch_indices(0, index)
             n = len(rows)
@@ -549,11 +566,15 @@ class Trainer:
             x = None
             if box is not None:
                 x = d.read_rows(rows[box[0][0]:box[0][1]], box[1:])
-            c, k = self.model.count_correct(x, labels, valid=valid)
+            c, k, loss = self.model.evaluate_batch(x, labels, valid=valid)
             correct += c
             count += k
-            self.watchdog.arrived(index)
-        return correct / max(1, count)
+            nll += loss
+            if getattr(self, "watchdog", None) is not None:
+                self.watchdog.arrived(index)
+            if on_batch is not None:
+                on_batch(index, d.num_batches)
+        return correct / max(1, count), nll / max(1, count), count
 
     def save(self, ckdir, step, epoch, batch_in_epoch):
         from hpcnn.checkpoint import save_checkpoint

@@ -25,14 +25,14 @@ LAYER = {
     "hpcnn.runtime": 6,
     "hpcnn.data": 7, "hpcnn.checkpoint": 7, "hpcnn.calibration": 7,
     "hpcnn.train": 8, "hpcnn.cli": 8, "hpcnn.job": 8, "hpcnn.failsafe": 8, "hpcnn.progress": 8,
-    "hpcnn.checkpoint_command": 8, "hpcnn.plan_command": 8, "hpcnn.onnx_export": 8, "hpcnn.bench": 8, "hpcnn.job_errors": 8, "hpcnn.fault_injection": 8,
+    "hpcnn.checkpoint_command": 8, "hpcnn.plan_command": 8, "hpcnn.onnx_export": 8, "hpcnn.evaluate": 8, "hpcnn.predict": 8, "hpcnn.bench": 8, "hpcnn.job_errors": 8, "hpcnn.fault_injection": 8,
     # the emulated cluster launches MPI jobs across its nodes: hpcnn calibrate
     # (layer 7) measures links on it; its command is a command like the others
     "hpcnn.cluster": 7, "hpcnn.cluster.command": 8,
 }
 # modules of a layer that may import MPI (the rest of that layer may not)
 MPI_ALLOWED = ("hpcnn.backend", "hpcnn.parallel.comm", "hpcnn.parallel.groups", "hpcnn.runtime",
-               "hpcnn.checkpoint", "hpcnn.calibration", "hpcnn.train", "hpcnn.failsafe", "hpcnn.bench", "hpcnn.plan_command",
+               "hpcnn.checkpoint", "hpcnn.calibration", "hpcnn.train", "hpcnn.evaluate", "hpcnn.predict", "hpcnn.failsafe", "hpcnn.bench", "hpcnn.plan_command",
                "hpcnn.cluster.probe")
 #: a string constant that names an hpcnn module
 MODULE_NAME = re.compile(r"^hpcnn(\.\w+)+$")

@@ -9,65 +9,8 @@ from torch import nn
 from hpcnn.models.onnx_import import OnnxImportError, load_onnx
 from hpcnn.runtime.sequential import SequentialModel
 
-
-class SE(nn.Module):
-    """Squeeze-and-excitation: global pool, 1x1 convs, sigmoid gate, multiply."""
-
-    def __init__(self, c, r=2):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(c, c // r, 1)
-        self.fc2 = nn.Conv2d(c // r, c, 1)
-
-    def forward(self, x):
-        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(self.pool(x)))))
-        return x * s
-
-
-class Net(nn.Module):
-    """Every op the importer maps, in one small classifier."""
-
-    def __init__(self, classes=5):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=1, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.branch_a = nn.Sequential(nn.Conv2d(8, 4, 3, padding=2, dilation=2), nn.LeakyReLU(0.1))
-        self.branch_b = nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU6())
-        self.se = SE(8)
-        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.avg = nn.AvgPool2d(2)
-        self.conv2 = nn.Conv2d(8, 6, (3, 1), padding=(1, 0))
-        self.act2 = nn.Hardswish()
-        self.drop = nn.Dropout(0.3)
-        self.fc = nn.Linear(6 * 4 * 4, 12)
-        self.out = nn.Linear(12, classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = torch.cat([self.branch_a(x), self.branch_b(x)], dim=1) + x
-        x = self.se(x)
-        x = self.avg(self.pool(x))
-        x = self.act2(self.conv2(x))
-        x = torch.flatten(self.drop(x), 1)
-        return self.out(torch.relu(self.fc(x)))
-
-
-def _export(model, path, shape=(2, 3, 16, 16), dynamo=False):
-    model.eval()
-    with torch.no_grad():
-        for m in model.modules():            # running statistics that are not the defaults
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    if dynamo:                       # torch's default exporter (torch.export)
-        batch = torch.export.Dim("batch", min=2)
-        torch.onnx.export(model, (torch.randn(*shape),), str(path), dynamo=True, opset_version=18,
-                          input_names=["image"], output_names=["logits"], dynamic_shapes=({0: batch},),
-                          optimize=True, verbose=False)
-    else:                            # the TorchScript exporter, batch norm kept (not folded)
-        torch.onnx.export(model, (torch.randn(*shape),), str(path), dynamo=False, opset_version=17,
-                          input_names=["image"], output_names=["logits"], do_constant_folding=False,
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    return model
+from onnx_nets import Net, Residual, Separable
+from onnx_nets import export as _export
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
@@ -125,26 +68,6 @@ def test_unsupported_nodes_and_shapes_are_named(tmp_path):
         load_onnx(tmp_path / "none.onnx", batch=2)
 
 
-class Separable(nn.Module):
-    """Depthwise (multiplier 1 and 2, stride 2) and grouped convolutions with
-    batch norm, as MobileNet and ResNeXt blocks have them."""
-
-    def __init__(self, classes=5):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
-        self.pw = nn.Sequential(nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
-        self.dw2 = nn.Sequential(nn.Conv2d(12, 24, 3, stride=2, padding=(1, 2), dilation=(1, 2), groups=12),
-                                 nn.BatchNorm2d(24), nn.ReLU())
-        self.grouped = nn.Sequential(nn.Conv2d(24, 16, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(16))
-        self.fc = nn.Linear(16, classes)
-
-    def forward(self, x):
-        x = self.pw(self.dw(self.stem(x)))
-        x = torch.relu(self.grouped(self.dw2(x)))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_depthwise_and_grouped_convolutions_import_and_compute_the_same(tmp_path, dynamo):
     torch.manual_seed(0)
@@ -158,6 +81,63 @@ def test_depthwise_and_grouped_convolutions_import_and_compute_the_same(tmp_path
     got = SequentialModel(g, dtype=np.float64).predict(x)
     tol = 1e-6 if dynamo else 1e-9
     assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_residual_blocks_with_projection_and_inverted_residuals_compute_the_same(tmp_path, dynamo):
+    torch.manual_seed(0)
+    model = _export(Residual(), tmp_path / "res.onnx", dynamo=dynamo)
+    g = load_onnx(tmp_path / "res.onnx", batch=3)
+    kinds = [n.kind for n in g]
+    assert kinds.count("add") == 2 and sorted(n.op.groups for n in g if n.kind == "conv2d") == [1] * 6 + [32]
+    x = np.random.default_rng(5).standard_normal((3, 3, 16, 16))
+    with torch.no_grad():
+        want = model.double()(torch.tensor(x)).numpy()
+    got = SequentialModel(g, dtype=np.float64).predict(x)
+    tol = 1e-6 if dynamo else 1e-9
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
+@pytest.mark.parametrize("net", [Net, Separable, Residual], ids=lambda c: c.__name__)
+def test_imported_networks_have_torchs_gradients_for_every_parameter(tmp_path, net):
+    """One training pass in float64 (batch statistics in the batch norms):
+    hpcnn's loss and the gradient of every parameter of the imported
+    network equal torch's (relative 1e-9).  hpcnn's parameters are matched
+    to torch's by their values (a fully connected layer that ONNX writes as
+    a 1x1 convolution holds the same numbers)."""
+    torch.manual_seed(1)
+    model = _export(net(), tmp_path / "net.onnx")
+    g = load_onnx(tmp_path / "net.onnx", batch=4)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 3, 16, 16))
+    y = rng.integers(0, 5, size=4)
+    model = model.double().train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):    # exported in inference mode: no dropout in the ONNX graph
+            m.eval()
+    want = nn.functional.cross_entropy(model(torch.tensor(x)), torch.tensor(y))
+    want.backward()
+    seq = SequentialModel(g, dtype=np.float64)
+    loss, _ = seq.forward(x, y, training=True)
+    grads = seq.backward()
+    assert loss == pytest.approx(want.item(), rel=1e-12)
+    torch_params = [(name, p.detach().numpy().ravel(), p.grad.numpy().ravel()) for name, p in model.named_parameters()]
+    # a bias before a batch norm has gradient 0 in exact arithmetic (both sides
+    # give rounding noise of 1e-17): errors of a parameter are relative to its
+    # gradient's norm, or to 1e-6 of the whole gradient's when that is larger
+    total = float(np.sqrt(sum(np.sum(t[2] ** 2) for t in torch_params)))
+    matched = []
+    for node in g:
+        for k in node.param_specs():
+            value = seq.params[node.name][k].ravel()
+            same = [t for t in torch_params if t[1].size == value.size and np.array_equal(t[1], value)]
+            assert len(same) == 1, f"{node.name}.{k}: {len(same)} torch parameters hold its values"
+            name, _, tgrad = same[0]
+            err = float(np.linalg.norm(grads[node.name][k].ravel() - tgrad)
+                        / max(np.linalg.norm(tgrad), 1e-6 * total))
+            assert err <= 1e-9, f"{node.name}.{k} (torch {name}): gradient rel err {err:.2e}"
+            matched.append(name)
+    assert sorted(matched) == sorted(t[0] for t in torch_params)
 
 
 def _ort(path, x):
@@ -181,6 +161,9 @@ def test_an_imported_network_exports_and_onnxruntime_agrees(tmp_path, fold_bn):
     want = SequentialModel(load_onnx(tmp_path / "net.onnx", batch=5), dtype=np.float32).predict(x)
     got = _ort(tmp_path / "back.onnx", x)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    # and the exported file imports again (its additions are Sum nodes) with the same logits
+    again = SequentialModel(load_onnx(tmp_path / "back.onnx", batch=5), dtype=np.float32).predict(x)
+    assert np.abs(again - want).max() <= 1e-5 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("fold_bn", [False, True], ids=["bn-kept", "bn-folded"])

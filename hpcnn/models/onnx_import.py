@@ -8,9 +8,11 @@ The importer walks the ONNX nodes in their (topological) order and maps each
 to hpcnn ops: Conv (stride, padding, dilation, groups: grouped and
 depthwise convolution), BatchNormalization, Relu, LeakyRelu, Sigmoid, Clip
 (ReLU6, bounds as constants), HardSwish, MaxPool, AveragePool,
-GlobalAveragePool (or ReduceMean over height and width), Gemm, MatMul + Add, Add, Mul by a per-channel gate
-(squeeze-and-excitation), Concat over channels, Flatten and Reshape to
-(N, features), Dropout and Identity.  The batch dimension is fixed to the
+GlobalAveragePool (or ReduceMean over height and width), Gemm, MatMul + Add,
+Add and Sum, Mul by a per-channel gate (squeeze-and-excitation), Concat over
+channels, Flatten and Reshape to (N, features), Unsqueeze of (N, C) to
+(N, C, 1, 1), Dropout and Identity: what PyTorch's exporters write, and
+everything hpcnn's own export writes.  The batch dimension is fixed to the
 job's batch; every other dimension must be a number.  A final Softmax or
 LogSoftmax is dropped (hpcnn's loss takes logits) and the loss is appended
 to the single output, which must be (N, classes).  Anything else -- another
@@ -32,8 +34,8 @@ from hpcnn.graph import Graph, GraphError
 from hpcnn.models.registry import ModelError
 
 SUPPORTED = ("Conv", "BatchNormalization", "Relu", "LeakyRelu", "Sigmoid", "Clip", "HardSwish", "MaxPool",
-             "AveragePool", "GlobalAveragePool", "Gemm", "MatMul", "Add", "Mul", "Concat", "Flatten",
-             "Reshape", "ReduceMean", "Dropout", "Identity", "Softmax", "LogSoftmax")
+             "AveragePool", "GlobalAveragePool", "Gemm", "MatMul", "Add", "Sum", "Mul", "Concat", "Flatten",
+             "Reshape", "Unsqueeze", "ReduceMean", "Dropout", "Identity", "Softmax", "LogSoftmax")
 
 
 class OnnxImportError(ModelError):
@@ -48,6 +50,15 @@ def _onnx():
         raise OnnxImportError("reading ONNX files needs the onnx package: pip install onnx "
                               "(or pip install 'hpcnn[onnx]')") from None
     return onnx, numpy_helper
+
+
+def _decimal(v) -> float:
+    """A float attribute of an ONNX node as its author wrote it.  ONNX
+    stores attributes in float32 (LeakyReLU's 0.1 becomes
+    0.100000001490116...); the shortest decimal that rounds to that float32
+    is the value the exporter was given (PyTorch's float64 0.1), which the
+    float64 arithmetic of hpcnn then uses."""
+    return float(str(np.float32(v)))
 
 
 class _Tensor:
@@ -205,8 +216,8 @@ class _Importer:
         x = self.inp(n)
         scale, bias, mean, var = (self.const(n, t) for t in n.input[1:5])
         # ONNX: running = running * momentum + batch * (1 - momentum); hpcnn/torch the other way
-        out = self.add(n, i, "batchnorm", [x.node], pooled=x.pooled, eps=float(a.get("epsilon", 1e-5)),
-                       momentum=1.0 - float(a.get("momentum", 0.9)))
+        out = self.add(n, i, "batchnorm", [x.node], pooled=x.pooled, eps=_decimal(a.get("epsilon", 1e-5)),
+                       momentum=1.0 - _decimal(a.get("momentum", 0.9)))
         if self.with_weights:
             self.g.initial[out] = {"weight": scale, "bias": bias, "running_mean": mean, "running_var": var}
 
@@ -224,7 +235,7 @@ class _Importer:
         self._unary(n, i, "hardswish")
 
     def op_LeakyRelu(self, n, i):
-        self._unary(n, i, "leaky_relu", negative_slope=float(self.attrs(n).get("alpha", 0.01)))
+        self._unary(n, i, "leaky_relu", negative_slope=_decimal(self.attrs(n).get("alpha", 0.01)))
 
     def op_Clip(self, n, i):
         a = self.attrs(n)
@@ -297,6 +308,19 @@ class _Importer:
         else:
             self.fail(n, f"only a reshape to (N, features) is supported, got target {target}")
 
+    def op_Unsqueeze(self, n, i):
+        """(N, C) to (N, C, 1, 1): a per-channel gate (hpcnn's export writes
+        its channel scales so), held as the (N, C) tensor it is."""
+        a = self.attrs(n)
+        axes = a.get("axes")
+        if len(n.input) > 1 and n.input[1]:
+            axes = [int(v) for v in np.asarray(self.const(n, n.input[1])).reshape(-1)]
+        x = self.inp(n)
+        if x.pooled or len(self.g[x.node].shape) != 2 or axes is None or sorted(int(v) % 4 for v in axes) != [2, 3]:
+            self.fail(n, f"only (N, C) to (N, C, 1, 1) (axes [2, 3]) is supported, got axes {axes} of a tensor "
+                         f"of shape {self.g[x.node].shape}")
+        self.alias(n, _Tensor(x.node, pooled=True))
+
     def op_Gemm(self, n, i):
         a = self.attrs(n)
         if float(a.get("alpha", 1.0)) != 1.0 or float(a.get("beta", 1.0)) != 1.0 or a.get("transA", 0):
@@ -339,6 +363,18 @@ class _Importer:
             self.fail(n, f"adding shapes {self.g[x.node].shape} and {self.g[y.node].shape}: only equal shapes "
                          f"are supported (no broadcasting)")
         self.add(n, i, "add", [x.node, y.node], pooled=x.pooled and y.pooled)
+
+    def op_Sum(self, n, i):
+        """A sum of tensors of equal shapes (what hpcnn's export writes for
+        its additions)."""
+        xs = [self.inp(n, k) for k in range(len(n.input))]
+        shapes = {self.g[x.node].shape for x in xs}
+        if len(shapes) != 1:
+            self.fail(n, f"adding shapes {sorted(shapes)}: only equal shapes are supported (no broadcasting)")
+        if len(xs) == 1:
+            self.alias(n, xs[0])
+            return
+        self.add(n, i, "add", [x.node for x in xs], pooled=all(x.pooled for x in xs))
 
     def op_Mul(self, n, i):
         x, y = self.inp(n, 0), self.inp(n, 1)

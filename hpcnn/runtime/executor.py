@@ -491,21 +491,35 @@ class DistributedModel:
         """(correct predictions, samples) of the batch in inference mode,
         summed over all ranks.  ``valid``: optional boolean mask over the
         whole batch; samples where it is False (padding) are not counted."""
+        correct, count, _ = self.evaluate_batch(x_tile, labels, valid)
+        return correct, count
+
+    def evaluate_batch(self, x_tile, labels, valid=None) -> tuple:
+        """(correct predictions, samples, summed cross-entropy) of the batch
+        in inference mode, summed over all ranks.  The cross-entropy is the
+        plain one of the logits (no label smoothing), in float64.
+        ``valid``: optional boolean mask over the whole batch; samples where
+        it is False (padding) are not counted."""
         self.forward(x_tile, labels, training=False)
         correct = count = 0
+        nll = 0.0
         if self._loss_region is not None:
             z, lab = self._loss_region
-            hit = to_host(self.backend.xp.argmax(z, axis=1) == lab)
+            z, lab = to_host(z).astype(np.float64), to_host(lab).astype(np.int64)
+            hit = np.argmax(z, axis=1) == lab
             if valid is None:
                 keep = np.ones(hit.shape, dtype=bool)
             else:
                 lo, hi = self.label_range()
                 keep = np.asarray(valid, dtype=bool)[lo:hi]
+            top = z.max(axis=1)
+            lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+            nll = float((lse - z[np.arange(len(lab)), lab])[keep].sum())
             correct = int((hit & keep).sum())
             count = int(keep.sum())
         self._saved, self._ctx, self._loss_region = {}, {}, None
-        tot = self.cm.allreduce_scalars([correct, count], category="scalars")
-        return int(tot[0]), int(tot[1])
+        tot = self.cm.allreduce_scalars([correct, count, nll], category="scalars")
+        return int(round(tot[0])), int(round(tot[1])), float(tot[2])
 
     def free(self):
         """Release the communicators this model made (collective)."""
