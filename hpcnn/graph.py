@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hpcnn.ops import Op, OpError, init_param, make_op
+from hpcnn.ops import LOSS_KINDS, Op, OpError, init_param, make_op
 from hpcnn.ops.base import ParamSpec
 
 
@@ -142,6 +142,25 @@ class Graph:
     def loss(self, x, name="loss"):
         return self.layer("softmax_xent", x, name)
 
+    def mse_loss(self, x, name="loss"):
+        """Mean squared error of the predictions ``x`` (N, K) against float
+        targets (N, K): a regression network's loss."""
+        return self.layer("mse", x, name)
+
+    # volumes (N, C, D, H, W)
+    def conv3d(self, x, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, name=None):
+        return self.layer("conv3d", x, name, out_channels=out_channels, kernel_size=kernel_size,
+                          stride=stride, padding=padding, dilation=dilation, bias=bias)
+
+    def maxpool3d(self, x, kernel_size, stride=None, padding=0, name=None):
+        return self.layer("maxpool3d", x, name, kernel_size=kernel_size, stride=stride, padding=padding)
+
+    def avgpool3d(self, x, kernel_size, stride=None, padding=0, name=None):
+        return self.layer("avgpool3d", x, name, kernel_size=kernel_size, stride=stride, padding=padding)
+
+    def tanh(self, x, scale=1.0, name=None):
+        return self.layer("tanh", [x], name, scale=scale)
+
     # ---- queries -------------------------------------------------------------
     def __iter__(self):
         return iter(self.nodes.values())
@@ -164,7 +183,7 @@ class Graph:
 
     @property
     def loss_name(self) -> str:
-        outs = [n.name for n in self if n.kind == "softmax_xent"]
+        outs = [n.name for n in self if n.kind in LOSS_KINDS]
         if len(outs) != 1:
             raise GraphError(f"graph {self.name!r} must have exactly one loss node, has {outs}")
         return outs[0]
@@ -212,7 +231,7 @@ class Graph:
 
     def forward_flops(self) -> int:
         """Forward FLOPs of the whole batch (excluding the loss)."""
-        return sum(n.flops() for n in self if n.kind != "softmax_xent")
+        return sum(n.flops() for n in self if n.kind not in LOSS_KINDS)
 
     def to_dict(self) -> dict:
         return {"name": self.name,
