@@ -18,7 +18,8 @@ WORLD = 8
 @st.composite
 def layouts(draw, shape=None, max_k=WORLD):
     if shape is None:
-        shape = tuple(draw(st.lists(st.integers(1, 9), min_size=4, max_size=4)))
+        # images (n, c, h, w) and volumes (n, c, d, h, w)
+        shape = tuple(draw(st.lists(st.integers(1, 9), min_size=4, max_size=5)))
     degrees, k = [], 1
     for s in shape:
         d = draw(st.integers(1, max(1, min(s, max_k // k))))

@@ -37,12 +37,12 @@ def cosmoflow(batch, in_channels, volume_size, num_outputs, name="cosmoflow", ba
 
 def volume_small(batch, in_channels, volume_size, num_outputs, name="volume_small") -> Graph:
     """A small 3-D network with every volume op (tests): conv3d 4@3^3 (pad
-    1) + batch norm + leaky ReLU; 2^3 max pool; conv3d 6@2^3 ('same') +
+    1, no bias) + batch norm + leaky ReLU; 2^3 max pool; conv3d 6@2^3 ('same') +
     leaky ReLU; 3^3 average pool (stride 2, pad 1); conv3d 8@3^3 with
     dilation 2 (pad 2) + leaky ReLU; global average pool; fc; tanh; MSE."""
     g = Graph(name)
     x = g.input((batch, in_channels) + tuple(volume_size))
-    x = g.conv3d(x, 4, 3, padding=1, name="conv1")
+    x = g.conv3d(x, 4, 3, padding=1, bias=False, name="conv1")   # batch norm follows
     x = g.bn(x, name="bn1")
     x = g.leaky_relu(x, 0.1, name="act1")
     x = g.maxpool3d(x, 2, name="pool1")
