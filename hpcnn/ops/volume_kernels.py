@@ -9,10 +9,12 @@ fast (the default)
     channels-last (NDHWC) memory.  A logical NCDHW array whose memory is
     NDHWC is ``a.transpose(0, 2, 3, 4, 1)`` without a copy, and every
     output is returned as such a view, so a chain of these ops never
-    transposes.  Convolution is one GEMM: the (padded) input is unrolled by
-    a strided copy into a column matrix (N*Do*Ho*Wo, kd*kh*kw*Cin), split
-    over the host threads, and multiplied by the weights reordered to
-    (Cout, kd*kh*kw*Cin).  Backward: dW = dY^T cols (one GEMM), dcols = dY W
+    transposes.  Convolution is one GEMM: the (padded) input is unrolled
+    into a column matrix (rows, kd*kh*kw*Cin), split over the host threads,
+    and multiplied by the weights reordered to (Cout, kd*kh*kw*Cin).  With
+    stride 1 the unrolling is one contiguous row block per tap on the
+    flattened padded input (``_Shifted``); otherwise a strided gather of
+    the N*Do*Ho*Wo windows.  Backward: dW = dY^T cols (one GEMM), dcols = dY W
     (one GEMM) and col2im, the kd*kh*kw shifted slices of dcols added into
     the padded input gradient.  Pooling loops over the window's taps on
     channels-last slices; max pooling keeps the first maximum of each
@@ -32,6 +34,7 @@ from itertools import product
 import numpy as np
 
 from hpcnn.backend import array_module
+from hpcnn.ops.host_memory import POOL
 from hpcnn.ops.host_threads import split
 
 __all__ = ["conv3d_forward", "conv3d_backward", "maxpool3d_forward", "maxpool3d_backward",
@@ -76,10 +79,17 @@ def _pad_last(xp, t, pads, value):
         return t
     n, D, H, W, c = t.shape
     (d0, d1), (h0, h1), (w0, w1) = pads
-    out = xp.full((n, D + d0 + d1, H + h0 + h1, W + w0 + w1, c), value, dtype=t.dtype)
+    out = POOL.take(xp, (n, D + d0 + d1, H + h0 + h1, W + w0 + w1, c), t.dtype)
 
     def part(a, b):
-        out[a:b, d0:d0 + D, h0:h0 + H, w0:w0 + W] = t[a:b]
+        o = out[a:b]
+        o[:, :d0] = value
+        o[:, d0 + D:] = value
+        o[:, d0:d0 + D, :h0] = value
+        o[:, d0:d0 + D, h0 + H:] = value
+        o[:, d0:d0 + D, h0:h0 + H, :w0] = value
+        o[:, d0:d0 + D, h0:h0 + H, w0 + W:] = value
+        o[:, d0:d0 + D, h0:h0 + H, w0:w0 + W] = t[a:b]
     split(n, part, out.size, xp)
     return out
 
@@ -95,6 +105,136 @@ def _unpad_last(a, pads, spatial):
     return a[(slice(None),) + tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, spatial)) + (slice(None),)]
 
 
+
+# ---- stride 1: the shifted-rows form -------------------------------------------------
+#: rows per block of the tall GEMMs (a block's operands stay in cache)
+GEMM_ROWS = 32768
+
+
+def _gemm_rows(xp, a, bt, out):
+    """``out = a @ bt`` block by block of rows (``out`` C-contiguous)."""
+    if xp is not np:
+        return xp.matmul(a, bt, out=out)
+    for i in range(0, a.shape[0], GEMM_ROWS):
+        np.matmul(a[i:i + GEMM_ROWS], bt, out=out[i:i + GEMM_ROWS])
+    return out
+
+
+def _gemm_tn(xp, a, b):
+    """``a.T @ b`` for tall a and b, as a sum of row blocks in block order
+    (BLAS runs one tall product with a long inner dimension slowly)."""
+    if xp is not np:
+        return a.T @ b
+    acc = None
+    for i in range(0, a.shape[0], GEMM_ROWS):
+        part = a[i:i + GEMM_ROWS].T @ b[i:i + GEMM_ROWS]
+        if acc is None:
+            acc = part
+        else:
+            acc += part
+    return acc
+
+
+def _tap_offsets(pshape, k, d) -> list[int]:
+    """Row offset of each tap (i, j, l) in the padded input flattened over
+    (N, Dp, Hp, Wp): tap (i, j, l) of the window at flat row p reads row
+    p + offset."""
+    _, Dp, Hp, Wp, _ = pshape
+    return [i * d[0] * Hp * Wp + j * d[1] * Wp + l * d[2] for i, j, l in product(*(range(kk) for kk in k))]
+
+
+def _rows_split(rows: int, fn, work: int, xp):
+    """``fn(a, b)`` over row chunks of ``range(rows)`` on the host threads."""
+    grain = max(1, -(-rows // 64))
+    split(-(-rows // grain), lambda a, b: fn(a * grain, min(b * grain, rows)), work, xp)
+
+
+class _Shifted:
+    """A stride-1 window over a padded channels-last input, in the form
+    where every tap is a contiguous block of rows.
+
+    Flatten the padded input (N, Dp, Hp, Wp, C) to rows (N*Dp*Hp*Wp, C).
+    The window whose corner sits at flat row p reads, for tap t, row
+    p + off[t]; so with ``L = rows - max(off)`` the column matrix is, tap by
+    tap, the row block [off[t], off[t] + L) -- one 2-D copy per tap instead
+    of a strided gather.  Rows whose corner is not an output position (the
+    last Wp - Wo columns, Hp - Ho rows and Dp - Do planes of every sample)
+    compute values nobody reads; the output is cropped from them, and in
+    backward their gradient is zero.  The large temporaries come from the
+    host buffer pool (first-touch page faults cost more than the copies).
+    """
+
+    def __init__(self, pshape, k, d, out):
+        self.pshape, self.k, self.out = tuple(pshape), tuple(k), tuple(out)
+        n, Dp, Hp, Wp, c = pshape
+        self.off = _tap_offsets(pshape, k, d)
+        self.rows = n * Dp * Hp * Wp
+        self.L = self.rows - max(self.off)
+
+    def cols(self, xp, t):
+        """(L, taps * C) column matrix of padded channels-last ``t``."""
+        flat = t.reshape(self.rows, -1)
+        c = flat.shape[1]
+        out = POOL.take(xp, (self.L, len(self.off) * c), t.dtype)
+
+        def part(a, b):
+            for j, o in enumerate(self.off):
+                out[a:b, j * c:(j + 1) * c] = flat[o + a:o + b]
+        _rows_split(self.L, part, out.size, xp)
+        return out
+
+    def forward(self, xp, cols, w2, b):
+        """The (N, Do, Ho, Wo, Cout) output: cols @ w2^T (+ b), cropped."""
+        n, Dp, Hp, Wp, _ = self.pshape
+        cout = w2.shape[0]
+        full = POOL.take(xp, (self.rows, cout), cols.dtype)
+        _gemm_rows(xp, cols, w2.T, full[:self.L])
+        Do, Ho, Wo = self.out
+        grid = full.reshape(n, Dp, Hp, Wp, cout)
+        y = xp.empty((n, Do, Ho, Wo, cout), dtype=cols.dtype)
+
+        def part(a, b_):
+            for i in range(a, b_):
+                s_, r = divmod(i, Do)
+                y[s_, r] = grid[s_, r, :Ho, :Wo]
+                if b is not None:
+                    y[s_, r] += b
+        split(n * Do, part, y.size, xp, 1)
+        POOL.give(full)
+        return y
+
+    def rows_of(self, xp, g):
+        """(L, C) rows of an output gradient ``g`` (N, Do, Ho, Wo, C) on the
+        padded grid, zero where no output sits."""
+        n, Dp, Hp, Wp, _ = self.pshape
+        Do, Ho, Wo = self.out
+        full = POOL.take(xp, (n, Dp, Hp, Wp, g.shape[-1]), g.dtype)
+
+        def part(a, b):
+            for i in range(a, b):
+                s_, r = divmod(i, Dp)
+                if r < Do:
+                    full[s_, r, :Ho, :Wo] = g[s_, r]
+                    full[s_, r, :Ho, Wo:] = 0
+                    full[s_, r, Ho:] = 0
+                else:
+                    full[s_, r] = 0
+        split(n * Dp, part, full.size, xp, 1)
+        return full
+
+    def col2im(self, xp, dcols, c):
+        """The padded input gradient (N, Dp, Hp, Wp, C): every tap's column
+        block added back at its row offset (within one tap the rows are
+        disjoint, so the threads split rows)."""
+        dflat = POOL.take(xp, (self.rows, c), dcols.dtype)
+        dflat[...] = 0
+        for j, o in enumerate(self.off):
+            def part(a, b, j=j, o=o):
+                dflat[o + a:o + b] += dcols[a:b, j * c:(j + 1) * c]
+            _rows_split(self.L, part, 2 * self.L * c, xp)
+        return dflat.reshape(self.pshape[:4] + (c,))
+
+
 # ---- fast: channels-last GEMM ------------------------------------------------------
 class FAST:
     """The channels-last kernel set (see the module text)."""
@@ -108,15 +248,21 @@ class FAST:
         t = _pad_last(xp, ndhwc(x), pads, 0.0)
         out = _out_sizes(x.shape[2:], k, stride, pads, dilation)
         K = int(np.prod(k)) * cin
-        M = n * int(np.prod(out))
         w2 = w.transpose(0, 2, 3, 4, 1).reshape(cout, K)          # (Cout, kd kh kw Cin)
-        if k == (1, 1, 1) and stride == (1, 1, 1) and t.flags.c_contiguous:
+        if tuple(stride) == (1, 1, 1) and k != (1, 1, 1):
+            sh = _Shifted(t.shape, k, dilation, out)
+            cols = sh.cols(xp, t)
+            POOL.give(t)
+            y = sh.forward(xp, cols, w2, b)
+            return ncdhw_view(y), ("shifted", cols, sh, tuple(x.shape), pads)
+        M = n * int(np.prod(out))
+        if k == (1, 1, 1) and tuple(stride) == (1, 1, 1):
             cols = t.reshape(M, K)
         else:
-            sn, sd, sh, sw, sc = t.strides
+            sn, sd, sh_, sw, sc = t.strides
             view = _as_strided(xp, t, (n,) + out + k + (cin,),
-                               (sn, sd * stride[0], sh * stride[1], sw * stride[2],
-                                sd * dilation[0], sh * dilation[1], sw * dilation[2], sc))
+                               (sn, sd * stride[0], sh_ * stride[1], sw * stride[2],
+                                sd * dilation[0], sh_ * dilation[1], sw * dilation[2], sc))
             cols = xp.empty((n, out[0]) + out[1:] + k + (cin,), dtype=x.dtype)
             rows = n * out[0]
 
@@ -130,13 +276,39 @@ class FAST:
         if b is not None:
             y += b
         y = y.reshape((n,) + out + (cout,))
-        return ncdhw_view(y), (cols, t.shape, tuple(x.shape), out, stride, dilation, pads, k)
+        return ncdhw_view(y), ("strided", cols, t.shape, tuple(x.shape), out, stride, dilation, pads, k)
 
     @staticmethod
     def conv3d_backward(dy, saved, w, has_bias, need_input_grad=True):
         xp = array_module(dy)
-        cols, pshape, xshape, out, stride, dilation, pads, k = saved
         cout, cin = w.shape[:2]
+        k = tuple(w.shape[2:])
+        w2 = w.transpose(0, 2, 3, 4, 1).reshape(cout, -1)
+        if saved[0] == "shifted":
+            _, cols, sh, xshape, pads = saved
+            g = ndhwc(dy)
+            db = xp.ones(int(np.prod(g.shape[:4])), dtype=dy.dtype) @ g.reshape(-1, cout) if has_bias else None
+            grid = sh.rows_of(xp, g)
+            dy2 = grid.reshape(sh.rows, cout)[:sh.L]
+            dw = _gemm_tn(xp, dy2, cols).reshape((cout,) + k + (cin,)).transpose(0, 4, 1, 2, 3)
+            dw = xp.ascontiguousarray(dw)
+            if not need_input_grad:
+                POOL.give(cols)
+                POOL.give(grid)
+                return None, dw, db
+            dcols = _gemm_rows(xp, dy2, w2, cols)          # the columns' memory, no longer needed
+            POOL.give(grid)
+            dxp = sh.col2im(xp, dcols, cin)
+            POOL.give(cols)
+            dx = xp.empty(xshape[:1] + xshape[2:] + (cin,), dtype=dy.dtype)
+            src = _unpad_last(dxp, pads, xshape[2:])
+
+            def part(a, b_):
+                dx[a:b_] = src[a:b_]
+            split(xshape[0], part, dx.size, xp)
+            POOL.give(dxp)
+            return ncdhw_view(dx), dw, db
+        _, cols, pshape, xshape, out, stride, dilation, pads, k = saved
         dt = ndhwc(dy)
         M = cols.shape[0]
         dy2 = dt.reshape(M, cout)
@@ -144,12 +316,11 @@ class FAST:
         db = xp.ones(M, dtype=dy.dtype) @ dy2 if has_bias else None
         if not need_input_grad:
             return None, xp.ascontiguousarray(dw), db
-        w2 = w.transpose(0, 2, 3, 4, 1).reshape(cout, -1)
         dcols = (dy2 @ w2).reshape((xshape[0],) + out + k + (cin,))
-        if k == (1, 1, 1) and stride == (1, 1, 1) and all(p == (0, 0) for p in pads):
+        if k == (1, 1, 1) and tuple(stride) == (1, 1, 1) and all(p == (0, 0) for p in pads):
             return ncdhw_view(dcols.reshape(xshape[0], *out, cin)), xp.ascontiguousarray(dw), db
         dxp = xp.zeros(pshape, dtype=dy.dtype)
-        n, rows = xshape[0], xshape[0] * out[0]
+        rows = xshape[0] * out[0]
         for taps in product(*(range(kk) for kk in k)):
             sel = (slice(None),) * 4 + taps
             src = dcols[sel]                                        # (N, Do, Ho, Wo, Cin)
@@ -178,6 +349,7 @@ class FAST:
                 better = v > y                                    # ties keep the first tap
                 xp.copyto(y, v, where=better)
                 arg[better] = idx
+        POOL.give(t)
         return ncdhw_view(y), (arg, t.shape, tuple(x.shape), out, tuple(k), stride, dilation, pads)
 
     @staticmethod
@@ -204,6 +376,7 @@ class FAST:
             else:
                 y += v
         y *= 1.0 / int(np.prod(k))
+        POOL.give(t)
         return ncdhw_view(y), (t.shape, tuple(x.shape), out, tuple(k), stride, pads)
 
     @staticmethod

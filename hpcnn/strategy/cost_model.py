@@ -66,7 +66,7 @@ PARALLEL_WORK = 2e8
 
 #: backward flops relative to forward (conv and fully connected layers compute
 #: the input gradient and the weight gradient, each as costly as the forward)
-BACKWARD_FLOPS = {"conv2d": 2.0, "linear": 2.0}
+BACKWARD_FLOPS = {"conv2d": 2.0, "conv3d": 2.0, "linear": 2.0}
 
 
 class CostModelError(ValueError):

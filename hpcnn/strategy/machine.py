@@ -49,6 +49,12 @@ COST_MODEL_VERSION = 2
 MACHINES_DIR = Path(__file__).resolve().parents[1] / "machines"
 
 
+#: the op kind whose measured efficiency stands in for a kind the machine
+#: file has no figure for (the same kind of kernel on one more axis)
+KIND_FALLBACK = {"conv3d": "conv2d", "maxpool3d": "maxpool2d", "avgpool3d": "avgpool2d",
+                 "mse": "softmax_xent", "tanh": "sigmoid"}
+
+
 class MachineError(ValueError):
     """A machine file that is missing, malformed or lacks a figure."""
 
@@ -216,7 +222,12 @@ class Machine:
         return float(self.device.get("memory_bytes", math.inf))
 
     def efficiency(self, kind: str) -> float:
+        """The fraction of peak FLOPs an op kind reaches: its own figure,
+        else that of its 2-D counterpart (a machine calibrated before the
+        3-D ops existed prices conv3d as conv2d), else the device's."""
         per = self.device.get("kind_efficiency", {})
+        if kind not in per and KIND_FALLBACK.get(kind) in per:
+            kind = KIND_FALLBACK[kind]
         return float(per.get(kind, self.device.get("compute_efficiency", 1.0)))
 
     def roofline(self, kind: str, flops: float, nbytes: float, ops: int = 1) -> float:
