@@ -187,9 +187,14 @@ class Trainer:
         from hpcnn.graph import GraphError
         from hpcnn.models.sources import build_network
         j, d = self.job, self.train_data
-        c, h, w = d.sample_shape
+        c, *spatial = d.sample_shape
+        h, w = spatial[-2:]
         size = j["model"]["image_size"] or h
-        if size != h or h != w:
+        if len(spatial) == 3 and (size != h or len(set(spatial)) != 1):
+            raise JobFailure(f"model.image_size = {size} but the data's volumes are "
+                             f"{'x'.join(map(str, spatial))}; the volume networks take cubes of the data's side "
+                             f"(leave model.image_size at 0, or write the data at that size)")
+        if len(spatial) == 2 and (size != h or h != w):
             how = (f"set model.image_size = {h}" if h == w else
                    f"set augment.resize (and model.image_size) for a square centre crop")
             raise JobFailure(f"model.image_size = {size} but the data's images are {h}x{w}"
@@ -198,8 +203,15 @@ class Trainer:
         classes = j["model"]["num_classes"] or d.num_classes
         # the network is built for the micro-batch (train.accumulate of them per step)
         self.graph = agree(self.comm, lambda: build_network(j["model"], j["train"]["batch"] // self.accumulate,
-                                                            (c, h, w), classes, j.resolve),
+                                                            tuple(d.sample_shape), classes, j.resolve),
                            (GraphError, KeyError, ValueError))
+        loss_kind = self.graph[self.graph.loss_name].kind
+        want = "mse" if d.task == "regression" else "softmax_xent"
+        if loss_kind != want:
+            raise JobFailure(f"the data set {str(d.path)!r} is a {d.task} task but model "
+                             f"{self.graph.name!r} ends in a {loss_kind} loss: train a "
+                             f"{'regression model (cosmoflow, volume_small)' if want == 'mse' else 'classifier'} "
+                             f"on it")
         eps = j["train"]["label_smoothing"]
         if eps:
             self.graph[self.graph.loss_name].op.label_smoothing = eps
@@ -473,9 +485,9 @@ class Trainer:
         ev = j["train"]["eval_every"]
         if self.test_data is not None and ev and (pos.epoch + 1) % ev == 0 and pos.step < self.total:
             self.phase(f"evaluation after epoch {pos.epoch + 1}", "batch")
-            acc = self.test_accuracy()
-            self.log(f"epoch {pos.epoch + 1}/{self.epochs}: test accuracy {acc:.4f}")
-            self.metrics.write(kind="eval", step=pos.step, epoch=pos.epoch + 1, test_accuracy=acc)
+            key, value, note = self.evaluate()
+            self.log(f"epoch {pos.epoch + 1}/{self.epochs}: {key.replace('_', ' ')} {value:.4f}{note}")
+            self.metrics.write(kind="eval", step=pos.step, epoch=pos.epoch + 1, **{key: value})
         pos.epoch, pos.batch = pos.epoch + 1, 0
         if self.ckdir is not None and not j["checkpoint"]["every_steps"] and pos.checkpointed != pos.step:
             self.phase(f"checkpoint after epoch {pos.epoch}")
@@ -495,15 +507,17 @@ class Trainer:
         if self.ckdir is not None and pos.checkpointed != pos.step:
             self.phase("last checkpoint")
             self.checkpoint(pos)
-        acc = None
+        acc, final = None, {}
         if self.test_data is not None:
             self.phase("final evaluation", "batch")
-            acc = self.test_accuracy()
-            self.log(f"final test accuracy {acc:.4f} after {pos.step} steps")
+            key, acc, note = self.evaluate()
+            final = {key: acc}
+            self.log(f"final {key.replace('_', ' ')} {acc:.4f}{note} after {pos.step} steps")
         if pos.images and self.rank == 0:
             self.log(f"trained {pos.images} images in {elapsed:.1f} s ({pos.images / elapsed:.1f} images/s "
                      f"on {self.world} ranks)")
-        self.metrics.write(kind="final", step=pos.step, test_accuracy=acc, seconds=elapsed,
+        final.setdefault("test_accuracy", None)
+        self.metrics.write(kind="final", step=pos.step, **final, seconds=elapsed,
                            images_per_s=pos.images / elapsed if elapsed > 0 else None)
         self.metrics.close()
         self.phase("report")
@@ -531,26 +545,51 @@ class Trainer:
         self.save(self.ckdir, pos.step, pos.epoch, pos.batch)
         pos.checkpointed = pos.step
 
-    def test_accuracy(self) -> float:
-        """Accuracy on the test split (all of it: the last short batch is
-        padded and the padding is not counted)."""
+    def evaluate(self) -> tuple:
+        """(metric name, value, note) on the test split: the accuracy of a
+        classifier; the mean squared error per target of a regression
+        network, noted beside the variance of the test targets (the error of
+        always predicting their mean)."""
+        if self.test_data.task != "regression":
+            return "test_accuracy", self.test_accuracy(), ""
+        loss = self.test_loss()
+        var = float(np.var(self.test_data.labels.astype(np.float64), axis=0).mean())
+        return "test_loss", loss, f" (variance of the targets {var:.4f})"
+
+    def _test_batches(self):
+        """(x, labels, valid) of every test batch (the last short one padded
+        with repeated samples that ``valid`` leaves out)."""
         d, B = self.test_data, self.graph.batch
         box = self.model.input_box()
-        correct = count = 0
         for index in range(d.num_batches):
             rows = d.batch_indices(0, index)
             n = len(rows)
             if n < B:
                 rows = np.concatenate([rows, np.resize(rows, B - n)])
-            labels = d.labels[rows]
-            valid = np.arange(B) < n
             x = None
             if box is not None:
                 x = d.read_rows(rows[box[0][0]:box[0][1]], box[1:])
+            yield x, d.labels[rows], np.arange(B) < n
+            self.watchdog.arrived(index)
+
+    def test_loss(self) -> float:
+        """Mean loss per sample (per target, for MSE) over the test split in
+        inference mode."""
+        total = count = 0
+        for x, labels, valid in self._test_batches():
+            t, k = self.model.mean_loss(x, labels, valid=valid)
+            total += t
+            count += k
+        return total / max(1, count)
+
+    def test_accuracy(self) -> float:
+        """Accuracy on the test split (all of it: the last short batch is
+        padded and the padding is not counted)."""
+        correct = count = 0
+        for x, labels, valid in self._test_batches():
             c, k = self.model.count_correct(x, labels, valid=valid)
             correct += c
             count += k
-            self.watchdog.arrived(index)
         return correct / max(1, count)
 
     def save(self, ckdir, step, epoch, batch_in_epoch):
