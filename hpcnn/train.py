@@ -96,9 +96,12 @@ def choose_plan(job, graph, world: int, per_node: list[int] | None = None, warn=
         if line and warn is not None:
             warn(line)
         return search_plan(graph, world, machine, memory_gib=job["plan"]["memory_gib"] or None)
-    if mode == "data-parallel":
-        return data_parallel(graph, world), None
-    return Plan.load(job.resolve(mode)), None
+    plan = data_parallel(graph, world) if mode == "data-parallel" else Plan.load(job.resolve(mode))
+    if job["plan"]["memory_gib"]:
+        from hpcnn.strategy.planner import check_plan_memory
+        check_plan_memory(graph, plan, world, job["plan"]["machine"], job["plan"]["memory_gib"],
+                          dtype=job["job"]["dtype"])
+    return plan, None
 
 
 @dataclass

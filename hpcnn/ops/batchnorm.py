@@ -1,7 +1,7 @@
 """Batch normalisation over every dimension except channels (2-D, 4-D or
 5-D input).  In training the statistics are those of the whole global batch:
 the op sums its tile's partial sums through ``ctx.allreduce`` (the runtime
-reduces over the ranks that split n, h and w), so distributed batch norm
+reduces over the ranks that split n, d, h and w), so distributed batch norm
 equals sequential batch norm.  One reduction per direction: forward, the
 sums of the shifted input and of its squares together; backward, the sums
 of the gradient and of its product with the normalised input."""
