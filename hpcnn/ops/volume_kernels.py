@@ -54,10 +54,13 @@ def ndhwc(x):
     if not t.flags.c_contiguous:
         xp = array_module(x)
         out = xp.empty(t.shape, dtype=t.dtype)
+        D = t.shape[1]
 
-        def part(a, b):
-            out[a:b] = t[a:b]
-        split(t.shape[0], part, t.size, xp)
+        def part(a, b):                   # (sample, plane) pairs: threads even at batch 1
+            for i in range(a, b):
+                n, d = divmod(i, D)
+                out[n, d] = t[n, d]
+        split(t.shape[0] * D, part, t.size, xp, max(1, -(-t.shape[0] * D // 16)))
         t = out
     return t
 
