@@ -244,6 +244,14 @@ class Op:
         """Forward floating-point operations for the whole tensor."""
         return int(np.prod(out_shape))
 
+    def workspace(self, in_tiles, out_tile) -> int:
+        """Elements of the temporaries one training step of a tile keeps
+        beyond its input regions and output (unrolled columns saved for
+        backward, padded copies, gradient scratch; the host buffer pool
+        holds them between steps).  The cost model adds them to the tile's
+        memory; the default is none."""
+        return 0
+
     def tile_reductions(self, channels: int) -> dict:
         """The sums over other tiles that one training step of a tile with
         ``channels`` output channels asks of ``ctx.allreduce`` (the runtime

@@ -142,6 +142,15 @@ class Conv3d(Window3d):
             grads["bias"] = db
         return [dx], grads
 
+    def workspace(self, in_tiles, out_tile):
+        # the padded input and its column matrix (taps x the padded input,
+        # kept for backward and reused for the column gradient), the output
+        # and its gradient on the padded grid, the padded input gradient
+        n, cin, *sp = in_tiles[0]
+        padded = n * cin * int(np.prod([s + lo + hi for s, (lo, hi) in zip(sp, self.padding)]))
+        grid = padded // cin * self.out_channels
+        return int(np.prod(self.kernel_size)) * padded + 2 * padded + 2 * grid
+
     def flops(self, in_shapes, out_shape):
         cin = in_shapes[0][1]
         return int(2 * np.prod(out_shape) * cin * int(np.prod(self.kernel_size)))

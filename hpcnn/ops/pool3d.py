@@ -31,6 +31,10 @@ class _Pool3d(Window3d):
     def input_box(self, i, out_box, in_shapes):
         return (tuple(out_box[0]), tuple(out_box[1])) + self._spatial_box(out_box)
 
+    def workspace(self, in_tiles, out_tile):
+        # the padded input copy and the padded input gradient
+        return 2 * int(np.prod(in_tiles[0]))
+
     def flops(self, in_shapes, out_shape):
         return int(np.prod(out_shape) * int(np.prod(self.kernel_size)))
 

@@ -255,7 +255,8 @@ class CostModel:
                 ts = bw + lat * min(1.0, shard[row] * isz / self.bucket_bytes)
             channels = -(-node.shape[1] // int(pc[row])) if len(node.shape) > 1 else 1
             t_s[row] = ts + self.reductions_seconds(node, channels, g, link)
-        mem = (3 * shard + bshard + out_el + (in_el if with_inputs else 0)) * isz
+        work = np.array([float(node.op.workspace(*geom.split_shapes(row))) for row in shapes])
+        mem = (3 * shard + bshard + out_el + (in_el if with_inputs else 0) + work) * isz
         res = NodeCost(t_c, t_s, mem, measured, tile, skew)
         self._node_cache[key] = res
         self.stats["node_seconds"] += time.perf_counter() - t0

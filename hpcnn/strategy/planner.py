@@ -236,7 +236,8 @@ def check_plan_memory(graph, plan: Plan, ranks: int, machine, memory_gib: float,
         worst = ", ".join(f"{r['node']} {r['memory'] / GiB:.2f} GiB" for r in top)
         raise MemoryLimitError(
             f"plan {plan.name or 'given'!r} needs about {cost.memory / GiB:.2f} GiB per rank (cost model: "
-            f"parameters, optimiser state, activations and input regions; largest {worst}) but "
+            f"parameters, optimiser state, activations, input regions and the kernels' temporaries; "
+            f"largest {worst}) but "
             f"plan.memory_gib = {memory_gib:g}: one rank cannot hold its share. Use plan.mode = \"search\" "
             f"(it splits the large layers over depth, height and width to fit), more ranks or a "
             f"smaller batch")
