@@ -36,3 +36,29 @@ def test_cosmoflow_job_learns_on_4_ranks(tmp_path):
     evals = [json.loads(x) for x in (tmp_path / "runs/cosmoflow/metrics.jsonl").read_text().splitlines()]
     losses = [e["test_loss"] for e in evals if e["kind"] == "eval"]
     assert losses and losses[-1] < losses[0], out   # it improves epoch by epoch, not by luck once
+
+
+def test_memory_limit_refuses_data_parallelism_and_the_searched_plan_trains(tmp_path):
+    """One 32^3 sample per step on 4 ranks: data parallelism puts the whole
+    sample on one rank (about 72 MiB by the cost model); under a 41 MiB
+    limit the job refuses it, saying why, and the search's plan (split over
+    space) fits and trains."""
+    from hpcnn.strategy.plan import Plan
+    data = tmp_path / "cosmo.h5"
+    r = subprocess.run([PY, "-m", "hpcnn", "data", "cosmo", "-o", str(data), "-n", "8", "--test-samples", "0",
+                        "--quiet"], cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    common = [PY, "-m", "hpcnn", "train", str(ROOT / "jobs" / "cosmoflow.toml"), "--set", f"data.path='{data}'",
+              "--set", "data.test=''", "--set", "train.batch=1", "--set", "train.max_steps=2",
+              "--set", "plan.memory_gib=0.04", "--set", "plan.trials=0", "--set", "checkpoint.dir=''",
+              "--set", "log.metrics=''", "--set", "log.progress='lines'"]
+    r = run_mpi(4, common + ["--set", "plan.mode='data-parallel'"], timeout=300, cwd=tmp_path)
+    assert r.returncode != 0, r.stderr[-3000:]
+    assert re.search(r"plan 'data-parallel' needs about 0\.0\d GiB per rank .* plan\.memory_gib = 0\.04: "
+                     r"one rank cannot hold its share\. Use plan\.mode = \"search\"", r.stderr), r.stderr[-3000:]
+    saved = tmp_path / "plan.json"
+    r = run_mpi(4, common + ["--set", f"plan.save='{saved}'"], timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trained 2 images" in r.stderr, r.stderr[-3000:]
+    cfg = Plan.load(saved).config("conv1")
+    assert cfg.get("n", 1) == 1 and cfg.get("d", 1) * cfg.get("h", 1) * cfg.get("w", 1) == 4, cfg
