@@ -85,13 +85,21 @@ class MetricsWriter:
 def chrome_trace(events_by_rank: list, t0: float) -> dict:
     """Chrome trace JSON from per-rank lists of (category, name, start,
     end) in seconds (time.perf_counter of each rank, aligned by ``t0`` per
-    rank when given as a list)."""
+    rank when given as a list).  Events whose category ends in " in flight"
+    (exchanges between their start and their completion, while the rank
+    computes) go on a second row of the rank, "in flight"."""
     out = []
     for rank, events in enumerate(events_by_rank):
         base = t0[rank] if isinstance(t0, (list, tuple)) else t0
         out.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
                     "args": {"name": f"rank {rank}"}})
+        rows = set()
         for cat, name, start, end in events:
-            out.append({"name": name, "cat": cat, "ph": "X", "pid": rank, "tid": 0,
+            tid = 1 if cat.endswith(" in flight") else 0
+            rows.add(tid)
+            out.append({"name": name, "cat": cat, "ph": "X", "pid": rank, "tid": tid,
                         "ts": (start - base) * 1e6, "dur": max(0.0, (end - start) * 1e6)})
+        if 1 in rows:
+            out.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 1,
+                        "args": {"name": "in flight"}})
     return {"traceEvents": out, "displayTimeUnit": "ms"}

@@ -541,7 +541,9 @@ class Trainer:
             self._timed_steps = getattr(self, "_timed_steps", 0) + 1
         if self.tracing and step < self.trace_steps:
             self.trace_events.extend(ev)
+            self.trace_events.extend(self.model.flights)
         self.model.events = []
+        self.model.flights = []
 
     def checkpoint(self, pos: "Position"):
         """A checkpoint of the model and optimiser at ``pos``."""

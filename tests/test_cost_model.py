@@ -230,7 +230,7 @@ def test_measured_table_is_preferred():
     cf = np.array([[2, 1, 1, 1]])
     geom = m0.geometry("conv2d_1")
     ins, out, _ = geom.tile(cf[0])
-    mach.measured = {"dtype": "float32", "ops": {tile_key(g["conv2d_1"], ins, out, "float32"): 0.125}}
+    mach.measured = {"dtype": "float32", "ops": {tile_key(g["conv2d_1"], ins, out, "float32", (True,)): 0.125}}
     m1 = CostModel(g, 2, mach)
     c0, c1 = m0.node_cost("conv2d_1", cf), m1.node_cost("conv2d_1", cf)
     assert c1.measured[0] and not c0.measured[0]
@@ -435,7 +435,7 @@ def test_runtime_figures_round_trip_and_price_a_job_of_their_size(tmp_path):
     cm0 = CostModel(g, 2, m)
     node = g["conv1"]
     ins, out, _ = cm0.geometry("conv1").tile((2, 1, 1, 1))
-    rf.ops[tile_key(node, ins, out, "float32")] = 3e-3
+    rf.ops[tile_key(node, ins, out, "float32", (True,))] = 3e-3
     m.save(tmp_path / "m.json")
     back = Machine.load(tmp_path / "m.json")
     assert back.runtime_at(2).to_dict() == rf.to_dict()
@@ -574,3 +574,99 @@ def test_tables_built_by_worker_processes_equal_those_built_here():
     assert len(e1) == len(e2)
     for (a1, b1, m1), (a2, b2, m2) in zip(e1, e2):
         assert (a1, b1) == (a2, b2) and np.array_equal(m1, m2)
+
+
+def test_a_tile_measured_at_another_sample_count_is_scaled_by_its_samples():
+    """A tile missing from the measured table is priced from the same op's
+    tile at another sample count: its time beyond the op's fixed cost
+    scales with the samples (the nearest count measured)."""
+    from hpcnn.strategy.cost_model import scaled_tile
+    g8, g16 = build_model("lenet5", batch=8), build_model("lenet5", batch=16)
+    mach = copy.deepcopy(load_machine("paper_p100_cluster"))
+    mach.device["kind_overhead_s"] = {"conv2d": 1e-4}
+    key = {}
+    for b, g in ((8, g8), (16, g16)):
+        cm = CostModel(g, 1, mach)
+        ins, out, _ = cm.geometry("conv1").tile((1, 1, 1, 1))
+        key[b] = tile_key(g["conv1"], ins, out, "float32", (True,))
+    mach.measured = {"dtype": "float32", "ops": {key[8]: 2.1e-3}}
+    assert scaled_tile(mach.measured["ops"], key[16], 1e-4) == pytest.approx(1e-4 + 2e-3 * 2)
+    assert scaled_tile(mach.measured["ops"], key[8], 1e-4) == pytest.approx(2.1e-3)
+    # another op shape is not scaled
+    other = build_model("lenet5", batch=16, image_size=36)
+    ins, out, _ = CostModel(other, 1, mach).geometry("conv1").tile((1, 1, 1, 1))
+    assert scaled_tile(mach.measured["ops"], tile_key(other["conv1"], ins, out, "float32", (True,)), 1e-4) is None
+    cf = np.array([[1, 1, 1, 1]])
+    priced = CostModel(g16, 1, mach).node_cost("conv1", cf, with_inputs=True)
+    roof = CostModel(g16, 1, load_machine("paper_p100_cluster")).node_cost("conv1", cf)
+    assert priced.measured[0] and not roof.measured[0]
+    assert priced.tile[0] == pytest.approx(1e-4 + 4e-3)
+    # the nearest sample count wins: 16 is measured too
+    mach.measured["ops"][key[16]] = 5e-3
+    assert scaled_tile(mach.measured["ops"], key[16], 1e-4) == 5e-3
+
+
+def _two_node_machine(collectives=True):
+    """paper_p100_cluster (4 ranks per node) with measured collectives."""
+    m = copy.deepcopy(load_machine("paper_p100_cluster"))
+    if collectives:
+        m.collectives = {"allreduce.inter_node": {"group": 4, "latency": 1e-4, "bandwidth": 5e8,
+                                                  "bus_bandwidth": 7.5e8},
+                         "allreduce.all_ranks": {"group": 16, "latency": 3e-4, "bandwidth": 6e8,
+                                                 "bus_bandwidth": 1.1e9}}
+    return m
+
+
+def test_allreduces_across_nodes_are_priced_by_the_measured_collectives():
+    g = build_model("lenet5", batch=64)
+    inter = _two_node_machine()
+    cm = CostModel(g, 8, inter)
+    nbytes = 4e6
+    # a group of 8 ranks on 2 nodes: the inter-node collective, its latency
+    # scaled by the steps (3 for 8 ranks against 2 for its 4)
+    lat, bw = cm.allreduce_parts(nbytes, 8, inter.inter, share=2.0)
+    assert lat == pytest.approx(1e-4 * 3 / 2)
+    assert bw == pytest.approx(2 * 7 / 8 * nbytes / (7.5e8 / 2))
+    # all 16 ranks: the collective measured over all of them
+    lat, bw = CostModel(g, 16, inter).allreduce_parts(nbytes, 16, inter.inter)
+    assert (lat, bw) == (pytest.approx(3e-4), pytest.approx(2 * 15 / 16 * nbytes / 1.1e9))
+    # inside a node, and without the measurement: the link model as before
+    plain = _two_node_machine(collectives=False)
+    lat, bw = CostModel(g, 8, plain).allreduce_parts(nbytes, 8, plain.inter, share=2.0)
+    assert lat + bw == pytest.approx(allreduce_time(nbytes, 8, plain.inter, 2.0))
+    lat, bw = cm.allreduce_parts(nbytes, 4, inter.intra)
+    assert lat + bw == pytest.approx(allreduce_time(nbytes, 4, inter.intra))
+    # runtime figures measured on one node keep their bandwidth inside it
+    # only; measured across nodes, their latency holds for both
+    from hpcnn.strategy.machine import RuntimeFigures
+    for nodes, want_lat in ((1, 1e-4 * 3 / 2), (2, 5e-3 * 3 / 3)):
+        rt = RuntimeFigures(ranks=8, exchange=Link(1e9, 2e-4), allreduce_latency={8: 5e-3},
+                            allreduce_bandwidth=2e9, nodes=nodes)
+        m = copy.deepcopy(inter)
+        m.runtime = {8: rt}
+        c = CostModel(g, 8, m)
+        lat, bw = c.allreduce_parts(nbytes, 8, m.inter, share=2.0)
+        assert lat == pytest.approx(want_lat) and bw == pytest.approx(2 * 7 / 8 * nbytes / (7.5e8 / 2))
+        lat, bw = c.allreduce_parts(nbytes, 4, m.intra)
+        assert bw == pytest.approx(2 * 3 / 4 * nbytes / 2e9)
+
+
+def test_exchanges_across_nodes_with_runtime_figures_take_the_slower_port():
+    """With runtime figures on a job across nodes, an exchange costs their
+    latency, the busiest rank's bytes at their bandwidth or the busiest
+    node port's at the inter-node link's, whichever is slower, a link
+    latency per message across nodes, and the region copy."""
+    from hpcnn.strategy.machine import RuntimeFigures
+    g = every_op_graph(batch=16)
+    m = _two_node_machine()
+    m.runtime = {8: RuntimeFigures(ranks=8, exchange=Link(50e9, 2e-4), copy_bandwidth=5e9, nodes=2)}
+    assert m.runtime_at(8) is m.runtime[8] and m.runtime_at(4) is None
+    cm = CostModel(g, 8, m)
+    A, B = np.array([[8, 1, 1, 1]]), np.array([[1, 2, 1, 4]])
+    tab = cm.edge_tables("relu_1", 0, A, B)
+    assert tab.node_inter[0, 0] > 0
+    region = cm.region_bytes("relu_1", 0, B)[0]
+    b, x = tab.max_rank[0, 0] * 4, tab.node_inter[0, 0] * 4
+    want = 2e-4 + max(b / 50e9, x / m.inter.bandwidth) + tab.messages[0, 0] * m.inter.latency + region / 5e9
+    assert cm.exchange_seconds(tab, 1, region=[region])[0, 0] == pytest.approx(want)
+    assert x / m.inter.bandwidth > b / 50e9            # the port decides here

@@ -116,7 +116,7 @@ def test_own_tiles_are_the_identity(src):
 @given(layouts(), layouts())
 def test_identity_only_when_every_need_is_the_own_tile(a, b):
     if a.shape != b.shape:
-        b = Layout(a.shape, (1, 1, 1, 1), b.ranks[:1])
+        b = Layout(a.shape, (1,) * len(a.shape), b.ranks[:1])
     plan = ExchangePlan.compile(a, b.boxes(), 4)
     expect = all(r in a and a.box(r) == b.box(r) for r in b.ranks)
     assert plan.identity == expect

@@ -20,11 +20,30 @@ def cluster_file(tmp_path, **changes):
     return p
 
 
-def test_cost_model_version_starts_at_2_and_old_files_are_version_1():
-    assert isinstance(COST_MODEL_VERSION, int) and COST_MODEL_VERSION >= 2
-    for name in ("local", "paper_p100_cluster"):          # shipped without it
-        m = load_machine(name)
-        assert m.cost_model_version == 1 and m.hosts == []
+def test_every_shipped_machine_file_is_for_this_cost_model():
+    """A machine file shipped in hpcnn/machines/ was calibrated (or, for a
+    datasheet description, written) for the current cost model: when the
+    model changes what a figure means (COST_MODEL_VERSION), the shipped
+    files must be recalibrated with it (hpcnn calibrate)."""
+    from hpcnn.strategy.machine import MACHINES_DIR
+    assert isinstance(COST_MODEL_VERSION, int) and COST_MODEL_VERSION >= 3
+    shipped = sorted(MACHINES_DIR.glob("*.json"))
+    assert {p.stem for p in shipped} >= {"local", "paper_p100_cluster"}
+    for path in shipped:
+        m = load_machine(path)
+        assert m.cost_model_version == COST_MODEL_VERSION, (
+            f"{path.name} was written for cost-model version {m.cost_model_version}, this hpcnn's is "
+            f"{COST_MODEL_VERSION}: recalibrate it (hpcnn calibrate -o {path})")
+        assert stale_warning(m, [1]) is None, path.name
+
+
+def test_files_without_a_version_are_version_1(tmp_path):
+    d = load_machine("paper_p100_cluster").to_dict()
+    del d["cost_model_version"]
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps(d))
+    assert load_machine(p).cost_model_version == 1
+    assert "written for cost-model version 1" in stale_warning(load_machine(p), [1])
 
 
 def test_version_and_hosts_survive_a_save_and_load(tmp_path):
@@ -76,5 +95,7 @@ def test_a_file_calibrated_on_one_node_fits_any_ranks_on_one_node(tmp_path):
     assert stale_warning(one, [4]) is None and stale_warning(one, [1]) is None
     w = stale_warning(one, [2, 2])
     assert "calibrated on 1 node (vm; links.inter_node not measured), this job runs on 2 nodes x 2 ranks" in w
-    # files without a recorded layout (the shipped ones) are judged by their version only
-    assert "calibrated on" not in stale_warning(load_machine("local"), [2, 2])
+    # the shipped local file records the one node it was calibrated on; the
+    # paper's cluster (a datasheet, no hosts) is judged by its version only
+    assert "calibrated on 1 node" in stale_warning(load_machine("local"), [2, 2])
+    assert stale_warning(load_machine("paper_p100_cluster"), [2, 2]) is None

@@ -331,6 +331,12 @@ def test_trace_and_layer_table(digits, tmp_path):
     assert ranks == {0, 1, 2, 3}
     assert {"forward", "backward", "halo", "redistribution", "allreduce"} <= cats, cats
     assert all(e["dur"] >= 0 for e in events if e["ph"] == "X")
+    # the transport chosen for each exchange at start, and the exchanges in
+    # flight behind the convolutions' compute on a row of their own
+    assert "transport" in cats, cats
+    flights = [e for e in events if e.get("cat") == "halo in flight"]
+    assert flights and all(e["tid"] == 1 for e in flights)
+    assert all(e["tid"] == 0 for e in events if e["ph"] == "X" and not e["cat"].endswith(" in flight"))
     assert "per-layer time" in r.stderr and "conv1" in r.stderr
 
 

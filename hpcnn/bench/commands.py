@@ -11,6 +11,8 @@ BENCHES = {
     "model": ("hpcnn.bench.model", "predicted against measured iteration time for several plans"),
     "search": ("hpcnn.bench.search", "strategy search time at 4 to 256 ranks"),
     "train": ("hpcnn.bench.train", "training throughput against PyTorch and PyTorch DDP"),
+    "cluster": ("hpcnn.bench.cluster", "searched plan against the baselines on an emulated cluster, "
+                                       "predicted against measured (root)"),
 }
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -84,6 +84,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the whole benchmark N times (at different moments of the machine's "
                         "load) and report per row the medians over the runs, and each run's error "
                         "(default 1)")
+    p.add_argument("--trials", type=int, default=0, metavar="K",
+                   help="after the warm-up, time the K cheapest candidates the machine file predicts among "
+                        "the searched plan and the baselines, and data parallelism, for --trial-steps steps "
+                        "each, as a job's plan.trials does, and report which one the trials choose (the "
+                        "searched and trialled plan); its figure is then measured with the others "
+                        "(default 0: no trials)")
+    p.add_argument("--trial-steps", type=int, default=3, metavar="S", help="steps per trial (default 3)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="also plot predicted against measured iteration time (matplotlib)")
@@ -116,7 +123,8 @@ def _passthrough(args) -> list:
     out = ["--model", args.model, "--image-size", str(args.image_size), "--batch", str(args.batch),
            "--machine", args.machine, "--dtype", args.dtype, "--warmup", str(args.warmup),
            "--iters", str(args.iters), "--rounds", str(args.rounds),
-           "--calibration-rounds", str(args.calibration_rounds), "--plans"] + list(args.plans)
+           "--calibration-rounds", str(args.calibration_rounds), "--trials", str(args.trials),
+           "--trial-steps", str(args.trial_steps), "--plans"] + list(args.plans)
     if args.detail:
         out.append("--detail")
     if args.no_profile:
@@ -254,6 +262,8 @@ def _measure(args) -> dict:
         for _ in range(args.warmup):
             r["dm"].train_step(r["xt"], y, r["sgd"], step=r["step"])
             r["step"] += 1
+    file_model = CostModel(g, P, machine, dtype=args.dtype) if me == 0 else None
+    trials = _trials(args, world, runs, alias, file_model, y) if args.trials and P > 1 else None
 
     def timed(r):
         dm = r["dm"]
@@ -282,7 +292,6 @@ def _measure(args) -> dict:
     if sampler is not None:
         sampler.free()
     rows = []
-    file_model = CostModel(g, P, machine, dtype=args.dtype) if me == 0 else None
     profile = None
     if samples and me == 0:
         # the figures of all rounds' samples pooled (medians), then fitted
@@ -317,11 +326,55 @@ def _measure(args) -> dict:
         if cats is not None:
             row["measured_categories_s"] = cats
             row["predicted_layers"] = pc.rows
+        if trials is not None:
+            row["trialled"] = r["key"] == trials["chosen_key"]
         rows.append(row)
-    return {"ranks": P, "model": args.model, "image_size": args.image_size, "batch": args.batch,
-            "dtype": args.dtype, "machine": args.machine, "profiled": not args.no_profile,
-            "blas_threads": info.blas_threads, "cores": info.cores,
-            "load_average": list(os.getloadavg()), "profile": profile, "rows": rows}
+    out = {"ranks": P, "model": args.model, "image_size": args.image_size, "batch": args.batch,
+           "dtype": args.dtype, "machine": args.machine, "profiled": not args.no_profile,
+           "blas_threads": info.blas_threads, "cores": info.cores,
+           "load_average": list(os.getloadavg()), "profile": profile, "rows": rows}
+    if trials is not None:
+        out["trials"] = {k: v for k, v in trials.items() if k != "chosen_key"}
+    return out
+
+
+def _trials(args, world, runs, alias, file_model, y) -> dict:
+    """The plan a job's trials would choose (collective): the ``--trials``
+    cheapest plans the machine file predicts among the searched plan and
+    the baselines, and data parallelism, ``--trial-steps`` steps each (the
+    slowest rank's, from a barrier), the fastest kept (the searched plan
+    first among equals), as ``hpcnn.runtime.plan_trials`` does in a job."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from hpcnn.strategy.plan_pricing import price_plan
+    pool = ("searched", "data-parallel", "owt", "model-parallel")
+    order = None
+    if world.Get_rank() == 0:
+        pred = {i: price_plan(file_model, r["plan"]).total for i, r in enumerate(runs)
+                if set(alias[r["key"]]) & set(pool)}
+        ranked = sorted(pred, key=lambda i: (pred[i], "searched" not in alias[runs[i]["key"]]))
+        order = ranked[:args.trials]
+        dp = [i for i in ranked if "data-parallel" in alias[runs[i]["key"]]]
+        if dp and dp[0] not in order:
+            order.append(dp[0])
+        order = [(i, pred[i]) for i in order]
+    order = world.bcast(order, root=0)
+    out = []
+    for i, pred in order:
+        r = runs[i]
+        times = []
+        for _ in range(args.trial_steps):
+            world.Barrier()
+            t0 = time.perf_counter()
+            r["dm"].train_step(r["xt"], y, r["sgd"], step=r["step"])
+            times.append(world.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+            r["step"] += 1
+        out.append({"plans": alias[r["key"]], "key": r["key"], "predicted_file_s": pred,
+                    "steps_s": times, "measured_s": float(np.median(times))})
+    best = min(out, key=lambda c: (c["measured_s"], "searched" not in c["plans"]))
+    return {"candidates": [{k: v for k, v in c.items() if k != "key"} for c in out],
+            "chosen": best["plans"], "chosen_key": best["key"], "steps": args.trial_steps}
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -351,7 +404,7 @@ def format_table(results) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
         for r in res["rows"]:
-            cells = [str(res["ranks"]), plan_label(r)]
+            cells = [str(res["ranks"]), plan_label(r) + (" (trialled)" if r.get("trialled") else "")]
             if profiled:
                 cells += [f"{r['predicted_s'] * 1e3:.1f} ms", f"{r['measured_s'] * 1e3:.1f} ms",
                           f"{r['error'] * 100:+.1f}%"]
@@ -421,6 +474,8 @@ def combine(runs) -> list:
                                        runs_predicted_s=[r["predicted_s"] for r in same],
                                        runs_measured_s=[r["measured_s"] for r in same],
                                        runs_error=[r["error"] for r in same],
+                                       trialled_runs=sum(bool(r.get("trialled")) for r in same),
+                                       trialled=2 * sum(bool(r.get("trialled")) for r in same) > len(same),
                                        median_run_error=float(np.median([r["error"] for r in same]))))
         out.append(merged)
     return out

@@ -294,13 +294,18 @@ def write_report(md_path="docs/paper-reproduction.md", img_dir="docs/img", machi
 
     # ---- the page ----------------------------------------------------------------------
     w("# Reproducing Jia et al. (ICML 2018) with hpcnn's cost model and search\n")
-    w("Everything on this page is *predicted* by hpcnn's cost model for the paper's cluster, "
+    w("Everything on this page but two sections is *predicted* by hpcnn's cost model for the "
+      "paper's cluster, "
       "described in [hpcnn/machines/paper_p100_cluster.json](../hpcnn/machines/paper_p100_cluster.json) "
       "(4 nodes x 4 NVIDIA P100, NVLink inside a node, 100 Gb/s EDR InfiniBand between nodes; every figure "
       "there is sourced or marked as assumed). No P100 cluster was at hand, so nothing here is a "
       "measurement of that cluster; search times are measured on this project's 2-core machine. "
-      "Per-GPU batch 32 and ImageNet-sized inputs, as in the paper; float32.\n")
-    w("Regenerate the whole page, tables and plots:\n\n    python -m hpcnn bench search --report\n")
+      "Per-GPU batch 32 and ImageNet-sized inputs, as in the paper; float32. The two sections \"Cost "
+      "model accuracy\" and \"Measured on an emulated cluster\" are measurements on that machine.\n")
+    w("Regenerate the whole page, tables and plots (the measured sections are read from the JSON their "
+      "benchmarks wrote, `hpcnn bench model` and `hpcnn bench cluster`; `hpcnn bench cluster --from-json "
+      "FILE --paper-report docs/paper-reproduction.md` rewrites the cluster section alone):\n\n"
+      "    python -m hpcnn bench search --report\n")
     w(f"(machine at generation time: search times below are CPU seconds of one process; wall clock "
       f"is also listed, the machine is shared with other work.)\n")
 
@@ -415,6 +420,11 @@ def write_report(md_path="docs/paper-reproduction.md", img_dir="docs/img", machi
     w(f"![communication]({rel(img / 'communication.png')})\n")
 
     _accuracy_section(w, Path(img_dir) / "model_accuracy.json", rel)
+    cluster_json = Path(img_dir) / "bench_cluster.json"
+    if cluster_json.exists():
+        from hpcnn.bench.cluster import paper_section
+        png = Path(img_dir) / "cluster_speedup.png"
+        w(paper_section(json.loads(cluster_json.read_text()), rel(cluster_json), rel(png) if png.exists() else None))
 
     w("## Where hpcnn differs from the paper, and why\n")
     w(_DIFFERENCES)

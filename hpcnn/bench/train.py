@@ -8,7 +8,9 @@ one after the other (hpcnn/bench/train_worker.py does the measuring):
 * hpcnn, 1 rank            ``mpiexec -n 1 python -m hpcnn.bench.train_worker hpcnn``
 * PyTorch, 1 process       ``python -m hpcnn.bench.train_worker torch``
 * hpcnn, 2 ranks, data-parallel plan and the searched plan (rank 0 runs
-  hpcnn.strategy.search_plan for ``--machine``; search time excluded)
+  hpcnn.strategy.search_plan for ``--machine``, then the ranks run the
+  trials a job's ``plan.trials = "auto"`` would and keep the fastest
+  candidate; search and trials excluded from the timing)
                            ``mpiexec -n 2 python -m hpcnn.bench.train_worker hpcnn --plan ...``
 * PyTorch DDP, 2 processes two ``python -m hpcnn.bench.train_worker torch --rank r --world 2``
 
@@ -54,7 +56,7 @@ from hpcnn.bench.train_worker import RESULT_TAG
 RUNS = ("hpcnn-1", "torch-1", "hpcnn-2-dp", "hpcnn-2-search", "ddp-2")
 LABELS = {"hpcnn-1": "hpcnn, 1 rank", "torch-1": "PyTorch, 1 process",
           "hpcnn-2-dp": "hpcnn, 2 ranks, data-parallel plan",
-          "hpcnn-2-search": "hpcnn, 2 ranks, searched plan",
+          "hpcnn-2-search": "hpcnn, 2 ranks, searched (and trialled) plan",
           "ddp-2": "PyTorch DDP (gloo), 2 processes"}
 TARGET_VS_TORCH = 0.5
 

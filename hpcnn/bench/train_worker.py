@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--plan", default="data-parallel",
                    help="hpcnn: data-parallel, search, or a plan JSON file")
     p.add_argument("--machine", default="local", help="hpcnn --plan search: machine description")
+    p.add_argument("--trials", default="auto",
+                   help="hpcnn --plan search: plan.trials as a job has it (an integer, or auto: the default, "
+                        "trials when a baseline is predicted within 25%% of the searched plan)")
     # torch
     p.add_argument("--rank", type=int, default=0, help="torch: this process's rank")
     p.add_argument("--world", type=int, default=1, help="torch: number of processes")
@@ -100,18 +103,11 @@ def run_hpcnn(a) -> dict:
     P, me = world.Get_size(), world.Get_rank()
     limit_threads(a.threads)
     g = build_model("resnet18", batch=P * a.batch, image_size=a.image_size, num_classes=a.classes)
-    search_s = None
+    search_s, trials = None, None
     if a.plan == "data-parallel":
         plan = data_parallel(g, P)
     elif a.plan == "search":
-        text = None
-        if me == 0:
-            from hpcnn.strategy import search_plan
-            t0 = time.perf_counter()
-            plan, _ = search_plan(g, P, a.machine)
-            search_s = time.perf_counter() - t0
-            text = plan.to_json()
-        plan = Plan.from_json(world.bcast(text, root=0))
+        plan, search_s, trials = _searched_and_trialled(a, world, g)
     else:
         plan = Plan.load(a.plan)
     dm = DistributedModel(g, plan, world, dtype=np.float32, seed=a.seed, setup=False, trace=True)
@@ -140,9 +136,50 @@ def run_hpcnn(a) -> dict:
            "plan": plan.name or a.plan, "plan_layer_configs": configs, "search_s": search_s,
            "params": int(g.num_params()), "losses": losses,
            "rank0_seconds_by_part": dict(sorted(parts.items(), key=lambda kv: -kv[1]))}
+    if trials is not None:
+        out["trials"] = trials
     out.update(summarise(times, P, a.batch, load))
     dm.free()
     return out
+
+
+def _searched_and_trialled(a, world, g):
+    """(plan, search seconds, trials or None): rank 0 searches with
+    ``--machine``; then, as a job with ``plan.mode = "search"`` does
+    (``plan.trials``, here ``--trials``), every rank times the candidates
+    the search's report calls for on this run's batch and keeps the
+    fastest (``hpcnn.runtime.plan_trials``).  Neither the search nor the
+    trials are in the timed steps."""
+    import numpy as np
+
+    from hpcnn.runtime.plan_trials import Candidate, candidates, fastest, run_trials, trials_wanted
+    from hpcnn.runtime.sgd import SGD
+    from hpcnn.strategy.plan import Plan
+    me, P = world.Get_rank(), world.Get_size()
+    setting = a.trials if a.trials == "auto" else int(a.trials)
+    payload = None
+    t0 = time.perf_counter()
+    if me == 0:
+        from hpcnn.strategy import search_plan
+        plan, rep = search_plan(g, P, a.machine)
+        search_s = time.perf_counter() - t0
+        k = trials_wanted(setting, rep, plan, 0.25)
+        base = {n: Plan(g.name, P, g.batch, b["configs"], name=n) for n, b in rep.get("baselines", {}).items()}
+        cands = [(c.name, c.plan.to_json(), c.predicted_s) for c in candidates(plan, rep, base, k)] if k else []
+        payload = (plan.to_json(), search_s, cands)
+    text, search_s, cands = world.bcast(payload, root=0)
+    plan = Plan.from_json(text)
+    if len(cands) < 2:
+        return plan, search_s, None
+    cands = [Candidate(n, Plan.from_json(t), p) for n, t, p in cands]
+    x, y = synthetic_batch(P, a.batch, a.image_size, a.classes, a.seed)
+    run_trials(world, g, cands, lambda box, i: (None if box is None else np.ascontiguousarray(x[box.slices()]), y),
+               lambda: SGD(lr=a.lr, momentum=a.momentum), dtype=np.float32, seed=a.seed)
+    best = fastest(cands)
+    chosen = Plan(g.name, P, g.batch, best.plan.configs, best.plan.ranks, name=f"searched, trials chose {best.name}")
+    return chosen, search_s, {"chosen": best.name,
+                              "candidates": [{"name": c.name, "predicted_s": c.predicted_s,
+                                              "measured_s": c.measured_s, "steps_s": c.steps_s} for c in cands]}
 
 
 def _add_parts(parts, events, graph, step_s, steps):

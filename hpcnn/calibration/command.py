@@ -8,8 +8,11 @@
    first, within a time budget (``calibration.tiles``).
 2. Roofline of this machine for tiles that were not measured: a single-thread
    GEMM gives the peak rate, a large copy the memory bandwidth, the smallest
-   op call the fixed overhead; each op kind's efficiency and the memory
-   efficiency are then fitted (median) to the measured tiles.
+   op call the fixed overhead; each op kind's fixed cost per call and its
+   rate on large tiles (a share of the peak flop rate or of the memory
+   bandwidth) are then fitted to its measured tiles
+   (``tiles.fit_roofline``).  A tile measured at another sample count is
+   scaled instead (``cost_model.scaled_tile``).
 3. MPI: latency and bandwidth of the links, and the collectives hpcnn uses
    at a job's sizes, in one MPI job (``calibration.links``).  By default
    ``mpiexec -n 2`` on this node: the intra-node link only, and the
@@ -53,7 +56,7 @@ from hpcnn.calibration.runtime_sampler import RuntimeSpec, measure_runtime
 from hpcnn.calibration.tiles import (by_flops, fit_roofline, model_specs, probe_bandwidth, probe_overhead,
                                      probe_peak, run_tile, tile_jobs)
 
-DEFAULT_MODELS = ["resnet_small@32", "inception_small@32", "digits_cnn", "lenet5"]
+DEFAULT_MODELS = ["resnet_small@32", "inception_small@32", "digits_cnn", "lenet5", "resnet18@64"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -158,7 +161,8 @@ def _measure_tiles(jobs, args) -> tuple[dict, dict]:
     return measured, samples
 
 
-def _roofline_figures(src, dtype, peak, bw, overhead, kind_eff, mem_eff, errs, slots) -> list:
+def _roofline_figures(src, dtype, peak, bw, overhead, roof, slots) -> list:
+    errs = roof["errors"]
     return [
         {"figure": "device.peak_flops", "value": peak, "assumed": False,
          "source": f"{src}: best single-thread {dtype} GEMM 768x768x768"},
@@ -166,21 +170,30 @@ def _roofline_figures(src, dtype, peak, bw, overhead, kind_eff, mem_eff, errs, s
          "source": f"{src}: best single-thread copy of 64 MiB (read + write)"},
         {"figure": "device.op_overhead_s", "value": overhead, "assumed": False,
          "source": f"{src}: median forward + backward of a 1-element ReLU through the op API"},
-        {"figure": "device.kind_efficiency", "value": kind_eff, "assumed": False,
-         "source": f"{src}: median of flops / (peak x time) over the measured tiles of each op kind"},
+        {"figure": "device.kind_efficiency", "value": roof["kind_efficiency"], "assumed": False,
+         "source": f"{src}: per compute-bound op kind, flops / (peak x seconds) on large tiles: the slope of "
+                   f"seconds = overhead + flops / rate fitted to its measured tiles (relative errors)"},
+        {"figure": "device.kind_memory_efficiency", "value": roof["kind_memory_efficiency"], "assumed": False,
+         "source": f"{src}: per memory-bound op kind, bytes / (bandwidth x seconds) on large tiles, fitted as "
+                   f"for kind_efficiency"},
+        {"figure": "device.kind_overhead_s", "value": roof["kind_overhead_s"], "assumed": False,
+         "source": f"{src}: per op kind, the fixed seconds of a call (forward + backward), the intercept of "
+                   f"the same fit"},
         {"figure": "roofline_fit_error", "value": {"median": float(np.median(errs)) if errs else None,
                                                    "p90": float(np.percentile(errs, 90)) if errs else None},
          "assumed": False, "source": f"{src}: relative error of the fitted roofline on the measured tiles"},
-        {"figure": "device.memory_efficiency", "value": mem_eff, "assumed": False,
-         "source": f"{src}: median of bytes / (bandwidth x time) over measured memory-bound tiles"},
+        {"figure": "device.memory_efficiency", "value": roof["memory_efficiency"], "assumed": False,
+         "source": f"{src}: summed bytes / (bandwidth x summed seconds) over the measured memory-bound tiles "
+                   f"(op kinds without a figure of their own)"},
         {"figure": "slots_per_node", "value": slots, "assumed": False,
          "source": f"{src}: CPUs this process may run on; ranks beyond it share cores"},
     ]
 
 
-def _launch(args) -> tuple[list, dict | None, str]:
+def _launch(args, n: int | None = None) -> tuple[list, dict | None, str]:
     """(launcher command line, its environment or None for this one's, what
-    it is) of the link measurement."""
+    it is) of the link measurement (and, across nodes, of the runtime
+    figures: ``n`` ranks, --ppn on each node)."""
     import shlex
 
     from hpcnn.launcher import find_mpiexec
@@ -193,7 +206,7 @@ def _launch(args) -> tuple[list, dict | None, str]:
         from hpcnn.cluster import ClusterError, EmulatedCluster
         try:
             c = EmulatedCluster.attach(args.cluster)
-            n = args.ppn * len(c.nodes)
+            n = args.ppn * len(c.nodes) if n is None else n
             return c.mpiexec_argv(n, [], ppn=args.ppn, mpiexec_args=extra), c.job_env(), \
                 f"emulated cluster {c.prefix} ({len(c.nodes)} nodes x {args.ppn} ranks)"
         except ClusterError as exc:
@@ -214,9 +227,17 @@ def _fmt_link(m) -> str:
     return f"latency {m.latency * 1e6:.1f} us, bandwidth {m.bandwidth / 1e6:,.1f} MB/s"
 
 
+def _collectives(rep) -> dict:
+    """The machine file's ``collectives`` record of a link measurement:
+    group, latency, bandwidth (and bus bandwidth) of each collective."""
+    return {name: {k: c[k] for k in ("group", "latency", "bandwidth", "bus_bandwidth") if k in c}
+            for name, c in sorted(rep.collectives.items())}
+
+
 def _link_figures(args, src, host) -> tuple[dict, dict | None, dict, list]:
     """(intra-node link {bandwidth, latency}, inter-node link or None when
-    not measured, the layout {nodes, ranks_per_node, hosts}, the figures):
+    not measured, the layout {nodes, ranks_per_node, hosts, collectives},
+    the figures):
     the link measurement, or typical figures marked as assumed with --no-mpi.
     Raises LinkMeasurementError when the measurement fails or finds one node
     where several were asked for."""
@@ -249,8 +270,10 @@ def _link_figures(args, src, host) -> tuple[dict, dict | None, dict, list]:
                                    f"crossed a link between nodes; spread the ranks over two or more nodes "
                                    f"(check --hosts / --launcher, e.g. srun -N 2 --ntasks-per-node=2)")
     if rep.nodes < 2:
-        return _as_link(rep.links["intra_node"]), None, {**one_node, "hosts": rep.hosts}, [rpn_figure] + figures
-    layout = {"nodes": rep.nodes, "ranks_per_node": rep.ranks_per_node, "hosts": rep.hosts}
+        return (_as_link(rep.links["intra_node"]), None,
+                {**one_node, "hosts": rep.hosts, "collectives": _collectives(rep)}, [rpn_figure] + figures)
+    layout = {"nodes": rep.nodes, "ranks_per_node": rep.ranks_per_node, "hosts": rep.hosts,
+              "collectives": _collectives(rep)}
     figures.insert(0, {"figure": "ranks_per_node", "value": rep.ranks_per_node, "assumed": False,
                        "source": f"{src}: the layout of the link measurement, {rep.layout()}"})
     intra = rep.links.get("intra_node")
@@ -261,6 +284,8 @@ def _link_figures(args, src, host) -> tuple[dict, dict | None, dict, list]:
         local = measure_links([find_mpiexec() or "mpiexec", "-n", "2"], timeout=args.link_timeout,
                               max_bytes=int(args.link_max_mib * 2 ** 20))
         intra = local.links["intra_node"]
+        layout["collectives"].update({k: v for k, v in _collectives(local).items()
+                                      if k not in layout["collectives"]})
         print(f"  intra_node: {_fmt_link(intra)} (on {host})")
         figures += local.figures(f"{src}, on {host} (the cluster run had one rank per node)")
     return _as_link(intra), _as_link(rep.links["inter_node"]), layout, figures
@@ -326,12 +351,13 @@ def run(args) -> int:
     measured, samples = _measure_tiles(jobs, args)
     skipped = len(jobs) - len(measured)
     print(f"  measured {len(measured)} tiles" + (f", {skipped} left to the roofline (budget)" if skipped else ""))
-    kind_eff, mem_eff, errs = fit_roofline(samples, peak, bw, overhead)
+    roof = fit_roofline(samples, peak, bw, overhead)
+    errs = roof["errors"]
     if errs:
         print(f"  fitted roofline vs measured tiles: median error {np.median(errs) * 100:.0f}%, "
               f"90th percentile {np.percentile(errs, 90) * 100:.0f}% (measured tiles use their "
               f"measured time; the roofline prices the others)")
-    figures = _roofline_figures(src, dtype, peak, bw, overhead, kind_eff, mem_eff, errs, slots)
+    figures = _roofline_figures(src, dtype, peak, bw, overhead, roof, slots)
     figures += link_figures
     if inter is None:
         inter = intra
@@ -351,9 +377,12 @@ def run(args) -> int:
                         f"ranks ({', '.join(layout['hosts'])}); op tiles and runtime figures on {host}."
                         if layout["nodes"] > 1 else "")),
         device={"kind": "cpu", "name": _cpu_name(), "peak_flops": peak, "memory_bandwidth": bw,
-                "memory_bytes": _mem_bytes(), "compute_efficiency": 1.0, "kind_efficiency": kind_eff,
-                "memory_efficiency": mem_eff, "op_overhead_s": overhead},
-        intra=_link(intra), inter=_link(inter), figures=figures,
+                "memory_bytes": _mem_bytes(), "compute_efficiency": 1.0,
+                "kind_efficiency": roof["kind_efficiency"],
+                "kind_memory_efficiency": roof["kind_memory_efficiency"],
+                "kind_overhead_s": roof["kind_overhead_s"],
+                "memory_efficiency": roof["memory_efficiency"], "op_overhead_s": overhead},
+        intra=_link(intra), inter=_link(inter), figures=figures, collectives=layout.get("collectives", {}),
         measured={"dtype": dtype, "blas_threads": 1, "models": list(args.model), "ranks": list(args.ranks),
                   "batch": args.batch, "repeats": args.repeats, "ops": measured})
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -361,11 +390,18 @@ def run(args) -> int:
     if not (args.no_mpi or args.no_runtime):
         spec = RuntimeSpec(models=tuple(args.model), batch=args.batch, dtype=dtype, repeats=args.repeats,
                            budget=args.runtime_budget, rounds=args.runtime_rounds, max_kinds=args.max_kinds)
-        for P in (args.runtime_ranks or args.ranks):
-            print(f"runtime figures with {P} rank(s) running at once (tiles, exchanges, allreduces, "
+        runs = [(P, None, None, f"{P} rank(s)") for P in (args.runtime_ranks or args.ranks)]
+        if layout["nodes"] > 1:
+            # across nodes: the runtime as the jobs will have it, every rank
+            # of the calibrated layout at once under the same launcher
+            P = layout["nodes"] * layout["ranks_per_node"]
+            launch, env, what = _launch(args, P)
+            runs = [(P, launch, env, f"{P} ranks across {what}")]
+        for P, launch, env, what in runs:
+            print(f"runtime figures with {what} running at once (tiles, exchanges, allreduces, "
                   f"executor overheads; tile budget {args.runtime_budget:.0f} s) ...", flush=True)
             try:
-                rf, raw = measure_runtime(out_path, P, spec)
+                rf, raw = measure_runtime(out_path, P, spec, launch=launch, env=env)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 print(f"hpcnn calibrate: error: {exc}", file=sys.stderr)
                 return 1
@@ -374,7 +410,7 @@ def run(args) -> int:
             m.figures.append({"figure": f"runtime.{P}", "value": {k: v for k, v in rf.to_dict().items()
                                                                   if k != "ops"},
                               "assumed": False,
-                              "source": f"{src}: hpcnn.calibration.runtime_sampler with {P} rank(s) running "
+                              "source": f"{src}: hpcnn.calibration.runtime_sampler with {what} running "
                                         f"at once, load average {raw.get('load_average')}"})
             m.save(out_path)
     print(f"machine written to {out_path}")

@@ -14,7 +14,9 @@ or exchange costs scheduling time -- milliseconds rather than microseconds
    op API, every rank running the same tile back to back at the same time
    (at least ~20 ms in all); the figure is the mean over ranks of the mean
    time per run: the compute a rank gets when all ranks compute.
-2. ``measure_copy``: bytes per second of copying a tile into a region.
+2. ``measure_copy``: bytes per second of copying a tile into a region;
+   ``measure_transfer``: seconds per byte of hpcnn's exchanges and of an
+   allreduce, measured directly.
 3. Training steps of the synthetic networks of
    ``runtime_fit.synthetic_networks``, run by hpcnn's own executor
    (``TimedNetwork``); ``runtime_fit.fit_samples`` fits the figures to them.
@@ -22,8 +24,8 @@ or exchange costs scheduling time -- milliseconds rather than microseconds
 ``Sampler`` takes the measurements in rounds (collective) and pools them;
 ``runtime_figures`` samples and fits.  ``measure_runtime`` (``hpcnn
 calibrate``) starts ``mpiexec -n P python -m mpi4py -m
-hpcnn.calibration.runtime_sampler SPEC OUT``, whose ``main`` writes the
-figures.
+hpcnn.calibration.runtime_sampler MACHINE SPEC`` (on this node, or under the
+launcher of a cluster), whose ``main`` prints the figures.
 """
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -129,6 +130,95 @@ def measure_copy(comm, nbytes=2 << 20, runs=50) -> float:
     return float(nbytes / per) if per > 0 else float("inf")
 
 
+# ---- bytes through exchanges and allreduces ----------------------------------------------------
+#: the activations of the exchange measurement, (samples per rank, channels,
+#: side): a small and a large one, whose difference gives the cost per byte
+TRANSFER_SHAPES = ((2, 32, 16), (8, 64, 32))
+#: float32 elements of the allreduce measurement: 64 KiB and the 4 MiB bucket
+ALLREDUCE_ELEMENTS = (1 << 14, 1 << 20)
+
+
+def _median_time(comm, fn, reps):
+    from mpi4py import MPI
+    fn()
+    times = []
+    for _ in range(reps):
+        comm.Barrier()
+        t = time.perf_counter()
+        fn()
+        times.append(comm.allreduce(time.perf_counter() - t, op=MPI.MAX))
+    return float(np.median(times))
+
+
+def measure_transfer(comm, copy_bandwidth: float, dtype="float32", reps=7) -> dict:
+    """Seconds per byte of hpcnn's exchanges and allreduces at P ranks,
+    measured directly (collective): the cost model's per-byte terms, which
+    the steps of the synthetic networks cannot tell apart from their
+    latencies and waits (a fit of them alone put them at zero: bytes free).
+
+    - exchange: a redistribution of a channels-last activation from a
+      sample split to a channel split through ``parallel.comm`` (cutting
+      the pieces out of the tile, the messages, writing them into the
+      region), forward and adjoint, at two sizes: the difference of the
+      times less assembling the region (``copy_bandwidth``, priced apart)
+      over the difference of the busiest rank's bytes;
+    - allreduce: an in-place float32 Allreduce over the P ranks of 64 KiB and
+      of the 4 MiB gradient bucket: the difference of the times over that
+      of the bytes 2 (P-1)/P cross each rank's link (the cost model's term).
+
+    Every node measures at once, among its own ranks: these are the
+    figures inside a node (bytes across nodes are priced by the links).
+    Returns {"exchange_s_per_byte", "allreduce_s_per_byte"} (empty with one
+    rank on a node)."""
+    from mpi4py import MPI
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        sizes = comm.allgather(node.Get_size())
+        if min(sizes) < 2 or len(set(sizes)) != 1:
+            return {}
+        return _transfer_on(node, comm, copy_bandwidth, dtype, reps)
+    finally:
+        node.Free()
+
+
+def _transfer_on(comm, world, copy_bandwidth, dtype, reps) -> dict:
+    """``measure_transfer`` among the ranks of ``comm`` (one node); the
+    figures are reduced over ``world`` (every node's, the slowest)."""
+    from mpi4py import MPI
+
+    from hpcnn.backend import Backend
+    from hpcnn.parallel import ExchangePlan, Layout
+    from hpcnn.parallel.comm import Communicator
+    P, me = comm.Get_size(), comm.Get_rank()
+    dt = np.dtype(dtype)
+    cm = Communicator(comm, Backend("numpy"))
+    points = []
+    for per, C, S in TRANSFER_SHAPES:
+        shape = (per * P, C, S, S)
+        src, dst = Layout(shape, (P, 1, 1, 1)), Layout(shape, (1, P, 1, 1))
+        plan = ExchangePlan.compile(src, dst.boxes(), dt.itemsize)
+        box, need = src.box(me), plan.need(me)
+        n, c, h, w = box.shape
+        tile = np.ones((n, h, w, c), dt).transpose(0, 3, 1, 2)
+        grad = np.ones((need.shape[0], need.shape[2], need.shape[3], need.shape[1]), dt).transpose(0, 3, 1, 2)
+        fwd = _median_time(comm, lambda: cm.exchange(plan, tile, dt, tag=11), reps)
+        bwd = _median_time(comm, lambda: cm.exchange_adjoint(plan, grad, None, dt, tag=12), reps)
+        region = float(np.prod(dst.box(0).shape)) * dt.itemsize
+        points.append((float(plan.max_rank_bytes()), 0.5 * (fwd + bwd) - region / copy_bandwidth))
+    (b0, t0), (b1, t1) = points
+    x = max((t1 - t0) / (b1 - b0), 1e-13)
+    buf = np.ones(ALLREDUCE_ELEMENTS[-1], np.float32)
+    ar = []
+    for k in ALLREDUCE_ELEMENTS:
+        part = buf[:k]
+        ar.append((2.0 * (P - 1) / P * k * 4, _median_time(
+            comm, lambda: comm.Allreduce(MPI.IN_PLACE, [part, MPI.FLOAT], op=MPI.SUM), reps)))
+    (a0, s0), (a1, s1) = ar
+    cm.free()
+    got = {"exchange_s_per_byte": x, "allreduce_s_per_byte": max((s1 - s0) / (a1 - a0), 1e-13)}
+    return {k: world.allreduce(v, op=MPI.MAX) for k, v in got.items()}
+
+
 # ---- training steps ------------------------------------------------------------------------
 class TimedNetwork:
     """A network under a plan, built once (collective), whose training
@@ -184,9 +274,13 @@ class Sampler:
     def __init__(self, comm, jobs: dict, dtype="float32", repeats=5, steps=3):
         from hpcnn.backend import get_backend
         from hpcnn.runtime.node_setup import setup_node
+        from hpcnn.calibration.links import node_layout
         self.comm, self.dtype, self.repeats, self.steps = comm, dtype, repeats, steps
         self.P = comm.Get_size()
         self.info = setup_node(comm, get_backend(), verbose=False)
+        node_of, self.hosts, node = node_layout(comm)
+        node.Free()
+        self.per_node = [node_of.count(i) for i in range(len(self.hosts))]
         self.jobs = dict(jobs)
         self.networks = [TimedNetwork(comm, net.name, net.graph, net.plan, dtype)
                          for net in synthetic_networks(self.P)]
@@ -196,6 +290,7 @@ class Sampler:
         self.keys = by_flops(self.jobs)          # the same order on every rank
         self.ops: dict = {}
         self.copy: list = []
+        self.transfer: dict = {}
         self.load: list = []
 
     def _tiles(self, keys):
@@ -206,10 +301,13 @@ class Sampler:
     def _copy(self):
         self.copy.append(measure_copy(self.comm))
         self.load.append(os.getloadavg()[0])
+        for k, v in measure_transfer(self.comm, float(np.median(self.copy)), self.dtype).items():
+            self.transfer.setdefault(k, []).append(v)
 
     def items(self, chunks: int = 4) -> list:
-        """One round: the tiles in ``chunks`` parts, the copy bandwidth, and
-        ``steps`` steps of every synthetic network, spread evenly."""
+        """One round: the tiles in ``chunks`` parts, the copy bandwidth and
+        the bytes through exchanges and allreduces, and ``steps`` steps of
+        every synthetic network, spread evenly."""
         parts = [self.keys[c::chunks] for c in range(chunks)]
         tiles = [lambda ks=ks: self._tiles(ks) for ks in parts if ks]
         nets = [lambda n=n: n.run(self.steps) for n in self.networks]
@@ -232,9 +330,11 @@ class Sampler:
     def samples(self) -> dict:
         """The pooled measurements (plain data, the same on every rank), as
         ``runtime_fit.fit_samples`` reads them."""
-        return {"ranks": self.P, "blas_threads": self.info.blas_threads,
+        return {"ranks": self.P, "blas_threads": self.info.blas_threads, "nodes": len(self.hosts),
+                "ranks_per_node": min(self.per_node), "hosts": list(self.hosts),
                 "ops": {k: list(v) for k, v in self.ops.items()},
                 "copy_bandwidth": list(self.copy),
+                "transfer": {k: list(v) for k, v in self.transfer.items()},
                 "networks": {n.name: list(n.times) for n in self.networks},
                 "load_average": list(self.load)}
 
@@ -295,44 +395,49 @@ class RuntimeSpec:
         return cls(**{**d, "models": tuple(d["models"])})
 
 
-def measure_runtime(machine_path, P: int, spec: RuntimeSpec, timeout=3600):
+#: how the worker's rank 0 prints its result
+TAG = "HPCNN_RUNTIME_FIGURES "
+
+
+def measure_runtime(machine_path, P: int, spec: RuntimeSpec, timeout=3600, launch=None, env=None):
     """Start ``mpiexec -n P python -m mpi4py -m
-    hpcnn.calibration.runtime_sampler SPEC OUT`` and read its
-    RuntimeFigures (and raw measurements)."""
+    hpcnn.calibration.runtime_sampler MACHINE SPEC`` (or the worker under
+    ``launch``, a launcher's command line that starts P ranks, e.g. across
+    the nodes of a cluster, in environment ``env``) and read its
+    RuntimeFigures (and raw measurements) from what its rank 0 prints."""
     from hpcnn.strategy.machine import RuntimeFigures
-    exe = find_mpiexec()
-    if exe is None:
-        raise RuntimeError("mpiexec not found: install an MPI (pip install mpich) or pass --no-runtime")
-    env = child_env()
-    with tempfile.TemporaryDirectory() as d:
-        spec_path = Path(d) / "spec.json"
-        out = Path(d) / "runtime.json"
-        spec_path.write_text(spec.to_json())
-        r = subprocess.run([exe, "-n", str(P), sys.executable, "-m", "mpi4py", "-m", WORKER,
-                            str(machine_path), str(spec_path), str(out)],
-                           env=env, capture_output=True, text=True, timeout=timeout)
-        if r.returncode != 0 or not out.exists():
-            raise RuntimeError(f"the runtime measurement with {P} ranks failed (exit {r.returncode}): "
-                               f"{r.stderr[-2000:]}")
-        res = json.loads(out.read_text())
+    if launch is None:
+        exe = find_mpiexec()
+        if exe is None:
+            raise RuntimeError("mpiexec not found: install an MPI (pip install mpich) or pass --no-runtime")
+        launch = [exe, "-n", str(P)]
+    e = child_env() if env is None else dict(env)
+    r = subprocess.run([*launch, sys.executable, "-m", "mpi4py", "-m", WORKER,
+                        str(Path(machine_path).resolve()), spec.to_json()],
+                       env=e, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(TAG)]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"the runtime measurement with {P} ranks failed (exit {r.returncode}): "
+                           f"{(r.stderr or r.stdout)[-2000:]}")
+    res = json.loads(lines[-1][len(TAG):])
     return RuntimeFigures.from_dict(res["figures"]), res["raw"]
 
 
 def main(argv=None) -> int:
     """Worker of ``hpcnn calibrate``: ``mpiexec -n P python -m mpi4py -m
-    hpcnn.calibration.runtime_sampler MACHINE.json SPEC.json OUT.json``.
-    MACHINE is the machine file so far (its solo tile times), SPEC a
-    RuntimeSpec; rank 0 writes the figures."""
+    hpcnn.calibration.runtime_sampler MACHINE.json SPEC``.  MACHINE is the
+    machine file so far (its solo tile times), SPEC a RuntimeSpec as JSON;
+    rank 0 prints ``TAG {"figures", "raw"}``."""
     from mpi4py import MPI
 
     from hpcnn.strategy.machine import Machine
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3:
+    if len(argv) != 2:
         print("usage: mpiexec -n P python -m mpi4py -m hpcnn.calibration.runtime_sampler "
-              "MACHINE.json SPEC.json OUT.json (started by hpcnn calibrate)", file=sys.stderr)
+              "MACHINE.json SPEC-JSON (started by hpcnn calibrate)", file=sys.stderr)
         return 2
     machine = Machine.load(argv[0])
-    spec = RuntimeSpec.from_json(Path(argv[1]).read_text())
+    spec = RuntimeSpec.from_json(argv[1])
     comm = MPI.COMM_WORLD
     P = comm.Get_size()
     solo = (machine.measured or {}).get("ops", {})
@@ -341,7 +446,8 @@ def main(argv=None) -> int:
     rf, raw = runtime_figures(comm, machine, jobs, spec.dtype, spec.repeats, spec.rounds,
                               solo_ops=(machine.measured or {}).get("ops"))
     if comm.Get_rank() == 0:
-        Path(argv[2]).write_text(json.dumps({"figures": rf.to_dict(), "raw": raw}))
+        sys.stdout.write(TAG + json.dumps({"figures": rf.to_dict(), "raw": raw}) + "\n")
+        sys.stdout.flush()
     return 0
 
 

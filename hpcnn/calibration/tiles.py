@@ -19,7 +19,7 @@ from hpcnn.graph import Graph
 from hpcnn.ops import TileContext
 from hpcnn.parallel.layout import degrees_from_config
 from hpcnn.strategy.cost_model import BACKWARD_FLOPS
-from hpcnn.strategy.tile_geometry import NodeGeometry, tile_key
+from hpcnn.strategy.tile_geometry import NodeGeometry, inputs_from_input, tile_key
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,6 +34,11 @@ class TileJob:
     out_tile  the shape of its output
     flops     forward flops of the tile
     key       where its time is stored (``cost_model.tile_key``)
+    from_input  per input: whether it is the network's input (read from the
+              data), which the runtime hands to the op in C order and whose
+              gradient it does not ask for; every other 4-D input arrives in
+              channels-last memory (the layout the ops return and the
+              exchanges keep), and its gradient is computed
     """
     node: object
     degrees: tuple
@@ -42,15 +47,31 @@ class TileJob:
     out_tile: tuple
     flops: float
     key: str
+    from_input: tuple = ()
 
     @classmethod
-    def of(cls, node, geometry: NodeGeometry, degrees, dtype) -> "TileJob":
-        """The representative tile of ``node`` under ``degrees``."""
+    def of(cls, node, geometry: NodeGeometry, degrees, dtype, graph=None) -> "TileJob":
+        """The representative tile of ``node`` under ``degrees``; ``graph``
+        (the node's graph) tells which inputs are the network's input."""
         ins, out, obox = geometry.tile(degrees)
         ins = tuple(tuple(int(x) for x in s) for s in ins)
         out = tuple(int(x) for x in out)
+        src = inputs_from_input(graph, node) if graph is not None else (False,) * len(ins)
         return cls(node, tuple(int(x) for x in degrees), tuple(obox), ins, out,
-                   float(node.op.flops(list(ins), out)), tile_key(node, ins, out, np.dtype(dtype).name))
+                   float(node.op.flops(list(ins), out)), tile_key(node, ins, out, np.dtype(dtype).name, src),
+                   src)
+
+    @property
+    def channels_last(self) -> tuple:
+        """Per input: whether the runtime gives it in channels-last memory."""
+        src = self.from_input or (False,) * len(self.in_tiles)
+        return tuple(len(s) == 4 and not f for s, f in zip(self.in_tiles, src))
+
+    @property
+    def input_grads(self) -> tuple:
+        """Per input: whether the runtime asks for its gradient."""
+        src = self.from_input or (False,) * len(self.in_tiles)
+        return tuple(not f for f in src)
 
     def work(self, itemsize: int) -> tuple[float, float]:
         """(flops, bytes) of forward + backward, as the roofline counts
@@ -108,7 +129,7 @@ def tile_jobs(model_names, ranks_list, batch, dtype, max_kinds=2) -> dict:
                     if node.kind == "input":
                         continue
                     for row in cm.space.configs[gi]:
-                        job = TileJob.of(node, cm.geometry(mname), row, cm.dtype)
+                        job = TileJob.of(node, cm.geometry(mname), row, cm.dtype, g)
                         jobs.setdefault(job.key, job)
     return jobs
 
@@ -122,20 +143,25 @@ def plan_tile_jobs(graph, plans, dtype) -> dict:
             if n.kind == "input":
                 continue
             geom = geoms.setdefault(n.name, NodeGeometry(n))
-            job = TileJob.of(n, geom, degrees_from_config(n.shape, plan.config(n.name)), dtype)
+            job = TileJob.of(n, geom, degrees_from_config(n.shape, plan.config(n.name)), dtype, graph)
             jobs.setdefault(job.key, job)
     return jobs
 
 
 def random_tile(job: TileJob, dtype, rng) -> tuple:
     """(inputs, parameters, buffers, TileContext) of one training tile of
-    ``job``: random values in input regions of its shapes; the parameter and
+    ``job``: random values in input regions of its shapes, in the memory
+    layout the runtime gives them (``TileJob.channels_last``: a kernel's
+    speed depends on it, batch norm's and pooling's by up to 1.6x), the
+    gradients the runtime asks for (none of the network's input: the first
+    convolution skips its dX, a third of its time); the parameter and
     buffer shards of the tile's output channels."""
     node, obox = job.node, job.out_box
     op = node.op
     dt = np.dtype(dtype)
     in_boxes = [op.input_box(i, obox, node.in_shapes) for i in range(len(node.inputs))]
-    xs = [rng.standard_normal(s).astype(dt) for s in job.in_tiles]
+    xs = [rng.standard_normal((s[0], s[2], s[3], s[1])).astype(dt).transpose(0, 3, 1, 2) if last
+          else rng.standard_normal(s).astype(dt) for s, last in zip(job.in_tiles, job.channels_last)]
     c0, c1 = obox[1] if len(obox) > 1 else (0, 1)
     params = {k: (rng.standard_normal((c1 - c0,) + tuple(sp.shape[1:])) * 0.1).astype(dt)
               for k, sp in node.param_specs().items()}
@@ -145,7 +171,7 @@ def random_tile(job: TileJob, dtype, rng) -> tuple:
     if node.kind == "softmax_xent":
         labels = rng.integers(0, node.in_shapes[0][1], obox[0][1] - obox[0][0])
     ctx = TileContext(out_box=tuple(obox), in_boxes=in_boxes, in_shapes=list(node.in_shapes),
-                      out_shape=tuple(node.shape), training=True, labels=labels)
+                      out_shape=tuple(node.shape), training=True, labels=labels, input_grads=job.input_grads)
     return xs, params, buffers, ctx
 
 
@@ -203,27 +229,73 @@ def probe_overhead(dtype, repeats=200) -> float:
     return run_tile(job, dtype, repeats, np.random.default_rng(0))
 
 
-def fit_roofline(samples: dict, peak: float, bandwidth: float, overhead: float) -> tuple:
-    """Each op kind's compute efficiency and the memory efficiency fitted
-    (medians) to measured tiles, ``samples`` = {kind: [(flops, bytes,
-    seconds)]}: kinds with a backward flop count (conv, linear) are compute
-    bound, the others memory bound.  Returns (kind efficiencies, memory
-    efficiency, relative errors of the fitted roofline on the samples)."""
-    kind_eff, mem_effs = {}, []
+def fit_roofline(samples: dict, peak: float, bandwidth: float, overhead: float) -> dict:
+    """The roofline of each op kind fitted to measured tiles, ``samples`` =
+    {kind: [(flops, bytes, seconds)]}.  Kinds with a backward flop count
+    (conv, linear) are compute bound, the others memory bound; per kind
+
+        seconds = overhead_k + work / rate_k
+
+    (work: flops at rate_k = efficiency_k x ``peak``, or bytes at rate_k =
+    memory efficiency_k x ``bandwidth``), fitted by non-negative least
+    squares on relative errors: the fixed cost of an op call and its rate on
+    large tiles (Hockney's r_inf and n_1/2), so that tiles much larger or
+    smaller than the measured ones extrapolate along the line instead of
+    taking the median efficiency of small ones (which, on 2 cores, put
+    ResNet-18's 64-pixel convolutions at 15 of their 100 GFLOP/s).  A kind
+    with one sample gets ``overhead`` as its fixed cost.
+
+    Returns {"kind_efficiency", "kind_memory_efficiency", "kind_overhead_s":
+    {kind: figure}, "memory_efficiency": the ratio of summed bytes to summed
+    time over the memory-bound tiles (for kinds not measured), "errors":
+    relative errors of the fitted roofline on the samples}."""
+    kind_eff, kind_mem, kind_o = {}, {}, {}
+    mem_bytes, mem_time = 0.0, 0.0
     for kind, rows in samples.items():
-        eff_c = [f / (peak * max(t - overhead, 1e-9)) for f, b, t in rows if f > 0]
-        eff_m = [b / (bandwidth * max(t - overhead, 1e-9)) for f, b, t in rows]
-        if kind in BACKWARD_FLOPS and eff_c:
-            kind_eff[kind] = float(np.clip(np.median(eff_c), 0.01, 1.0))
+        rows = [r for r in rows if r[2] > 0]
+        if not rows:
+            continue
+        compute = kind in BACKWARD_FLOPS and any(f > 0 for f, _, _ in rows)
+        work = np.array([f if compute else b for f, b, _ in rows], dtype=float)
+        t = np.array([r[2] for r in rows], dtype=float)
+        if not compute:
+            mem_bytes += float(work.sum())
+            mem_time += float(np.maximum(t - overhead, 1e-9).sum())
+        o, per = overhead, None
+        if len(rows) >= 2 and np.ptp(work) > 0:
+            A = np.stack([np.ones_like(work), work], axis=1) / t[:, None]
+            o, per = (float(v) for v in _nnls2(A, np.ones_like(t)))
+        if per is None or per <= 0:
+            per = float(np.median(np.maximum(t - o, 1e-9) / np.maximum(work, 1.0)))
+        kind_o[kind] = o
+        if compute:
+            kind_eff[kind] = float(np.clip(1.0 / (per * peak), 1e-3, 1.0))
         else:
-            mem_effs.extend(eff_m)
-            if eff_c:
-                kind_eff[kind] = float(np.clip(np.median(eff_c), 0.001, 1.0))
-    mem_eff = float(np.clip(np.median(mem_effs), 0.01, 1.0)) if mem_effs else 0.5
+            kind_mem[kind] = float(np.clip(1.0 / (per * bandwidth), 1e-3, 1.0))
+    mem_eff = float(np.clip(mem_bytes / (bandwidth * mem_time), 0.01, 1.0)) if mem_time > 0 else 0.5
     errors = []
     for kind, rows in samples.items():
-        eff = kind_eff.get(kind, 1.0)
         for f, b, t in rows:
-            pred = max(f / (peak * eff), b / (bandwidth * mem_eff)) + overhead
+            if t <= 0:
+                continue
+            pred = kind_o.get(kind, overhead) + max(f / (peak * kind_eff.get(kind, 1.0)),
+                                                    b / (bandwidth * kind_mem.get(kind, mem_eff)))
             errors.append(abs(pred - t) / t)
-    return kind_eff, mem_eff, errors
+    return {"kind_efficiency": kind_eff, "kind_memory_efficiency": kind_mem, "kind_overhead_s": kind_o,
+            "memory_efficiency": mem_eff, "errors": errors}
+
+
+def _nnls2(A, y):
+    """Non-negative least squares of two columns: the unconstrained
+    solution, else the better of each column alone (non-negative)."""
+    x, *_ = np.linalg.lstsq(A, y, rcond=None)
+    if (x >= 0).all():
+        return x
+    best, out = None, np.zeros(2)
+    for j in range(2):
+        a = A[:, j]
+        c = max(0.0, float(a @ y) / float(a @ a)) if a @ a > 0 else 0.0
+        r = float(np.sum((a * c - y) ** 2))
+        if best is None or r < best:
+            best, out = r, np.where(np.arange(2) == j, c, 0.0)
+    return out

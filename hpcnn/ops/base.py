@@ -12,6 +12,17 @@ the *clipped* region (the part inside the tensor) and the op learns the
 padding from ``ctx.pads(i)``.  The sequential trainer and the distributed
 runtime call exactly the same methods; the sequential one simply asks for the
 whole output box.
+
+An op that sets ``takes_pieces`` may instead be handed a ``TileRegion``:
+the same clipped region as parts (this rank's own tile, or a part of it,
+and the pieces other ranks send), none of them copied into one array.  Its
+own parts can be read at once; the others only after ``region.wait()``,
+which the runtime supplies (the halo may still be in flight until then, so
+an op computes what its own parts alone determine first).  Its backward
+then returns a ``PartGrads`` for that input (one gradient per part), and
+may hand the gradients of the parts that came from other ranks back early
+through ``ctx.halo_grads_ready[i]``, so that they travel while it computes
+the rest.
 """
 from __future__ import annotations
 
@@ -110,6 +121,82 @@ def _identity(a):
     return a
 
 
+class RegionPart:
+    """One part of a ``TileRegion``: ``box`` (relative to the region, a
+    tuple of (lo, hi) per dimension) and its array.  ``local``: the part
+    comes from this rank's own tile (readable at once); the array of a part
+    from another rank may only be read after the region's ``wait()``."""
+
+    __slots__ = ("box", "local", "_array", "_region")
+
+    def __init__(self, box, array, local, region):
+        self.box, self.local, self._array, self._region = tuple(box), bool(local), array, region
+
+    @property
+    def array(self):
+        if not self.local and not self._region.arrived:
+            raise RuntimeError("a part of the region that another rank sends was read before "
+                               "region.wait(): call wait() first (the halo may still be in flight)")
+        return self._array
+
+    @property
+    def shape(self) -> tuple:
+        return box_shape(self.box)
+
+
+class TileRegion:
+    """The clipped input region of a tile, given as parts that partition
+    it instead of one array (see the module docstring): no part is copied
+    to assemble it.  ``shape``/``dtype`` are the region's; ``parts`` lists
+    every part, this rank's own first."""
+
+    def __init__(self, shape, dtype, parts, wait: Callable | None = None, xp=None):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._wait = wait
+        self.arrived = wait is None
+        self.xp = xp
+        self.parts = [RegionPart(b, a, loc, self) for b, a, loc in parts]
+        self.parts.sort(key=lambda p: not p.local)
+
+    def wait(self) -> None:
+        """Block until the parts from other ranks have arrived."""
+        if not self.arrived:
+            self._wait()
+            self.arrived = True
+
+    def local_parts(self) -> list:
+        return [p for p in self.parts if p.local]
+
+    def remote_parts(self) -> list:
+        return [p for p in self.parts if not p.local]
+
+    def assemble(self, like=None):
+        """The region as one array (waits first): what an op that does not
+        take pieces reads; channels-last when the first part is."""
+        self.wait()
+        xp = self.xp if self.xp is not None else array_module(self.parts[0].array)
+        first = self.parts[0].array if self.parts else None
+        if (len(self.shape) == 4 and first is not None and first.ndim == 4 and self.shape[1] > 1
+                and first.strides[1] == first.itemsize and not first.flags.c_contiguous):
+            n, c, h, w = self.shape
+            out = xp.empty((n, h, w, c), dtype=self.dtype).transpose(0, 3, 1, 2)
+        else:
+            out = xp.empty(self.shape, dtype=self.dtype)
+        for p in self.parts:
+            out[tuple(slice(lo, hi) for lo, hi in p.box)] = p.array
+        return out
+
+
+class PartGrads(list):
+    """The gradient of a ``TileRegion`` input, per part: ``self[k]`` is the
+    gradient of ``region.parts[k]`` (of that part's shape), None where it is
+    zero or was already handed back through ``ctx.halo_grads_ready``.  The
+    runtime owns these arrays afterwards (it sums other ranks' gradients
+    into them in place)."""
+
+
 @dataclass
 class TileContext:
     """What an op knows about the tile it computes.
@@ -126,6 +213,9 @@ class TileContext:
     input_grads: per input, whether its gradient is wanted (None: all are);
                 an op may return None for an input marked False (the
                 network's input needs none) and skip that work
+    halo_grads_ready: per input, None or a callable taking {part index:
+                gradient} of a TileRegion's parts from other ranks: their
+                gradients start home while the op computes the rest
     """
     out_box: tuple
     in_boxes: list
@@ -137,6 +227,7 @@ class TileContext:
     allreduce: Callable = _identity
     labels: object = None
     input_grads: tuple | None = None
+    halo_grads_ready: list | None = None
 
     @classmethod
     def whole(cls, op: "Op", in_shapes, **kw) -> "TileContext":
@@ -166,6 +257,15 @@ class Op:
     arity: ClassVar[int | None] = 1          # None: any number >= 1
     # output dimensions this op's output tile may be split over
     splittable: ClassVar[tuple] = ("n", "c", "d", "h", "w")
+    # forward accepts a TileRegion for inputs that arrive by exchange (and
+    # backward then returns a PartGrads for them); see the module docstring
+    takes_pieces: ClassVar[bool] = False
+
+    def convolves_pieces(self, channel_split: bool) -> bool:
+        """For an op that takes pieces: whether it computes on them part by
+        part (assembling nothing, overlapping the transfer) when the parts
+        split the input channels or not.  The cost model prices by it."""
+        return self.takes_pieces
 
     def __init__(self, name: str = ""):
         self.name = name or self.kind
@@ -229,14 +329,16 @@ class Op:
 
     def forward(self, xs: list, params: dict, buffers: dict, ctx: TileContext):
         """Local forward on one tile.  ``xs[i]`` holds the clipped region
-        ``ctx.clipped(i)`` of input i.  Returns (y, saved) where y covers
+        ``ctx.clipped(i)`` of input i (an array, or a ``TileRegion`` when
+        the op ``takes_pieces``).  Returns (y, saved) where y covers
         ``ctx.out_box`` and ``saved`` is whatever backward needs.  May update
         ``buffers`` in place (running statistics)."""
         raise NotImplementedError
 
     def backward(self, dy, saved, params: dict, ctx: TileContext):
         """Returns (dxs, dparams): the gradient of each clipped input region
-        (same shapes as the forward's xs; None where an input gets none) and
+        (same shapes as the forward's xs, a ``PartGrads`` for an input the
+        forward got as a ``TileRegion``; None where an input gets none) and
         of each parameter shard."""
         raise NotImplementedError
 
@@ -273,6 +375,9 @@ class Op:
         output-channel range.  Returns the dtype."""
         dt = None
         for i, x in enumerate(xs):
+            if isinstance(x, TileRegion) and not self.takes_pieces:
+                self.fail(f"input {i} was handed over as pieces (a TileRegion), which this op "
+                          "does not take: assemble it (region.assemble()) first")
             self.check_dtype(x, f"input {i}")
             if dt is None:
                 dt = x.dtype

@@ -1,10 +1,33 @@
 """2-D convolution: attributes, shapes, parameters, geometry and the tile
-math (the kernels themselves live in conv_kernels.py)."""
+math (the kernels themselves live in conv_kernels.py and nhwc_kernels.py).
+
+A convolution takes its input region as pieces (``TileRegion``: this
+rank's own tile plus the halo strips or channel blocks other ranks send),
+never copied into one array.  Convolution is linear in its input, and the
+parts partition the region, so the tile's output is the sum over the parts
+of the convolution of each part alone, zero everywhere else: each part is
+convolved by the ordinary kernel, with zero padding standing in for the
+rest of the region and the input channels of the weights cut to the
+part's, over the output rows and columns its values reach.  The own part
+comes first (the interior of the tile, while the halo is in flight), then
+``region.wait()``, then the parts from other ranks (the boundary, added in).
+Backward runs the other way round: the gradients of the other ranks' parts
+first, handed back at once (``ctx.halo_grads_ready``), then the own part's
+and the weights'.  Every (output, tap, channel) product is computed once,
+as in one whole convolution.
+
+Parts that split the input channels (a channel-split producer) all reach
+every output: convolving them one by one would repeat, per part, the
+kernel's unrolling of the output gradient in backward and add the outputs
+up (15-30% slower than one convolution, measured), so a window larger than
+1x1 assembles such a region first -- its own part while the others travel
+-- and convolves it once (``convolves_pieces``).
+"""
 from __future__ import annotations
 
 import numpy as np
 
-from hpcnn.ops.base import Op, ParamSpec, register
+from hpcnn.ops.base import Op, ParamSpec, PartGrads, TileRegion, register
 from hpcnn.ops.kernel_set import window_kernels
 
 
@@ -21,6 +44,29 @@ def window_input_range(lo, hi, k, stride, pad_lo, dilation):
         s = lo * stride - pad_lo
         return (s, s)
     return (lo * stride - pad_lo, (hi - 1) * stride - pad_lo + dilation * (k - 1) + 1)
+
+
+def part_window(lo, hi, out_len, k, stride, pad_lo, dilation):
+    """Where one part of an input region acts along one axis.
+
+    The part holds rows [lo, hi) of the clipped region, whose row 0 sits at
+    padded coordinate ``pad_lo``; the tile has ``out_len`` outputs along the
+    axis.  Returns None when no output reads the part, else (o0, o1, c0, c1,
+    p0, p1): outputs [o0, o1) read it; the kernel reads the part's rows
+    [c0, c1) with p0 zeros before and p1 after, which makes its output 0
+    the tile's output o0 and yields exactly o1 - o0 outputs."""
+    a, b = lo + pad_lo, hi + pad_lo                  # padded coordinates
+    reach = dilation * (k - 1)
+    o0 = max(0, -(-(a - reach) // stride))
+    o1 = min(out_len, (b - 1) // stride + 1)
+    if o1 <= o0 or b <= a:
+        return None
+    start = o0 * stride
+    end = start + (o1 - o0 - 1) * stride + reach + 1
+    c0, c1 = max(a, start) - a, min(b, end) - a
+    if c1 <= c0:
+        return None
+    return o0, o1, c0, c1, max(0, a - start), max(0, end - b)
 
 
 class _Window(Op):
@@ -65,6 +111,7 @@ class _Window(Op):
 @register
 class Conv2d(_Window):
     kind = "conv2d"
+    takes_pieces = True
 
     def __init__(self, name="", out_channels=None, kernel_size=3, stride=1, padding=0,
                  dilation=1, bias=True):
@@ -104,12 +151,16 @@ class Conv2d(_Window):
         self.check_inputs(xs, ctx, params)
         pads = ctx.pads(0)
         K = window_kernels()
+        if isinstance(x, TileRegion):
+            return self._forward_parts(K, x, params, pads, ctx)
         y, saved = K.conv2d_forward(x, params["weight"], params.get("bias"), self.stride,
                                     (pads[2], pads[3]), self.dilation)
         return y, (K, saved)
 
     def backward(self, dy, saved, params, ctx):
         K, saved = saved
+        if isinstance(saved, (_PartsSaved, _AssembledSaved)):
+            return self._backward_parts(K, dy, saved, params, ctx)
         dx, dw, db = K.conv2d_backward(dy, saved, params["weight"], self.bias,
                                        ctx.needs_input_grad(0))
         grads = {"weight": dw}
@@ -117,7 +168,189 @@ class Conv2d(_Window):
             grads["bias"] = db
         return [dx], grads
 
+    # ---- the input as pieces (see the module docstring) ----------------------------
+    def _part_plan(self, part, region_shape, out_shape, pads):
+        """(output block, input crop, kernel pads) of one part, or None when
+        no output of the tile reads it."""
+        (n0, n1), (c0, c1), hb, wb = part.box
+        if n1 <= n0 or c1 <= c0:
+            return None
+        wins = []
+        for a, (lo, hi) in enumerate((hb, wb)):
+            win = part_window(lo, hi, out_shape[2 + a], self.kernel_size[a], self.stride[a],
+                              pads[2 + a][0], self.dilation[a])
+            if win is None:
+                return None
+            wins.append(win)
+        (oh0, oh1, ch0, ch1, ph0, ph1), (ow0, ow1, cw0, cw1, pw0, pw1) = wins
+        out = (slice(n0, n1), slice(None), slice(oh0, oh1), slice(ow0, ow1))
+        crop = (slice(None), slice(None), slice(ch0, ch1), slice(cw0, cw1))
+        whole = (n0 == 0 and n1 == out_shape[0] and oh0 == 0 and oh1 == out_shape[2]
+                 and ow0 == 0 and ow1 == out_shape[3])
+        return out, crop, ((ph0, ph1), (pw0, pw1)), (c0, c1), whole
+
+    def convolves_pieces(self, channel_split: bool) -> bool:
+        """Whether a region given as pieces is convolved part by part (else
+        assembled first): always for a 1x1 window, else unless the parts
+        split the input channels (see the module docstring)."""
+        return not channel_split or self.kernel_size == (1, 1)
+
+    def _forward_parts(self, K, region, params, pads, ctx):
+        w, b = params["weight"], params.get("bias")
+        if not self.convolves_pieces(len({p.box[1] for p in region.parts}) > 1):
+            return self._forward_assembled(K, region, params, pads)
+        n, cin = region.shape[:2]
+        out_shape = (n, w.shape[0]) + tuple(hi - lo for lo, hi in ctx.out_box[2:])
+        y, runs, biased = None, [None] * len(region.parts), False
+        geos = [self._part_plan(part, region.shape, out_shape, pads) for part in region.parts]
+        # parts that split the samples alone write disjoint outputs: placed
+        # (each with the bias), not summed
+        by_samples = (len(region.parts) > 1 and len({p.box[1:] for p in region.parts}) == 1
+                      and all(geo is not None for geo in geos))
+        for k, (part, geo) in enumerate(zip(region.parts, geos)):
+            if not part.local:
+                region.wait()
+            if geo is None:
+                continue
+            out, crop, kpads, (c0, c1), whole = geo
+            wq = w if (c0, c1) == (0, cin) else w[:, c0:c1]
+            first = y is None and whole
+            with_bias = first or by_samples
+            yq, sq = K.conv2d_forward(part.array[crop], wq, b if with_bias else None, self.stride,
+                                      kpads, self.dilation)
+            runs[k] = (sq, out, crop, (c0, c1), with_bias)
+            biased = biased or (with_bias and b is not None)
+            if first:
+                y = yq
+                continue
+            if y is None:
+                y = _zeros_like_layout(yq, out_shape, empty=by_samples)
+            if by_samples:
+                y[out] = yq
+            else:
+                y[out] += yq
+        region.wait()          # every part is read by some output, but keep the promise
+        if y is None:          # no part is read (an empty tile): zeros
+            y = _zeros_like_layout(None, out_shape, w)
+        if b is not None and not biased:
+            y += b[None, :, None, None]
+        return y, (K, _PartsSaved(runs, [p.shape for p in region.parts], [p.local for p in region.parts]))
+
+    def _forward_assembled(self, K, region, params, pads):
+        """One convolution of the region, copied into one channels-last
+        array: the own parts before the wait, the others after."""
+        from hpcnn.backend import array_module
+        first = region.parts[0].array
+        n, c, h, w_ = region.shape
+        x = array_module(first).empty((n, h, w_, c), dtype=region.dtype).transpose(0, 3, 1, 2)
+        for part in region.parts:
+            if not part.local:
+                region.wait()
+            x[tuple(slice(lo, hi) for lo, hi in part.box)] = part.array
+        region.wait()
+        y, sk = K.conv2d_forward(x, params["weight"], params.get("bias"), self.stride, (pads[2], pads[3]),
+                                 self.dilation)
+        return y, (K, _AssembledSaved(sk, [p.box for p in region.parts]))
+
+    def _backward_parts(self, K, dy, saved, params, ctx):
+        if isinstance(saved, _AssembledSaved):
+            dx, dw, db = K.conv2d_backward(dy, saved.kernel, params["weight"], self.bias,
+                                           ctx.needs_input_grad(0))
+            grads = {"weight": dw}
+            if self.bias:
+                grads["bias"] = db
+            if dx is None:
+                return [None], grads
+            return [PartGrads(dx[tuple(slice(lo, hi) for lo, hi in b)] for b in saved.boxes)], grads
+        w = params["weight"]
+        cin = w.shape[1]
+        want_dx = ctx.needs_input_grad(0)
+        hook = ctx.halo_grads_ready[0] if ctx.halo_grads_ready else None
+        dxs = PartGrads([None] * len(saved.runs))
+        dw = db = None
+        order = [k for k, loc in enumerate(saved.local) if not loc] + \
+                [k for k, loc in enumerate(saved.local) if loc]
+        early_sent = False
+        for k in order:
+            if saved.local[k] and not early_sent:
+                early_sent = True
+                if hook is not None and want_dx:
+                    early = {j: dxs[j] for j in range(len(dxs)) if not saved.local[j]}
+                    hook(early)
+                    for j in early:
+                        dxs[j] = None
+            run = saved.runs[k]
+            if run is None:
+                continue
+            sq, out, crop, (c0, c1), first = run          # first: the part that added the bias
+            wq = w if (c0, c1) == (0, cin) else w[:, c0:c1]
+            dxq, dwq, dbq = K.conv2d_backward(dy[out], sq, wq, self.bias and first, want_dx)
+            if want_dx:
+                dxs[k] = dxq if _whole_crop(crop, dxq, saved.shapes[k]) else \
+                    _placed(dxq, crop, saved.shapes[k])
+            if dw is None and (c0, c1) == (0, cin):
+                dw = dwq
+            else:
+                if dw is None:
+                    dw = _zeros_like_layout(None, w.shape, w)
+                dw[:, c0:c1] += dwq
+            if first and self.bias:
+                db = dbq if db is None else db + dbq
+        if dw is None:
+            dw = _zeros_like_layout(None, w.shape, w)
+        grads = {"weight": dw}
+        if self.bias:
+            grads["bias"] = db if db is not None else dy.sum(axis=(0, 2, 3))
+        return [dxs if want_dx else None], grads
+
     def flops(self, in_shapes, out_shape):
         n, cin = in_shapes[0][:2]
         kh, kw = self.kernel_size
         return int(2 * np.prod(out_shape) * cin * kh * kw)
+
+
+class _PartsSaved:
+    """What the backward of a convolution over pieces needs: per part, the
+    kernel's saved state, its output block, its crop and its channels (None
+    for a part no output reads), the parts' shapes and which are local."""
+
+    __slots__ = ("runs", "shapes", "local")
+
+    def __init__(self, runs, shapes, local):
+        self.runs, self.shapes, self.local = runs, shapes, local
+
+
+class _AssembledSaved:
+    """A convolution of a region assembled from pieces: the kernel's saved
+    state and the parts' boxes (its backward returns their gradients)."""
+
+    __slots__ = ("kernel", "boxes")
+
+    def __init__(self, kernel, boxes):
+        self.kernel, self.boxes = kernel, boxes
+
+
+def _zeros_like_layout(like, shape, ref=None, empty=False):
+    """Zeros (or, with ``empty``, uninitialised) of ``shape``, channels-last
+    when ``like`` is (the layout the fast kernels return), else C order."""
+    from hpcnn.backend import array_module
+    xp = array_module(like if like is not None else ref)
+    dtype = (like if like is not None else ref).dtype
+    make = xp.empty if empty else xp.zeros
+    if (like is not None and like.ndim == 4 and len(shape) == 4 and like.shape[1] > 1
+            and like.strides[1] == like.itemsize and not like.flags.c_contiguous):
+        n, c, h, w = shape
+        return make((n, h, w, c), dtype=dtype).transpose(0, 3, 1, 2)
+    return make(shape, dtype=dtype)
+
+
+def _whole_crop(crop, dxq, shape) -> bool:
+    return tuple(dxq.shape) == tuple(shape)
+
+
+def _placed(dxq, crop, shape):
+    """The gradient of a whole part from that of its cropped rows (the
+    rows outside the crop are read by no output: zero)."""
+    full = _zeros_like_layout(dxq, shape)
+    full[crop] = dxq
+    return full

@@ -7,24 +7,52 @@ it is given, so its messages never match the caller's) and the backend:
   source tile that other ranks need and assembles its own needed region
   (its clipped need box) from the pieces it receives and its own tile.  When
   the region is a part of its own tile (the identity included) the result is
-  a view and nothing is copied.
+  a view and nothing is copied.  With ``pieces=True`` nothing is assembled:
+  the result is a ``TileRegion`` whose parts are views of this rank's own
+  tile and the pieces as they arrived (a halo exchange then moves and
+  writes the halo strips alone).
 * ``exchange_adjoint(plan, grad, acc)``: the exact adjoint.  Every
   destination sends the gradient of each received piece back to the piece's
-  owner, which sums them (and its own piece) into the gradient of its tile.
+  owner, which sums them (and its own piece) into the gradient of its tile,
+  in place.  ``grad`` is the region's gradient as one array or per piece.
+* ``start_exchange`` / ``start_adjoint`` begin the same transfers and return
+  a ``Flight`` whose ``finish()`` completes them, so that a tile's interior
+  can be computed while its halo is in flight.
 * ``allreduce(arr, comm)``: sum over a (sub-)communicator.
 
-Two transports execute plans: ``p2p`` (Isend/Irecv, one message per
-source-destination pair; the default, chosen by measurement, see
-docs/performance.md) and ``neighbor`` (one MPI neighbourhood all-to-all on a
-distributed-graph communicator per plan; every rank of the communicator must
-then call ``exchange`` for every plan, in the same order).
+Three transports execute a plan, each moving every piece once without a
+copy by hpcnn where MPI can read or write it in place:
 
-GPU arrays (CuPy): the stream is synchronised before every MPI call; when MPI
-is not CUDA-aware (``hpcnn.backend.probe_cuda_aware``, or
-HPCNN_CUDA_AWARE=0|1) messages are staged through host memory.
+* ``p2p``: one Isend/Irecv per source-destination pair;
+* ``neighbor``: one MPI neighbourhood all-to-all (``Ineighbor_alltoallw``)
+  on a distributed-graph communicator made per plan;
+* ``alltoallw``: one ``Ialltoallw`` over the whole communicator (the
+  Alltoallv of the same bytes, with a datatype per peer).
+
+``neighbor`` and ``alltoallw`` are collective: when any rank of the
+communicator moves data in a plan, every rank must start that plan's
+exchange, in the same order (ranks without pieces take part with nothing).
+The runtime chooses a transport per plan by measurement at set-up
+(``measure_transports``).
+
+How a piece meets MPI (host memory): a piece whose elements are contiguous
+in memory is handed over as it is; a strided one whose contiguous runs are
+at least ``DATATYPE_MIN_RUN`` bytes travels as an MPI derived datatype
+(MPI reads it from the tile and writes it into the region directly); one
+with shorter runs (a channel slice of a channels-last tile) is packed by
+NumPy into one persistent buffer per plan and direction, which measured
+faster than MPI's own packing of short runs.  Pieces travel in the
+channels-last element order of 4-D tensors (the layout of the kernels'
+outputs) and in logical order otherwise.  GPU arrays (CuPy): the stream is
+synchronised before every MPI call, pieces are packed on the device, and
+when MPI is not CUDA-aware (``hpcnn.backend.probe_cuda_aware``, or
+HPCNN_CUDA_AWARE=0|1) they are staged through host memory; with
+CUDA-aware MPI only ``p2p`` runs on device buffers.
 
 Every byte handed to MPI for another rank is counted, per plan key and
-direction and per step by category (``ByteCounter``).
+direction and per step by category (``ByteCounter``).  A message is a
+(source, destination) pair of the plan's pieces, whatever the number of
+MPI calls the transport makes for it.
 """
 from __future__ import annotations
 
@@ -37,11 +65,23 @@ from mpi4py import MPI
 
 from hpcnn.backend import get_backend, probe_cuda_aware, to_host
 
-__all__ = ["Communicator", "ByteCounter", "TRANSPORTS", "detect_cuda_aware"]
+__all__ = ["Communicator", "ByteCounter", "Flight", "TRANSPORTS", "DATATYPE_MIN_RUN",
+           "detect_cuda_aware"]
 
-TRANSPORTS = ("p2p", "neighbor")
+TRANSPORTS = ("p2p", "neighbor", "alltoallw")
+_COLLECTIVE = ("neighbor", "alltoallw")
 _TAG_SPAN = 30000   # MPI guarantees tags up to 32767
 
+#: seconds between the progress thread's polls (HPCNN_PROGRESS_US, in
+#: microseconds; 0 turns the thread off)
+PROGRESS_INTERVAL = 200e-6
+
+#: a strided piece whose contiguous runs are at least this many bytes is sent
+#: and received as an MPI derived datatype (no copy by hpcnn); shorter runs
+#: are packed by NumPy.  Measured with MPICH 5.0.2 on shared memory: runs of
+#: 128 KiB cost nothing over a contiguous message, runs of 16 to 128 bytes
+#: cost MPI 10-20% more than NumPy's pack and unpack (docs/performance.md)
+DATATYPE_MIN_RUN = 1024
 
 _cuda_aware_found: dict = {}
 
@@ -67,10 +107,12 @@ class ByteCounter:
     """Bytes and messages sent to other ranks.
 
     per_plan[key][direction] : cumulative bytes ('forward' / 'backward'),
-                               and MPI calls ('messages_forward' / ...)
+                               and messages ('messages_forward' / ...):
+                               (source, destination) pairs of the plan
     step[category]           : bytes since the last ``reset_step``
     total[category]          : bytes since creation
-    calls[category]          : MPI calls (messages or collectives) since reset
+    calls[category]          : messages or collectives since reset
+    seconds[category]        : time spent inside the calls since reset
     """
 
     def __init__(self):
@@ -99,6 +141,290 @@ class ByteCounter:
         return dict(self.step)
 
 
+# ---- pieces in memory ---------------------------------------------------------------------
+def _canonical(a):
+    """The piece in its travelling element order: channels-last for 4-D."""
+    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+
+
+def _address(a) -> int:
+    """Address of the first element of a host array."""
+    if a.flags.c_contiguous:
+        return MPI.Get_address(a)
+    c = a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+    if c.flags.c_contiguous:
+        return MPI.Get_address(c)
+    return a.ctypes.data
+
+
+def _span(a) -> int:
+    """Bytes from the first to one past the last element of a view with
+    positive strides."""
+    return sum((s - 1) * st for s, st in zip(a.shape, a.strides)) + a.itemsize
+
+
+def _positive(a) -> bool:
+    return all(st > 0 or s == 1 for s, st in zip(a.shape, a.strides))
+
+
+_types: dict = {}
+
+
+def _mpi_type(dtype):
+    return MPI._typedict[np.dtype(dtype).char]
+
+
+def _strided_type(c):
+    """(committed MPI datatype, its contiguous run in bytes) describing the
+    elements of the canonical view ``c`` in order, relative to its first
+    element; None when its strides are not usable (not positive)."""
+    it = c.itemsize
+    dims = [(int(s), int(st)) for s, st in zip(c.shape, c.strides) if s > 1]
+    if any(st <= 0 for _, st in dims):
+        return None
+    run = 1
+    while dims and dims[-1][1] == it * run:
+        run *= dims[-1][0]
+        dims.pop()
+    key = (c.dtype.char, run, tuple(dims))
+    hit = _types.get(key)
+    if hit is None:
+        t = _mpi_type(c.dtype).Create_contiguous(run)
+        for s, st in reversed(dims):
+            t2 = t.Create_hvector(s, 1, st)
+            t.Free()
+            t = t2
+        t.Commit()                      # kept for the process: recipes hold them
+        hit = _types[key] = (t, run * it)
+    return hit
+
+
+class _Piece:
+    """How one piece meets MPI: its peer, its slices in the array it lives
+    in, and either (in place) its byte offset from that array's first
+    element with a count and datatype, or its place in a pack/staging
+    buffer (``slot`` >= 0, ``cshape``: its canonical shape)."""
+
+    __slots__ = ("peer", "sl", "count", "mtype", "span", "off", "slot", "cshape")
+
+    def __init__(self, peer, sl, count, mtype, span, off, slot=-1, cshape=None):
+        self.peer, self.sl, self.count, self.mtype = peer, sl, count, mtype
+        self.span, self.off, self.slot, self.cshape = span, off, slot, cshape
+
+
+def _describe(peer, sl, c, base, dtype, used):
+    """A _Piece for the canonical view ``c`` of an array whose first element
+    is at ``base``; ``used``: elements of the slot buffer taken so far."""
+    mt = _mpi_type(dtype)
+    if c.flags.c_contiguous:
+        return _Piece(peer, sl, c.size, mt, c.nbytes, _address(c) - base), used
+    st = _strided_type(c)
+    if st is not None and st[1] >= DATATYPE_MIN_RUN:
+        return _Piece(peer, sl, 1, st[0], _span(c), _address(c) - base), used
+    return _Piece(peer, sl, c.size, mt, c.size * c.itemsize, 0, used, c.shape), used + c.size
+
+
+class _Recipe:
+    """The pieces of one direction of a plan on this rank, for arrays of
+    one memory layout, worked out once: per call only addresses change."""
+
+    __slots__ = ("pieces", "slots", "direct")
+
+    def __init__(self, pieces, slots):
+        self.pieces, self.slots = pieces, slots
+        self.direct = slots == 0
+
+
+def _recipe_for(array, entries, dtype) -> _Recipe:
+    base = _address(array)
+    out, used = [], 0
+    for peer, sl, _ in entries:
+        p, used = _describe(peer, sl, _canonical(array[sl]), base, dtype, used)
+        out.append(p)
+    return _Recipe(out, used)
+
+
+def _contiguous_recipe(entries, dtype) -> tuple:
+    """(recipe, elements): pieces one after the other in one flat buffer,
+    contiguous in their travelling order (fresh parts, staging of what the
+    adjoint receives)."""
+    mt, it = _mpi_type(dtype), np.dtype(dtype).itemsize
+    out, off = [], 0
+    for peer, sl, shape in entries:
+        n = int(np.prod(shape))
+        out.append(_Piece(peer, sl, n, mt, n * it, off * it, -1,
+                          (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else tuple(shape)))
+        off += n
+    return _Recipe(out, 0), off
+
+
+class _Program:
+    """One rank's part of a plan: the slices of what it sends, receives and
+    copies from its own tile, in both directions, its recipes and buffers."""
+
+    def __init__(self, plan, me):
+        self.plan = plan
+        self.src_box = sb = plan.src.box(me)
+        self.need = need = plan.need(me)
+        self.src_shape = sb.shape if sb is not None else None
+        self.need_shape = need.shape if need is not None else None
+        self.sends = [(d, b.slices(sb.lo), b.shape) for d, b in plan.sends(me) if d != me]
+        if need is not None:
+            self.recvs = [(s, b.slices(need.lo), b.shape) for s, b in plan.receives(me) if s != me]
+            self.local = [(b.slices(sb.lo), b.slices(need.lo), b) for s, b in plan.receives(me) if s == me]
+        else:
+            self.recvs, self.local = [], []
+        self.view = (need is not None and not need.empty and not self.recvs and len(self.local) == 1)
+        self.traffic = plan.total_bytes() > 0
+        self.moves = bool(self.sends or self.recvs)
+        self.whole_tile = (sb is not None and len(self.local) == 1 and self.local[0][2] == sb)
+        self.sent = plan.bytes_sent(me)
+        self.received = plan.bytes_received(me)
+        self.sources = [me] * len(self.local) + [s for s, _, _ in self.recvs]
+        self.rel_boxes = ([b.shift(need.lo) for _, _, b in self.local]
+                          + [tuple((x.start, x.stop) for x in sl) for _, sl, _ in self.recvs]) if need else []
+        self.graphs: dict = {}
+        self.slots: dict = {}
+        self.busy: set = set()
+        self.recipes: dict = {}
+
+    def recipe(self, what, array, dtype):
+        key = (what, array.shape, array.strides, np.dtype(dtype).char)
+        r = self.recipes.get(key)
+        if r is None:
+            if len(self.recipes) > 64:
+                self.recipes.clear()
+            entries = self.sends if what == "fsend" else self.recvs
+            r = _recipe_for(array, entries, dtype)
+            self.recipes[key] = r
+        return r
+
+    def contiguous(self, what, dtype):
+        key = (what, np.dtype(dtype).char)
+        r = self.recipes.get(key)
+        if r is None:
+            entries = self.recvs if what == "fresh" else self.sends
+            r = self.recipes[key] = _contiguous_recipe(entries, dtype)
+        return r
+
+    def slot(self, purpose, n, dtype, xp):
+        """A persistent flat buffer of at least ``n`` elements for
+        ``purpose`` (packing or staging), or a fresh one while the last is
+        still in use by a flight."""
+        key = (purpose, np.dtype(dtype).char, xp.__name__)
+        if key in self.busy:
+            return xp.empty(n, dtype=dtype), None
+        buf = self.slots.get(key)
+        if buf is None or buf.size < n:
+            buf = self.slots[key] = xp.empty(n, dtype=dtype)
+        self.busy.add(key)
+        return buf, key
+
+
+class Flight:
+    """Transfers started by ``start_exchange`` or ``start_adjoint``;
+    ``finish()`` waits for them and returns the result (the region, or the
+    tile's gradient).  ``test()`` lets MPI advance them meanwhile."""
+
+    __slots__ = ("cm", "prog", "key", "category", "direction", "transport", "reqs", "keep", "types",
+                 "unpack", "slot_keys", "spent", "nbytes", "messages", "done", "_finish",
+                 "started_at", "region_parts", "part_sources", "count", "background")
+
+    def __init__(self, cm, prog, key, category, direction, transport):
+        self.cm, self.prog, self.key, self.category = cm, prog, key, category
+        self.direction, self.transport = direction, transport
+        self.reqs = []
+        self.keep = []
+        self.types = []
+        self.unpack = []
+        self.slot_keys = []
+        self.spent = 0.0
+        self.nbytes = 0
+        self.messages = 0
+        self.done = False
+        self._finish = None
+        self.count = False
+        self.region_parts = None
+        self.part_sources = None
+        self.background = False
+        self.started_at = time.perf_counter()
+
+    def test(self) -> bool:
+        if self.done or not self.reqs:
+            return True
+        return MPI.Request.Testall(self.reqs)
+
+    def finish(self, *args, **kw):
+        if self.done:
+            raise RuntimeError(f"the exchange {self.key!r} was finished twice")
+        t0 = time.perf_counter()
+        if self.background:
+            self.cm._progress.release(self)
+            self.background = False
+        if self.reqs:
+            MPI.Request.Waitall(self.reqs)
+        for t in self.types:
+            t.Free()
+        if self.unpack:
+            conv = self.cm._to_compute
+            for dst, src in self.unpack:
+                dst[...] = conv(src)
+        for k in self.slot_keys:
+            self.prog.busy.discard(k)
+        self.done = True
+        out = self._finish(*args, **kw) if self._finish is not None else None
+        self.spent += time.perf_counter() - t0
+        if self.count:
+            self.cm.counter.add(self.category, self.nbytes, self.key, self.direction,
+                                calls=self.messages, seconds=self.spent)
+        self.keep = self.types = self.unpack = None
+        return out
+
+
+class _Progress:
+    """A thread that advances exchanges in flight behind computation: it
+    tests their requests every ``interval`` seconds until they complete
+    (MPICH advances a rendezvous -- large messages, or any message over
+    TCP -- only inside MPI calls, and the computing thread makes none),
+    then sleeps.  A flight leaves it (``release``) before its own thread
+    waits on it, so that no request is completed by two threads at once.
+    Needs MPI_THREAD_MULTIPLE."""
+
+    def __init__(self, interval):
+        import threading
+        self.interval = interval
+        self.flights: list = []
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="hpcnn-mpi-progress", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopping:
+            self.wake.wait()
+            with self.lock:
+                self.flights = [fl for fl in self.flights if not MPI.Request.Testall(fl.reqs)]
+                if not self.flights:
+                    self.wake.clear()
+            time.sleep(self.interval)
+
+    def acquire(self, fl):
+        with self.lock:
+            self.flights.append(fl)
+            self.wake.set()
+
+    def release(self, fl):
+        with self.lock:
+            if fl in self.flights:
+                self.flights.remove(fl)
+
+    def stop(self):
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=5)
+
+
 class Communicator:
     """Plans and collectives on a private duplicate of ``comm``."""
 
@@ -113,44 +439,47 @@ class Communicator:
         self.backend = backend or get_backend()
         self.transport = transport
         self.counter = ByteCounter()
-        self._graph_comms = {}
+        self._programs: dict = {}
         # staging through host memory when the arrays live on a GPU and MPI
         # does not accept device buffers
         if self.backend.is_gpu and probe:
             detect_cuda_aware(self.mpi, self.backend)
         self.staging = bool(self.backend.is_gpu and not self.backend.cuda_aware)
+        self.device_buffers = bool(self.backend.is_gpu and not self.staging)
+        self._progress = None
+
+    def background(self, fl) -> None:
+        """Keep MPI progressing ``fl`` while this thread computes (until
+        ``fl`` finishes): the progress thread, when MPI allows threads."""
+        if fl.reqs and not fl.background and self._progress_thread() is not None:
+            self._progress.acquire(fl)
+            fl.background = True
+
+    def _progress_thread(self):
+        if self._progress is None:
+            us = os.environ.get("HPCNN_PROGRESS_US", "").strip()
+            interval = float(us) * 1e-6 if us else PROGRESS_INTERVAL
+            if interval <= 0 or MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+                self._progress = False
+            else:
+                self._progress = _Progress(interval)
+        return self._progress or None
 
     # ---- buffers ------------------------------------------------------------
     def _sync(self):
         if self.backend.is_gpu:
             self.backend.synchronize()
 
-    def _send_buf(self, a):
-        """A contiguous buffer MPI can read (host copy when staging)."""
-        xp = self.backend.xp
-        a = xp.ascontiguousarray(a)
-        if self.staging:
-            return to_host(a)
-        return a
-
-    def _recv_buf(self, shape, dtype, view=None):
-        """A buffer MPI can write: ``view`` itself when it is a contiguous
-        window on the right memory, else a fresh contiguous array."""
-        if view is not None and not self.staging and view.flags.c_contiguous:
-            return view, False
-        if self.staging:
-            return np.empty(shape, dtype=dtype), True
-        return self.backend.xp.empty(shape, dtype=dtype), True
-
     def _alloc(self, shape, dtype, like=None, zeros=False):
         """A new array of ``shape`` on the compute device, laid out in
         memory like ``like`` when that is a 4-D channels-last array (the
-        layout the fast kernels return and read without a copy), else
-        C-contiguous."""
+        layout the fast kernels return and read without a copy), channels-
+        last too for a 4-D array without a model, else C-contiguous."""
         xp = self.backend.xp
         make = xp.zeros if zeros else xp.empty
-        if (like is not None and like.ndim == 4 and len(shape) == 4 and like.shape[1] > 1
-                and like.strides[1] == like.itemsize and not like.flags.c_contiguous):
+        if len(shape) == 4 and shape[1] > 1 and (like is None or (
+                like.ndim == 4 and like.shape[1] > 1 and like.strides[1] == like.itemsize
+                and not like.flags.c_contiguous)):
             n, c, h, w = shape
             return make((n, h, w, c), dtype=dtype).transpose(0, 3, 1, 2)
         return make(shape, dtype=dtype)
@@ -161,19 +490,166 @@ class Communicator:
     def _tag(self, tag):
         return int(tag) % _TAG_SPAN
 
+    def _program(self, plan) -> _Program:
+        prog = self._programs.get(plan)
+        if prog is None:
+            prog = self._programs[plan] = _Program(plan, self.rank)
+        return prog
+
+    def _check_transport(self, transport):
+        t = self.transport if transport is None else transport
+        if t not in TRANSPORTS:
+            raise ValueError(f"unknown transport {t!r}: choose one of {', '.join(TRANSPORTS)}")
+        if self.backend.is_gpu:
+            t = "p2p"      # device arrays travel packed, point to point
+        return t
+
+    @staticmethod
+    def _host_ok(a) -> bool:
+        if a is None:
+            return True
+        if not isinstance(a, np.ndarray):
+            return False
+        if a.flags.c_contiguous or (a.ndim == 4 and a.transpose(0, 2, 3, 1).flags.c_contiguous):
+            return True
+        return _positive(a)
+
+    # ---- moving pieces (host memory) ------------------------------------------------
+    def _bind(self, fl, prog, recipe, array, purpose, dtype, send):
+        """[(peer, memory spec)] of a recipe's pieces in ``array`` (packing
+        the short-run pieces of a send into the plan's buffer now, or
+        staging those of a receive, unpacked at the end); also the array's
+        base address and whether every piece is in place in it."""
+        base = _address(array)
+        out = []
+        slot = None
+        fromaddr = MPI.memory.fromaddress
+        for p in recipe.pieces:
+            if p.slot < 0:
+                out.append((p.peer, p, fromaddr(base + p.off, p.span)))
+                continue
+            if slot is None:
+                slot, skey = prog.slot(purpose, recipe.slots, dtype, np)
+                if skey is not None:
+                    fl.slot_keys.append(skey)
+                fl.keep.append(slot)
+            part = slot[p.slot:p.slot + p.count].reshape(p.cshape)
+            if send:
+                part[...] = _canonical(array[p.sl])
+            else:
+                fl.unpack.append((_canonical(array[p.sl]), part))
+            out.append((p.peer, p, fromaddr(_address(part), p.span)))
+        return out, base
+
+    def _bind_one(self, fl, prog, peer, a, purpose, dtype):
+        """(peer, piece, memory) of one whole array to send: in place, or
+        packed into its own persistent buffer when its runs are short."""
+        c = _canonical(a)
+        p, used = _describe(peer, (slice(None),) * a.ndim, c, _address(c), dtype, 0)
+        fl.keep.append(a)
+        if p.slot < 0:
+            return peer, p, MPI.memory.fromaddress(_address(c), p.span)
+        slot, skey = prog.slot(purpose, used, dtype, np)
+        if skey is not None:
+            fl.slot_keys.append(skey)
+        part = slot[:p.count].reshape(p.cshape)
+        part[...] = c
+        fl.keep.append(slot)
+        return peer, p, MPI.memory.fromaddress(_address(part), p.span)
+
+    def _post(self, fl, transport, sends, recvs, tag, graph_key, prog, sbase=None, rbase=None):
+        """Start the transfers: ``sends``/``recvs`` are [(peer, _Piece,
+        memory)]; ``sbase``/``rbase`` (address, span) of the one array
+        every piece of that side lies in, when they all do (the collectives
+        then take byte displacements into it, else absolute addresses)."""
+        t = self._tag(tag)
+        self._sync()
+        mpi = self.mpi
+        if transport == "p2p":
+            reqs = fl.reqs
+            for peer, p, mem in recvs:
+                reqs.append(mpi.Irecv([mem, p.count, p.mtype], peer, t))
+            for peer, p, mem in sends:
+                reqs.append(mpi.Isend([mem, p.count, p.mtype], peer, t))
+            return
+
+        def side(items, base):
+            if base is not None:
+                a0, span = base
+                return (MPI.memory.fromaddress(a0, span) if span else MPI.BOTTOM,
+                        [p.count for _, p, _ in items], [p.off for _, p, _ in items],
+                        [p.mtype for _, p, _ in items])
+            types = []
+            for _, p, mem in items:
+                at = MPI.Datatype.Create_struct([p.count], [MPI.Get_address(mem)], [p.mtype])
+                at.Commit()
+                types.append(at)
+            fl.types.extend(types)
+            return MPI.BOTTOM, [1] * len(items), [0] * len(items), types
+
+        sb, sc, sd, st = side(sends, sbase)
+        rb, rc, rd, rt = side(recvs, rbase)
+        if transport == "alltoallw":
+            P = self.size
+            SC, SD, ST = [0] * P, [0] * P, [MPI.BYTE] * P
+            RC, RD, RT = [0] * P, [0] * P, [MPI.BYTE] * P
+            for (peer, _, _), c, d, ty in zip(sends, sc, sd, st):
+                SC[peer], SD[peer], ST[peer] = c, d, ty
+            for (peer, _, _), c, d, ty in zip(recvs, rc, rd, rt):
+                RC[peer], RD[peer], RT[peer] = c, d, ty
+            if not sends:
+                sb = MPI.BOTTOM
+            if not recvs:
+                rb = MPI.BOTTOM
+            fl.reqs.append(mpi.Ialltoallw([sb, SC, SD, ST], [rb, RC, RD, RT]))
+            return
+        # neighbourhood collective on the plan's graph (sources: who sends
+        # to this rank in this direction; destinations: whom it sends to)
+        gc = prog.graphs.get(graph_key)
+        if gc is None:
+            gc = prog.graphs[graph_key] = mpi.Create_dist_graph_adjacent(
+                [peer for peer, _, _ in recvs], [peer for peer, _, _ in sends], reorder=False)
+        fl.reqs.append(gc.Ineighbor_alltoallw([sb if sends else MPI.BOTTOM, sc, sd, st],
+                                              [rb if recvs else MPI.BOTTOM, rc, rd, rt]))
+
     # ---- forward ------------------------------------------------------------
-    def exchange(self, plan, tile, dtype=None, tag=0, key=None, category="exchange"):
+    def exchange(self, plan, tile, dtype=None, tag=0, key=None, category="exchange", pieces=False,
+                 transport=None):
         """Run ``plan`` forward.  ``tile`` is this rank's source tile (None
         when it holds none).  Returns this rank's region (an array of the
-        clipped need's shape; a view of ``tile`` when it comes from the tile
-        alone) or None when this rank needs nothing."""
+        clipped need's shape, a view of ``tile`` when it comes from the tile
+        alone; a ``TileRegion`` with ``pieces=True``) or None when this rank
+        needs nothing."""
+        return self.start_exchange(plan, tile, dtype, tag, key, category, pieces, transport).finish()
+
+    def local_region(self, plan, tile, dtype=None, key=None):
+        """The region of a plan that moves nothing on any rank: (a view of)
+        this rank's tile, or None when it needs nothing; what ``exchange``
+        returns, without a flight."""
+        prog = self._programs.get(plan) or self._program(plan)
+        if prog.traffic or not (prog.view or prog.need is None):
+            return self.exchange(plan, tile, dtype, key=key)
+        if prog.need is None:
+            return None
+        if tile is None or tile.shape != prog.src_shape:
+            return self.exchange(plan, tile, dtype, key=key)     # says what is wrong
+        loc = prog.local[0]
+        return tile if loc[2] == prog.src_box else tile[loc[0]]
+
+    def start_exchange(self, plan, tile, dtype=None, tag=0, key=None, category="exchange",
+                       pieces=False, transport=None) -> Flight:
+        """Start ``plan`` forward; ``finish()`` of the returned flight gives
+        what ``exchange`` returns.  With ``pieces=True``, ``region(flight,
+        wait)`` gives the region at once, its own parts readable and the
+        others after ``wait`` (which must finish the flight)."""
         me = self.rank
-        src_box = plan.src.box(me)
+        prog = self._programs.get(plan) or self._program(plan)
+        src_box = prog.src_box
         if src_box is not None:
             if tile is None:
                 raise ValueError(f"rank {me} holds tile {src_box} of the source of plan {key!r} "
                                  "but passed no array")
-            if tuple(tile.shape) != src_box.shape:
+            if tile.shape != prog.src_shape:
                 raise ValueError(f"rank {me}: plan {key!r} expects a source tile of shape "
                                  f"{src_box.shape}, got {tuple(tile.shape)}")
         if dtype is None:
@@ -184,198 +660,279 @@ class Communicator:
         if dtype.itemsize != plan.itemsize:
             raise ValueError(f"plan {key!r} was compiled for {plan.itemsize}-byte elements, "
                              f"got {dtype}")
-        need = plan.need(me)
-        recvs = plan.receives(me)
-        # zero-copy: the region is (part of) this rank's own tile
-        if need is not None and not need.empty and len(recvs) == 1 and recvs[0][0] == me:
-            if need == src_box:
-                region = tile
+        t0 = time.perf_counter()
+        transport = self._check_transport(transport)
+        fl = Flight(self, prog, key, category, "forward", transport)
+        need = prog.need
+        out = flat = None
+        if prog.view:
+            loc = prog.local[0]
+            out = tile if loc[2] == src_box else tile[loc[0]]
+            pieces = False
+        elif need is not None:
+            if pieces and prog.recvs:
+                fresh, total = prog.contiguous("fresh", dtype)
+                flat = self.backend.xp.empty(total, dtype=dtype)
             else:
-                region = tile[need.slices(src_box.lo)]
-            if self.transport == "neighbor":
-                self._neighbor_forward(plan, tile, src_box, None, need, dtype, tag, key, category)
+                pieces = False
+                out = self._alloc(prog.need_shape, dtype, like=tile)
+        if prog.traffic and (prog.moves or transport in _COLLECTIVE):
+            if not self.backend.is_gpu and not self._host_ok(tile):
+                tile = self._host_copy(tile)
+            if self.backend.is_gpu:
+                self._start_device(fl, prog, tile, out if not prog.view else None, flat, dtype, tag)
             else:
-                self._p2p_forward(plan, tile, src_box, None, need, dtype, tag, key, category)
-            return region
-        out = None
-        if need is not None:
-            out = self._alloc(need.shape, dtype, like=tile)
-        if self.transport == "neighbor":
-            self._neighbor_forward(plan, tile, src_box, out, need, dtype, tag, key, category)
+                sends, sbase = ([], None)
+                if prog.sends:
+                    sr = prog.recipe("fsend", tile, dtype)
+                    sends, a0 = self._bind(fl, prog, sr, tile, "fsend", dtype, True)
+                    if sr.direct and transport in _COLLECTIVE:
+                        sbase = (a0, _span(tile))
+                    fl.keep.append(tile)
+                recvs, rbase = ([], None)
+                if prog.recvs and flat is not None:
+                    recvs, a0 = self._bind(fl, prog, fresh, flat, "frecv", dtype, False)
+                    rbase = (a0, flat.nbytes)
+                elif prog.recvs and out is not None:
+                    rr = prog.recipe("frecv", out, dtype)
+                    recvs, a0 = self._bind(fl, prog, rr, out, "frecv", dtype, False)
+                    if rr.direct and transport in _COLLECTIVE:
+                        rbase = (a0, _span(out))
+                self._post(fl, transport, sends, recvs, tag, "forward", prog, sbase, rbase)
+            fl.nbytes, fl.messages, fl.count = prog.sent, len(prog.sends), True
+        # this rank's own pieces, while the others travel
+        if out is not None and not prog.view:
+            for tsl, nsl, _ in prog.local:
+                out[nsl] = tile[tsl]
+        fl.spent = time.perf_counter() - t0
+        if flat is not None:
+            parts = [(rb, tile[tsl], True) for (tsl, _, _), rb in zip(prog.local, prog.rel_boxes)]
+            for p, rb in zip(fresh.pieces, prog.rel_boxes[len(prog.local):]):
+                a = flat[p.off // dtype.itemsize:p.off // dtype.itemsize + p.count].reshape(p.cshape)
+                parts.append((rb, a.transpose(0, 3, 1, 2) if a.ndim == 4 else a, False))
+            fl.region_parts = (prog.need_shape, dtype, parts)
+            fl.part_sources = prog.sources
+            fl._finish = lambda: self._region_of(fl, None)
         else:
-            self._p2p_forward(plan, tile, src_box, out, need, dtype, tag, key, category)
+            fl._finish = lambda: out
+        return fl
+
+    def _host_copy(self, a):
+        """A copy with positive strides of an array MPI cannot address as
+        it is (negative or zero strides), in the same layout otherwise."""
+        out = self._alloc(a.shape, a.dtype, like=a if a.ndim == 4 else None)
+        out[...] = a
         return out
 
-    def _p2p_forward(self, plan, tile, src_box, out, need, dtype, tag, key, category):
-        me, t = self.rank, self._tag(tag)
-        sends = [(d, b) for d, b in plan.sends(me) if d != me]
-        recvs = [(s, b) for s, b in plan.receives(me) if s != me] if out is not None else []
-        if not sends and not recvs:
-            if out is not None:
-                self._local_pieces(plan, tile, src_box, out, need)
-            return
-        t0 = time.perf_counter()
-        reqs, pending = [], []
-        sendbufs = [self._send_buf(tile[b.slices(src_box.lo)]) for _, b in sends]
-        recvbufs = []
-        for s, b in recvs:
-            buf, temp = self._recv_buf(b.shape, dtype, out[b.slices(need.lo)])
-            recvbufs.append(buf)
-            pending.append((buf, b, temp))
-        self._sync()
-        for (s, b), buf in zip(recvs, recvbufs):
-            reqs.append(self.mpi.Irecv(buf, source=s, tag=t))
-        nbytes = 0
-        for (d, b), buf in zip(sends, sendbufs):
-            reqs.append(self.mpi.Isend(buf, dest=d, tag=t))
-            nbytes += buf.nbytes
-        if out is not None:
-            self._local_pieces(plan, tile, src_box, out, need)
-        MPI.Request.Waitall(reqs)
-        for buf, b, temp in pending:
-            if temp:
-                out[b.slices(need.lo)] = self._to_compute(buf)
-        self.counter.add(category, nbytes, key, "forward", calls=len(sends),
-                         seconds=time.perf_counter() - t0)
+    def _region_of(self, fl, wait):
+        from hpcnn.ops.base import TileRegion
+        shape, dtype, parts = fl.region_parts
+        return TileRegion(shape, dtype, parts, wait=wait, xp=self.backend.xp)
 
-    def _local_pieces(self, plan, tile, src_box, out, need):
-        me = self.rank
-        for s, b in plan.receives(me):
-            if s == me:
-                out[b.slices(need.lo)] = tile[b.slices(src_box.lo)]
+    def region(self, fl, wait):
+        """The TileRegion of a flight started with ``pieces=True`` before it
+        finished: ``wait`` must finish ``fl``."""
+        return self._region_of(fl, wait)
+
+    # ---- device arrays: packed, point to point --------------------------------------
+    def _start_device(self, fl, prog, tile, out, flat, dtype, tag):
+        xp = self.backend.xp
+        t = self._tag(tag)
+        mt = _mpi_type(dtype)
+        sends = []
+        for d, sl, _ in prog.sends:
+            a = xp.ascontiguousarray(_canonical(tile[sl]))
+            if self.staging:
+                a = to_host(a)
+            sends.append((d, a))
+        recvs = []
+        if flat is not None:
+            fresh, _ = prog.contiguous("fresh", dtype)
+            for p in fresh.pieces:
+                i0 = p.off // dtype.itemsize
+                dst = flat[i0:i0 + p.count]
+                if self.staging:
+                    h = np.empty(p.count, dtype=dtype)
+                    fl.unpack.append((dst, h))
+                    dst = h
+                recvs.append((p.peer, dst))
+        elif out is not None:
+            for s, sl, _ in prog.recvs:
+                c = _canonical(out[sl])
+                h = np.empty(c.shape, dtype=dtype) if self.staging else xp.empty(c.shape, dtype=dtype)
+                fl.unpack.append((c, h))
+                recvs.append((s, h))
+        fl.keep.extend(a for _, a in sends + recvs)
+        self._sync()
+        for s, buf in recvs:
+            fl.reqs.append(self.mpi.Irecv([buf, buf.size, mt], s, t))
+        for d, buf in sends:
+            fl.reqs.append(self.mpi.Isend([buf, buf.size, mt], d, t))
 
     # ---- backward (adjoint) -------------------------------------------------
     def exchange_adjoint(self, plan, grad, acc=None, dtype=None, tag=0, key=None,
-                         category="exchange"):
+                         category="exchange", transport=None, borrow=False):
         """The adjoint of ``exchange``.  ``grad`` is the gradient of this
-        rank's region (None when it needs nothing, or zeros implied when it
-        has none); ``acc`` is the gradient of this rank's source tile, to
-        which the returned pieces are added (created as zeros when None and
-        this rank holds a source tile).  Returns ``acc`` (None when this rank
+        rank's region (an array of its shape, or {source rank: gradient of
+        that piece}, None entries and None meaning zeros); ``acc`` is the
+        gradient of this rank's source tile, to which the returned pieces are
+        added in place (created when None and this rank holds a source tile:
+        with ``borrow``, this rank's own piece of ``grad`` itself when it is
+        the whole tile, else zeros).  Returns ``acc`` (None when this rank
         holds no source tile)."""
+        return self.start_adjoint(plan, grad, dtype, tag, key, category, transport).finish(acc, borrow=borrow)
+
+    def start_adjoint(self, plan, grad, dtype=None, tag=0, key=None, category="exchange",
+                      transport=None) -> Flight:
+        """Start the adjoint: the gradients of the pieces that came from
+        other ranks go home.  ``finish(acc, local=None, borrow=False)``
+        waits and sums into ``acc`` what comes back and this rank's own
+        pieces (from ``local`` when given: {rank: gradient} or the region's
+        gradient array, else from ``grad``)."""
         me = self.rank
-        src_box = plan.src.box(me)
-        need = plan.need(me)
+        prog = self._program(plan)
+        need, src_box = prog.need, prog.src_box
         if dtype is None:
-            dtype = grad.dtype if grad is not None else (acc.dtype if acc is not None else None)
+            if isinstance(grad, dict):
+                dtype = next((g.dtype for g in grad.values() if g is not None), None)
+            elif grad is not None:
+                dtype = grad.dtype
             if dtype is None:
                 raise ValueError(f"rank {me}: give the dtype of plan {key!r}'s gradient")
         dtype = np.dtype(dtype)
-        xp = self.backend.xp
-        if need is not None and grad is not None and tuple(grad.shape) != need.shape:
+        if need is not None and grad is not None and not isinstance(grad, dict) \
+                and tuple(grad.shape) != need.shape:
             raise ValueError(f"rank {me}: plan {key!r} expects a region gradient of shape "
                              f"{need.shape}, got {tuple(grad.shape)}")
-        if need is not None and not need.empty and grad is None:
-            grad = xp.zeros(need.shape, dtype=dtype)
-        if src_box is not None and acc is None:
-            acc = self._alloc(src_box.shape, dtype, like=grad, zeros=True)
-        if self.transport == "neighbor":
-            self._neighbor_adjoint(plan, grad, acc, src_box, need, dtype, tag, key, category)
+        t0 = time.perf_counter()
+        transport = self._check_transport(transport)
+        fl = Flight(self, prog, key, category, "backward", transport)
+        back = []         # (tile slices, staged gradient piece) summed into the tile's gradient
+        if prog.traffic and (prog.moves or transport in _COLLECTIVE):
+            xp = self.backend.xp
+            host = not self.backend.is_gpu
+            # the gradients of the pieces other ranks sent go back to them
+            sends, sbase = [], None
+            if prog.recvs:
+                if isinstance(grad, dict) or grad is None:
+                    arrays = [self._piece_grad(grad, s, sl, shape, dtype) for s, sl, shape in prog.recvs]
+                    if host:
+                        for i, ((s, _, _), a) in enumerate(zip(prog.recvs, arrays)):
+                            a = a if self._host_ok(a) else self._host_copy(a)
+                            sends.append(self._bind_one(fl, prog, s, a, f"asend{i}", dtype))
+                    else:
+                        dev = arrays
+                else:
+                    g = grad if not host or self._host_ok(grad) else self._host_copy(grad)
+                    if host:
+                        sr = prog.recipe("asend", g, dtype)
+                        sends, a0 = self._bind(fl, prog, sr, g, "asend", dtype, True)
+                        sbase = (a0, _span(g)) if sr.direct else None
+                        fl.keep.append(g)
+                    else:
+                        dev = [g[sl] for _, sl, _ in prog.recvs]
+            # what comes back is staged, then summed into the tile's gradient
+            recvs, rbase = [], None
+            if prog.sends:
+                rr, total = prog.contiguous("aback", dtype)
+                flat, skey = prog.slot("arecv", total, dtype, np if (host or self.staging) else xp)
+                if skey is not None:
+                    fl.slot_keys.append(skey)
+                fl.keep.append(flat)
+                it = dtype.itemsize
+                for p in rr.pieces:
+                    part = flat[p.off // it:p.off // it + p.count].reshape(p.cshape)
+                    back.append((p.sl, part))
+                if host:
+                    a0 = _address(flat)
+                    recvs = [(p.peer, p, MPI.memory.fromaddress(a0 + p.off, p.span)) for p in rr.pieces]
+                    rbase = (a0, flat.nbytes)
+            if host:
+                self._post(fl, transport, sends, recvs, tag, "adjoint", prog, sbase, rbase)
+            else:
+                t = self._tag(tag)
+                mt = _mpi_type(dtype)
+                outgoing = []
+                for (s, _, _), a in zip(prog.recvs, dev if prog.recvs else []):
+                    a = xp.ascontiguousarray(_canonical(a))
+                    outgoing.append((s, to_host(a) if self.staging else a))
+                fl.keep.extend(a for _, a in outgoing)
+                self._sync()
+                for (d, _, _), (_, part) in zip(prog.sends, back):
+                    fl.reqs.append(self.mpi.Irecv([part, part.size, mt], d, t))
+                for s, a in outgoing:
+                    fl.reqs.append(self.mpi.Isend([a, a.size, mt], s, t))
+            fl.nbytes, fl.messages, fl.count = prog.received, len(prog.recvs), True
+        fl.spent = time.perf_counter() - t0
+
+        def finish(acc=None, local=None, borrow=False):
+            src = grad if local is None else local
+            if src_box is None:
+                return acc
+            own = [(tsl, self._piece_grad(src, me, nsl, b.shape, dtype, zeros=False))
+                   for tsl, nsl, b in prog.local]
+            if acc is None:
+                if (borrow and prog.whole_tile and own and own[0][1] is not None
+                        and tuple(own[0][1].shape) == src_box.shape):
+                    acc = own[0][1]
+                    own = []
+                else:
+                    like = next((g for _, g in own if g is not None), None)
+                    acc = self._alloc(src_box.shape, dtype, like=like, zeros=True)
+            xp = self.backend.xp
+            for tsl, g in own:
+                if g is not None:
+                    view = acc[tsl]
+                    xp.add(view, g, out=view)
+            for tsl, part in back:
+                view = _canonical(acc[tsl])
+                xp.add(view, self._to_compute(part), out=view)
+            return acc
+        fl._finish = finish
+        return fl
+
+    def _piece_grad(self, grad, src, slices, shape, dtype, zeros=True):
+        """The gradient of the piece that came from ``src`` (at ``slices``
+        of the region): from the region's gradient array, or the entry of a
+        {rank: gradient} mapping; zeros (or None) when there is none."""
+        if isinstance(grad, dict):
+            g = grad.get(src)
+        elif grad is not None:
+            g = grad[slices]
         else:
-            self._p2p_adjoint(plan, grad, acc, src_box, need, dtype, tag, key, category)
-        return acc
+            g = None
+        if g is None and zeros:
+            g = self._alloc(shape, dtype, zeros=True)
+        return g
 
-    def _p2p_adjoint(self, plan, grad, acc, src_box, need, dtype, tag, key, category):
-        me, t = self.rank, self._tag(tag)
-        # messages flow from destinations back to sources
-        sends = [(s, b) for s, b in plan.receives(me) if s != me] if grad is not None else []
-        recvs = [(d, b) for d, b in plan.sends(me) if d != me]
-        t0 = time.perf_counter()
-        reqs = []
-        sendbufs = [self._send_buf(grad[b.slices(need.lo)]) for _, b in sends]
-        recvbufs = [self._recv_buf(b.shape, dtype)[0] for _, b in recvs]
-        if sends or recvs:
-            self._sync()
-        for (d, b), buf in zip(recvs, recvbufs):
-            reqs.append(self.mpi.Irecv(buf, source=d, tag=t))
-        nbytes = 0
-        for (s, b), buf in zip(sends, sendbufs):
-            reqs.append(self.mpi.Isend(buf, dest=s, tag=t))
-            nbytes += buf.nbytes
-        self._local_adjoint(plan, grad, acc, src_box, need)
-        if reqs:
-            MPI.Request.Waitall(reqs)
-        for (d, b), buf in zip(recvs, recvbufs):
-            acc[b.slices(src_box.lo)] += self._to_compute(buf)
-        if sends or recvs:
-            self.counter.add(category, nbytes, key, "backward", calls=len(sends),
-                             seconds=time.perf_counter() - t0)
-
-    def _local_adjoint(self, plan, grad, acc, src_box, need):
-        me = self.rank
-        if grad is None or acc is None:
-            return
-        for s, b in plan.receives(me):
-            if s == me:
-                acc[b.slices(src_box.lo)] += grad[b.slices(need.lo)]
-
-    # ---- neighbourhood collectives -------------------------------------------
-    def _graph_comm(self, plan):
-        """The distributed-graph communicator of ``plan`` (created
-        collectively on first use: every rank must reach it)."""
-        gc = self._graph_comms.get(plan)
-        if gc is None:
-            me = self.rank
-            sources = [s for s, _ in plan.receives(me) if s != me]
-            dests = [d for d, _ in plan.sends(me) if d != me]
-            gc = self.mpi.Create_dist_graph_adjacent(sources, dests, reorder=False)
-            self._graph_comms[plan] = gc
-        return gc
-
-    def _alltoallv(self, gc, send_parts, recv_shapes, dtype):
-        """One Neighbor_alltoallv: send_parts in destination order, receive
-        into contiguous parts of recv_shapes in source order."""
-        xp = np if self.staging else self.backend.xp
-        scounts = [int(np.prod(p.shape)) for p in send_parts]
-        rcounts = [int(np.prod(s)) for s in recv_shapes]
-        sbuf = (xp.concatenate([p.reshape(-1) for p in send_parts]) if send_parts
-                else xp.empty(0, dtype=dtype))
-        rbuf = xp.empty(sum(rcounts), dtype=dtype)
-        sdis = np.concatenate([[0], np.cumsum(scounts)[:-1]]).astype(int).tolist() if scounts else []
-        rdis = np.concatenate([[0], np.cumsum(rcounts)[:-1]]).astype(int).tolist() if rcounts else []
-        mtype = MPI._typedict[np.dtype(dtype).char]
-        self._sync()
-        gc.Neighbor_alltoallv([sbuf, scounts, sdis, mtype], [rbuf, rcounts, rdis, mtype])
-        parts = [rbuf[o:o + c].reshape(s) for o, c, s in zip(rdis, rcounts, recv_shapes)]
-        return parts, int(sbuf.nbytes)
-
-    def _neighbor_forward(self, plan, tile, src_box, out, need, dtype, tag, key, category):
-        me = self.rank
-        gc = self._graph_comm(plan)
-        sends = [(d, b) for d, b in plan.sends(me) if d != me]
-        recvs = [(s, b) for s, b in plan.receives(me) if s != me]
-        t0 = time.perf_counter()
-        parts = [self._send_buf(tile[b.slices(src_box.lo)]) for _, b in sends]
-        got, nbytes = self._alltoallv(gc, parts, [b.shape for _, b in recvs], dtype)
-        if out is not None:
-            self._local_pieces(plan, tile, src_box, out, need)
-            for (s, b), g in zip(recvs, got):
-                out[b.slices(need.lo)] = self._to_compute(g)
-        if sends or recvs:
-            self.counter.add(category, nbytes, key, "forward", calls=len(sends),
-                             seconds=time.perf_counter() - t0)
-
-    def _neighbor_adjoint(self, plan, grad, acc, src_box, need, dtype, tag, key, category):
-        me = self.rank
-        # the adjoint sends along the reversed edges: to the sources of the
-        # forward, in the order the graph lists them (its sources)
-        sources = [s for s, _ in plan.receives(me) if s != me]
-        dests = [d for d, _ in plan.sends(me) if d != me]
-        t0 = time.perf_counter()
-        back = [self._send_buf(grad[b.slices(need.lo)]) for s, b in plan.receives(me) if s != me]
-        # reversed graph: a second communicator with sources and destinations swapped
-        rgc = self._graph_comms.get((plan, "adjoint"))
-        if rgc is None:
-            rgc = self.mpi.Create_dist_graph_adjacent(dests, sources, reorder=False)
-            self._graph_comms[(plan, "adjoint")] = rgc
-        got, nbytes = self._alltoallv(rgc, back, [b.shape for d, b in plan.sends(me) if d != me],
-                                      dtype)
-        self._local_adjoint(plan, grad, acc, src_box, need)
-        for (d, b), g in zip([(d, b) for d, b in plan.sends(me) if d != me], got):
-            acc[b.slices(src_box.lo)] += self._to_compute(g)
-        if sources or dests:
-            self.counter.add(category, nbytes, key, "backward", calls=len(back),
-                             seconds=time.perf_counter() - t0)
+    # ---- choosing a transport ---------------------------------------------------
+    def measure_transports(self, plan, dtype, pieces=False, reps=3, transports=TRANSPORTS) -> dict:
+        """Seconds of one forward and adjoint of ``plan`` per transport: the
+        median of ``reps`` (after one untimed), the slowest rank's, the same
+        on every rank.  Collective (every rank calls it for the same plans in
+        the same order); counts nothing in ``counter``."""
+        prog = self._program(plan)
+        dtype = np.dtype(dtype)
+        tile = self._alloc(prog.src_box.shape, dtype, zeros=True) if prog.src_box is not None else None
+        need = prog.need
+        grad = self._alloc(need.shape, dtype, zeros=True) if need is not None else None
+        saved, self.counter = self.counter, ByteCounter()
+        mine = []
+        try:
+            for t in transports:
+                times = []
+                for r in range(reps + 1):
+                    t0 = time.perf_counter()
+                    self.exchange(plan, tile, dtype, tag=1, pieces=pieces, transport=t)
+                    self.exchange_adjoint(plan, grad, None, dtype, tag=2, transport=t)
+                    if r:
+                        times.append(time.perf_counter() - t0)
+                mine.append(float(np.median(times)))
+        finally:
+            self.counter = saved
+        worst = np.empty(len(mine))
+        self.mpi.Allreduce(np.asarray(mine, dtype=np.float64), worst, op=MPI.MAX)
+        return dict(zip(transports, (float(v) for v in worst)))
 
     # ---- collectives ----------------------------------------------------------
     def allreduce(self, arr, comm=None, category="allreduce", key=None):
@@ -435,8 +992,13 @@ class Communicator:
         return recv
 
     def free(self):
-        for gc in self._graph_comms.values():
-            gc.Free()
-        self._graph_comms.clear()
+        if self._progress:
+            self._progress.stop()
+        self._progress = None
+        for prog in self._programs.values():
+            for gc in prog.graphs.values():
+                gc.Free()
+            prog.graphs.clear()
+        self._programs.clear()
         if self.mpi not in (MPI.COMM_WORLD, MPI.COMM_SELF):
             self.mpi.Free()

@@ -53,7 +53,9 @@ def setup_node(comm=None, backend=None, verbose: bool = True, blas: bool = True)
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     local_rank, local_size = node.Get_rank(), node.Get_size()
     node.Free()
-    cores = os.cpu_count() or 1
+    # the CPUs this process may run on (a cpuset, taskset or container may
+    # give it fewer than the machine has); its node's ranks share them
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // local_size)
     # Under Slurm a task owns the cores it was given (--cpus-per-task), not
     # a share of the whole node, which other jobs (or, with several slurmd

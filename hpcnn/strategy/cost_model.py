@@ -23,8 +23,17 @@ t_x  an edge's exchange, forward and (unless the producer is the input) its
      per message of the rank that handles most messages.  Elements and
      messages are ``hpcnn.parallel.exchange_counts``: the same per-axis
      overlaps ``ExchangePlan`` is built from, equal to the runtime's
-     counters.  With calibrated runtime figures (one node): their latency
-     per exchange and bandwidth, plus assembling the consumer's region.
+     counters.  With calibrated runtime figures: their latency per
+     exchange and bandwidth (inside a node), plus assembling the
+     consumer's region (not for a convolution that convolves its region
+     part by part, ``Op.convolves_pieces``: any but a window larger than
+     1x1 over split input channels); across nodes, the busiest port at the
+     inter-node rate if that is slower, and the link's latency per message.
+     Overlap (``CostModel.overlap``, on with runtime figures): the bytes of
+     such an edge travel while the convolution computes its own part, so
+     per direction t_x = fixed + max(0, transfer - hidden), hidden = the
+     share of its region the rank holds itself times the tile's forward
+     (or backward) time.
 mem  bytes one rank holds for the layer: parameter, gradient and momentum
      shards, buffers, the output tile kept for backward, and the assembled
      input region of every input that arrives over an exchange.
@@ -34,8 +43,9 @@ stretches of compute, the executor's overheads -- is ``plan_pricing``.
 
 Stated assumptions (the paper's, plus ours): layer times are stable and do
 not depend on the data; the sum ignores overlap of communication with
-compute and between branches; moving s bytes costs s / bandwidth plus a
-latency per message.
+compute (except a convolution's own exchanges behind its own compute, with
+runtime figures) and between branches; moving s bytes costs s / bandwidth
+plus a latency per message.
 """
 from __future__ import annotations
 
@@ -55,7 +65,7 @@ from hpcnn.parallel.exchange_counts import ExchangeTables, exchange_tables, rank
 from hpcnn.parallel.layout import DIM_NAMES, Layout
 from hpcnn.strategy.config_space import ConfigSpace, SpaceOptions
 from hpcnn.strategy.machine import Machine, allreduce_time, parameter_server_time
-from hpcnn.strategy.tile_geometry import NodeGeometry, NotSeparable, tile_key
+from hpcnn.strategy.tile_geometry import NodeGeometry, NotSeparable, inputs_from_input, tile_key
 
 ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2}
 
@@ -67,6 +77,58 @@ PARALLEL_WORK = 2e8
 #: backward flops relative to forward (conv and fully connected layers compute
 #: the input gradient and the weight gradient, each as costly as the forward)
 BACKWARD_FLOPS = {"conv2d": 2.0, "conv3d": 2.0, "linear": 2.0}
+
+
+#: per table of measured tiles (its id), the tiles by everything but their
+#: sample count (``sample_index``); a few tables at a time
+_SAMPLE_INDEX: dict = {}
+
+
+def _blank_samples(key: str):
+    """(the key with every tile's sample count blanked, the sample count),
+    or None when the tiles do not all lead with the same sample count."""
+    kind, attrs, ins, out, dtype, *rest = json.loads(key)
+    if not out or any(not s or s[0] != out[0] for s in ins):
+        return None
+    blank = [kind, attrs, [[None] + list(s[1:]) for s in ins], [None] + list(out[1:]), dtype, *rest]
+    return json.dumps(blank, sort_keys=True, separators=(",", ":")), int(out[0])
+
+
+def sample_index(ops: dict) -> dict:
+    """{key with the sample counts blanked: [(samples, seconds)]} of a table
+    of measured tiles ({tile_key: seconds}); cached per table."""
+    hit = _SAMPLE_INDEX.get(id(ops))
+    if hit is not None and hit[0] is ops and hit[1] == len(ops):
+        return hit[2]
+    index: dict = {}
+    for key, t in ops.items():
+        b = _blank_samples(key)
+        if b is not None and b[1] > 0:
+            index.setdefault(b[0], []).append((b[1], float(t)))
+    if len(_SAMPLE_INDEX) >= 16:
+        _SAMPLE_INDEX.clear()
+    _SAMPLE_INDEX[id(ops)] = (ops, len(ops), index)
+    return index
+
+
+def scaled_tile(ops: dict, key: str, overhead: float) -> float | None:
+    """Seconds of the tile ``key`` from a measured tile of the same op and
+    shape but another sample count n0 (the nearest; a larger one on a
+    tie): its time beyond the op's fixed cost ``overhead`` scales with the
+    samples, t = o + (t0 - o) n / n0 (the work of every op here is linear in
+    its samples).  None when no such tile was measured."""
+    if not ops:
+        return None
+    b = _blank_samples(key)
+    if b is None:
+        return None
+    near = sample_index(ops).get(b[0])
+    if not near:
+        return None
+    n = b[1]
+    n0, t0 = min(near, key=lambda e: (abs(math.log(e[0] / n)), -e[0]))
+    o = min(overhead, t0)
+    return o + (t0 - o) * n / n0
 
 
 class CostModelError(ValueError):
@@ -109,7 +171,7 @@ class CostModel:
 
     def __init__(self, graph, ranks: int, machine: Machine, dtype="float32",
                  opts: SpaceOptions | None = None, space: ConfigSpace | None = None,
-                 bucket_bytes: float = 4 << 20):
+                 bucket_bytes: float = 4 << 20, overlap: bool | None = None):
         self.graph = graph
         self.ranks = int(ranks)
         self.machine = machine
@@ -126,6 +188,11 @@ class CostModel:
         self.rt = machine.runtime_at(self.ranks)
         self._rt_ops = self.rt.ops if self.rt is not None else {}
         self.bucket_bytes = float(bucket_bytes)
+        #: price the runtime's overlap of a convolution's exchanges with its
+        #: own part's compute; default: with runtime figures (a machine
+        #: calibrated for hpcnn's runtime), not on a described machine, whose
+        #: model stays the paper's (which ignores overlap)
+        self.overlap = (self.rt is not None) if overlap is None else bool(overlap)
         self.live = graph.reaches_loss()
         self.stats = {"edge_tables": 0, "edge_cache_hits": 0, "table_seconds": 0.0,
                       "node_seconds": 0.0}
@@ -139,14 +206,29 @@ class CostModel:
     # ---- collectives ---------------------------------------------------------
     def allreduce_parts(self, nbytes: float, group: int, link, share: float = 1.0):
         """(latency, bandwidth) seconds of one allreduce of ``nbytes`` over
-        ``group`` ranks: the runtime figures calibrated for this job size
-        when the machine has them, else the link model."""
+        ``group`` ranks whose busiest link is ``link``: the runtime figures
+        calibrated for this job size when the machine has them, else the
+        link model.  Across nodes (``link`` is the inter-node one), the bytes
+        go at the measured collective's bus bandwidth
+        (``Machine.allreduce_across``; else the link's), and the latency is
+        the runtime's when its figures were measured across nodes, else the
+        collective's."""
         if group <= 1 or nbytes <= 0:
             return 0.0, 0.0
-        rt = self.rt
+        m, rt = self.machine, self.rt
+        wire = 2.0 * (group - 1) / group * nbytes
+        if link is m.inter and link is not m.intra:
+            coll = m.allreduce_across(group, share)
+            if coll is None:
+                lat, bw = 2 * math.ceil(math.log2(group)) * link.latency, link.bandwidth / share
+            else:
+                lat, bw = coll
+            if rt is not None and rt.allreduce_latency and rt.nodes > 1:
+                lat = rt.allreduce_alpha(group)
+            return lat, wire / bw
         if rt is not None and rt.allreduce_latency:
             bw = rt.allreduce_bandwidth or link.bandwidth
-            return rt.allreduce_alpha(group), 2.0 * (group - 1) / group * nbytes * share / bw
+            return rt.allreduce_alpha(group), wire * share / bw
         full = allreduce_time(nbytes, group, link, share)
         lat = 2 * math.ceil(math.log2(group)) * link.latency
         return lat, full - lat
@@ -237,7 +319,7 @@ class CostModel:
                 # plan, after every stretch of compute that ends in a synchronisation
                 skew = np.minimum(self.rt.skew * t_c, self.rt.skew_cap_s)
                 t_c = t_c + skew
-            mem_eff = m.memory_bandwidth * float(m.device.get("memory_efficiency", 1.0))
+            mem_eff = m.memory_bandwidth * m.memory_efficiency()
             t_c = t_c + 5.0 * shard * isz / mem_eff            # the optimiser's update
         t_s = np.zeros(C)
         for row in range(C):
@@ -272,22 +354,30 @@ class CostModel:
         flops = ff[inv.reshape(-1)] * (1.0 + BACKWARD_FLOPS.get(node.kind, 1.0))
         nbytes = 3.0 * (in_el + out_el + shard) * isz
         t_f = flops / (m.peak_flops * m.efficiency(node.kind))
-        t_m = nbytes / (m.memory_bandwidth * float(m.device.get("memory_efficiency", 1.0)))
-        t_c = np.maximum(t_f, t_m) + float(m.device.get("op_overhead_s", 0.0))
+        t_m = nbytes / (m.memory_bandwidth * m.memory_efficiency(node.kind))
+        t_c = np.maximum(t_f, t_m) + m.op_overhead(node.kind)
         # slow-down of a tile timed alone when every rank of the job computes
         factor = self.rt.compute_factor if self.rt is not None else m.oversubscription(self.ranks)
         t_c = t_c * factor
         measured = np.zeros(len(t_c), dtype=bool)
         if self._measured or self._rt_ops:
+            o = m.op_overhead(node.kind)
             for u, row in enumerate(uniq):
-                tk = tile_key(node, *geom.split_shapes(row), self.dtype)
+                tk = tile_key(node, *geom.split_shapes(row), self.dtype, inputs_from_input(self.graph, node))
                 hit = inv.reshape(-1) == u
                 if tk in self._rt_ops:           # timed with every rank computing
                     t_c[hit] = float(self._rt_ops[tk])
-                    measured[hit] = True
                 elif tk in self._measured:       # timed alone
                     t_c[hit] = float(self._measured[tk]) * factor
-                    measured[hit] = True
+                else:                            # the same tile at another sample count
+                    got = scaled_tile(self._rt_ops, tk, o)
+                    if got is None:
+                        got = scaled_tile(self._measured, tk, o)
+                        got = None if got is None else got * factor
+                    if got is None:
+                        continue
+                    t_c[hit] = got
+                measured[hit] = True
         if self.rt is not None:
             t_c = t_c * (1.0 + self.rt.tile_inflation)
         return t_c, measured
@@ -334,18 +424,33 @@ class CostModel:
         runtime figures, the calibrated latency per exchange and bandwidth,
         plus assembling the consumer's input region (``region``: its bytes
         per consumer configuration) from the pieces."""
+        lat, bw = self.exchange_parts(tab, region)
+        return directions * (lat + bw)
+
+    def exchange_parts(self, tab: ExchangeTables, region=None):
+        """(fixed, transfer) seconds of one direction of an edge's exchange
+        per pair of the tables: the latency terms (and the region's
+        assembly), which cost the ranks' own time, and the bytes over the
+        link, which may travel while a rank computes."""
         m = self.machine
         b = tab.max_rank * self.itemsize
-        rt = self.rt
-        if rt is not None and rt.exchange is not None and m.nodes_for(self.ranks) <= 1:
-            t = rt.exchange.latency + b / rt.exchange.bandwidth
-            if region is not None and rt.copy_bandwidth:
-                t = t + np.asarray(region, dtype=np.float64)[None, :] / rt.copy_bandwidth
-            return directions * np.where(tab.max_rank > 0, t, 0.0)
         x = tab.node_inter * self.itemsize
+        rt = self.rt
+        moves = tab.max_rank > 0
+        if rt is not None and rt.exchange is not None:
+            fixed = np.full(b.shape, float(rt.exchange.latency))
+            transfer = b / rt.exchange.bandwidth
+            if m.nodes_for(self.ranks) > 1:
+                # across nodes: the busiest node port at the link's rate,
+                # and a link latency per message
+                transfer = np.maximum(transfer, x / m.inter.bandwidth)
+                fixed = fixed + np.where(x > 0, tab.messages * m.inter.latency, 0.0)
+            if region is not None and rt.copy_bandwidth:
+                fixed = fixed + np.asarray(region, dtype=np.float64)[None, :] / rt.copy_bandwidth
+            return np.where(moves, fixed, 0.0), np.where(moves, transfer, 0.0)
         lat = np.where(x > 0, m.inter.latency, m.intra.latency)
-        t = np.maximum(b / m.intra.bandwidth, x / m.inter.bandwidth) + tab.messages * lat
-        return directions * np.where(tab.max_rank > 0, t, 0.0)
+        return (np.where(moves, tab.messages * lat, 0.0),
+                np.where(moves, np.maximum(b / m.intra.bandwidth, x / m.inter.bandwidth), 0.0))
 
     def region_bytes(self, dst: str, i: int, B: np.ndarray) -> np.ndarray:
         """Bytes of input ``i``'s region that the representative tile of
@@ -354,13 +459,63 @@ class CostModel:
 
     def edge_cost(self, src, dst, i, A, B) -> EdgeCost:
         tab = self.edge_tables(dst, i, A, B)
-        return EdgeCost(self.edge_seconds(tab, src, dst, i, B), tab)
+        return EdgeCost(self.edge_seconds(tab, src, dst, i, B, A), tab)
 
-    def edge_seconds(self, tab: ExchangeTables, src: str, dst: str, i: int, B) -> np.ndarray:
+    def by_pieces(self, src: str, dst: str, A) -> np.ndarray:
+        """Per source configuration (rows of ``A``; a column), whether the
+        consumer convolves its region part by part (``Op.convolves_pieces``:
+        it assembles nothing and may overlap), given whether the source
+        splits the channels."""
+        op = self.graph[dst].op
+        if not op.takes_pieces:
+            return np.zeros((1, 1), dtype=bool)
+        if A is None:
+            return np.ones((1, 1), dtype=bool)
+        A = np.asarray(A, dtype=np.int64)
+        dims = DIM_NAMES[A.shape[1]]
+        split = A[:, dims.index("c")] > 1 if "c" in dims else np.zeros(len(A), dtype=bool)
+        return np.array([op.convolves_pieces(bool(c)) for c in split], dtype=bool)[:, None]
+
+    def edge_seconds(self, tab: ExchangeTables, src: str, dst: str, i: int, B, A=None) -> np.ndarray:
+        """t_x of an edge per pair of configurations (``A``: the source's,
+        when known).  A consumer that convolves its region as pieces
+        (``by_pieces``) assembles nothing; with ``overlap`` the transfer of
+        each direction is hidden behind its compute on its own part
+        (``hidden_compute``), so only the latency terms and what the compute
+        does not cover count: per direction, fixed + max(0, transfer -
+        hidden).  Otherwise both directions in full, plus assembling the
+        region (with runtime figures)."""
+        pieces = self.by_pieces(src, dst, A)
         region = None
-        if self.rt is not None and self.rt.copy_bandwidth:
+        if self.rt is not None and self.rt.copy_bandwidth and not pieces.all():
             region = self.region_bytes(dst, i, B)
-        return self.exchange_seconds(tab, self.directions(src, dst), region)
+        dirs = self.directions(src, dst)
+        full = self.exchange_seconds(tab, dirs, region)
+        if not pieces.any():
+            return full
+        fixed, transfer = self.exchange_parts(tab)
+        if self.overlap:
+            fwd, bwd = self.hidden_compute(tab, dst, i, B)
+            t = fixed + np.maximum(0.0, transfer - fwd)
+            if dirs == 2:
+                t = t + fixed + np.maximum(0.0, transfer - bwd)
+        else:
+            t = dirs * (fixed + transfer)
+        return np.where(pieces, t, full)
+
+    def hidden_compute(self, tab: ExchangeTables, dst: str, i: int, B):
+        """(forward, backward) seconds of the consumer's compute that runs
+        while its input's pieces travel, per pair of the tables: the share
+        of its region this rank holds itself (1 - elements received on the
+        busiest rank / region elements) times the tile's forward and
+        backward time (the tile's time split as its flops: 1 : BACKWARD_FLOPS)."""
+        node = self.graph[dst]
+        B = np.asarray(B, dtype=np.int64)
+        tile = self.node_cost(dst, B, with_inputs=False).tile
+        region = np.maximum(self.geometry(dst).region_elements(i, B).astype(np.float64), 1.0)
+        own = np.clip(1.0 - tab.max_rank / region[None, :], 0.0, 1.0)
+        back = BACKWARD_FLOPS.get(node.kind, 1.0)
+        return own * (tile / (1.0 + back))[None, :], own * (tile * back / (1.0 + back))[None, :]
 
     # ---- the search problem -------------------------------------------------
     def build_tables(self, workers: int | None = None) -> int:

@@ -45,7 +45,12 @@ MACHINE_SCHEMA_VERSION = 1
 #: figure means (what a latency or bandwidth covers, which runtime figures it
 #: reads and how), so that jobs searching with an older file say that it
 #: needs re-calibrating.
-COST_MODEL_VERSION = 2
+#: Version 3: op tiles are timed in the memory layout the runtime feeds them
+#: (channels-last), the roofline has a fixed cost and a rate per op kind,
+#: the per-byte figures of exchanges and allreduces are measured directly
+#: instead of fitted, and allreduces across nodes are priced by the measured
+#: collectives.
+COST_MODEL_VERSION = 3
 MACHINES_DIR = Path(__file__).resolve().parents[1] / "machines"
 
 
@@ -53,6 +58,13 @@ MACHINES_DIR = Path(__file__).resolve().parents[1] / "machines"
 #: file has no figure for (the same kind of kernel on one more axis)
 KIND_FALLBACK = {"conv3d": "conv2d", "maxpool3d": "maxpool2d", "avgpool3d": "avgpool2d",
                  "mse": "softmax_xent", "tanh": "sigmoid"}
+
+
+def _kind_in(table: dict, kind):
+    """``kind``, or its 2-D counterpart when only that has a figure in ``table``."""
+    if kind not in table and KIND_FALLBACK.get(kind) in table:
+        return KIND_FALLBACK[kind]
+    return kind
 
 
 class MachineError(ValueError):
@@ -99,6 +111,12 @@ class RuntimeFigures:
                      the same after a stretch that ends in an exchange that
                      moves data (None: as after a reduction); measured apart
                      because the two waits differ when ranks outnumber cores
+    nodes            the nodes the figures were measured on (1: one node,
+                     ``ranks`` ranks on it; more: a job of ``ranks`` ranks
+                     across that many nodes, ``hpcnn calibrate --cluster``).
+                     The per-byte figures of exchanges and allreduces are
+                     those inside a node either way; bytes across nodes are
+                     priced by the inter-node link and collectives.
     """
     ranks: int
     ops: dict = field(default_factory=dict)
@@ -115,6 +133,7 @@ class RuntimeFigures:
     exchange_skew: float | None = None
     exchange_skew_cap_s: float = math.inf
     blas_threads: int | None = None
+    nodes: int = 1
 
     def wait_after(self, stretch: float, exchange: bool) -> float:
         """Seconds the ranks wait for the slowest after ``stretch`` seconds
@@ -151,6 +170,8 @@ class RuntimeFigures:
                 d["exchange_skew_cap_s"] = self.exchange_skew_cap_s
         if self.blas_threads is not None:
             d["blas_threads"] = self.blas_threads
+        if self.nodes != 1:
+            d["nodes"] = self.nodes
         if self.exchange is not None:
             d["exchange"] = {"latency": self.exchange.latency, "bandwidth": self.exchange.bandwidth}
         if self.copy_bandwidth is not None:
@@ -179,7 +200,7 @@ class RuntimeFigures:
                      skew_cap_s=float(d.get("skew_cap_s", math.inf)),
                      exchange_skew=float(d["exchange_skew"]) if d.get("exchange_skew") is not None else None,
                      exchange_skew_cap_s=float(d.get("exchange_skew_cap_s", math.inf)),
-                     blas_threads=d.get("blas_threads"))
+                     blas_threads=d.get("blas_threads"), nodes=int(d.get("nodes", 1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise MachineError(f"{where}: malformed ({exc!r}); re-run hpcnn calibrate") from None
         if rf.exchange is not None and not (rf.exchange.bandwidth > 0 and rf.exchange.latency >= 0):
@@ -207,6 +228,11 @@ class Machine:
     path: str | None = None
     hosts: list = field(default_factory=list)          # nodes the links were calibrated on ([]: not recorded)
     cost_model_version: int = COST_MODEL_VERSION
+    #: the collectives ``hpcnn calibrate`` measured ({name: {"group",
+    #: "latency", "bandwidth", "bus_bandwidth"}}, names as
+    #: ``collectives.allreduce.inter_node``); the cost model prices
+    #: allreduces across nodes with them
+    collectives: dict = field(default_factory=dict)
 
     # ---- compute ---------------------------------------------------------
     @property
@@ -222,21 +248,33 @@ class Machine:
         return float(self.device.get("memory_bytes", math.inf))
 
     def efficiency(self, kind: str) -> float:
-        """The fraction of peak FLOPs an op kind reaches: its own figure,
-        else that of its 2-D counterpart (a machine calibrated before the
-        3-D ops existed prices conv3d as conv2d), else the device's."""
+        """Share of the peak flop rate an op of ``kind`` reaches on large
+        tiles (``device.kind_efficiency``, else ``compute_efficiency``).  A
+        kind without a figure of its own takes its 2-D counterpart's
+        (``KIND_FALLBACK``: a machine calibrated before the 3-D ops existed
+        prices conv3d as conv2d); the same for the two figures below."""
         per = self.device.get("kind_efficiency", {})
-        if kind not in per and KIND_FALLBACK.get(kind) in per:
-            kind = KIND_FALLBACK[kind]
-        return float(per.get(kind, self.device.get("compute_efficiency", 1.0)))
+        return float(per.get(_kind_in(per, kind), self.device.get("compute_efficiency", 1.0)))
+
+    def memory_efficiency(self, kind: str | None = None) -> float:
+        """Share of the memory bandwidth an op of ``kind`` reaches
+        (``device.kind_memory_efficiency``, else ``memory_efficiency``)."""
+        per = self.device.get("kind_memory_efficiency", {}) if kind is not None else {}
+        return float(per.get(_kind_in(per, kind), self.device.get("memory_efficiency", 1.0)))
+
+    def op_overhead(self, kind: str | None = None) -> float:
+        """Fixed seconds of one call of an op of ``kind``, forward and
+        backward (``device.kind_overhead_s``, else ``op_overhead_s``)."""
+        per = self.device.get("kind_overhead_s", {}) if kind is not None else {}
+        return float(per.get(_kind_in(per, kind), self.device.get("op_overhead_s", 0.0)))
 
     def roofline(self, kind: str, flops: float, nbytes: float, ops: int = 1) -> float:
         """Seconds to do ``flops`` floating-point operations touching
         ``nbytes`` bytes of memory (the slower of the two) plus the fixed
-        overhead of ``ops`` op invocations."""
+        cost of ``ops`` calls of an op of ``kind``."""
         t_f = flops / (self.peak_flops * self.efficiency(kind))
-        t_m = nbytes / (self.memory_bandwidth * float(self.device.get("memory_efficiency", 1.0)))
-        return max(t_f, t_m) + ops * float(self.device.get("op_overhead_s", 0.0))
+        t_m = nbytes / (self.memory_bandwidth * self.memory_efficiency(kind))
+        return max(t_f, t_m) + ops * self.op_overhead(kind)
 
     def oversubscription(self, ranks: int) -> float:
         """Slow-down of compute when more ranks share a node than it has
@@ -270,10 +308,34 @@ class Machine:
 
     def runtime_at(self, ranks: int) -> RuntimeFigures | None:
         """The runtime figures for a job of ``ranks`` ranks: those calibrated
-        with as many ranks on the node (min(ranks, ranks_per_node)), else
-        None (the cost model then uses the links and the roofline)."""
+        with that many ranks (on one node, or across nodes on a file
+        calibrated across them), else those with as many ranks on the node
+        (min(ranks, ranks_per_node)), else None (the cost model then uses
+        the links and the roofline)."""
+        if int(ranks) in self.runtime:
+            return self.runtime[int(ranks)]
         on_node = min(int(ranks), self.ranks_per_node)
         return self.runtime.get(on_node)
+
+    def allreduce_across(self, group: int, share: float = 1.0):
+        """(latency s, bus bandwidth B/s) of an allreduce over ``group``
+        ranks that spans nodes, from the measured collectives: over all
+        ranks when ``group`` is their number (``allreduce.all_ranks``, or
+        ``allreduce.inter_node`` with one rank per node), else the
+        inter-node one with its bandwidth shared by ``share`` groups at once
+        and its latency scaled by the steps, ceil(log2 group).  None when
+        the file has no such measurement (the link model prices it then)."""
+        c = self.collectives
+        for name in ("allreduce.all_ranks", "allreduce.inter_node"):
+            f = c.get(name)
+            if f and int(f.get("group", 0)) == int(group) and f.get("bus_bandwidth"):
+                return float(f["latency"]), float(f["bus_bandwidth"])
+        f = c.get("allreduce.inter_node")
+        if not f or not f.get("bus_bandwidth"):
+            return None
+        g0 = max(2, int(f.get("group", 2)))
+        steps = math.ceil(math.log2(max(2, group))) / math.ceil(math.log2(g0))
+        return float(f["latency"]) * steps, float(f["bus_bandwidth"]) / max(1.0, float(share))
 
     # ---- placement -----------------------------------------------------------
     def node_of(self, rank: int) -> int:
@@ -298,6 +360,8 @@ class Machine:
             d["gradient_sync"] = self.gradient_sync
         if self.measured:
             d["measured"] = self.measured
+        if self.collectives:
+            d["collectives"] = self.collectives
         if self.measured_plans:
             d["measured_plans"] = self.measured_plans
         if self.runtime:
@@ -338,6 +402,9 @@ class Machine:
             hosts = d.get("hosts", [])
             if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
                 raise MachineError(f"{where}: hosts must be a list of node names, got {hosts!r}")
+            coll = d.get("collectives", {})
+            if not isinstance(coll, dict) or not all(isinstance(v, dict) for v in coll.values()):
+                raise MachineError(f"{where}: collectives must map names to figures, got {coll!r}")
             runtime = {}
             for k, v in (d.get("runtime") or {}).items():
                 rf = RuntimeFigures.from_dict(v, f"{where}: runtime.{k}")
@@ -350,7 +417,8 @@ class Machine:
                        description=d.get("description", ""),
                        figures=list(d.get("figures", [])), measured=dict(d.get("measured", {})),
                        runtime=runtime, measured_plans=list(d.get("measured_plans", [])),
-                       path=str(path) if path else None, hosts=list(hosts), cost_model_version=version)
+                       path=str(path) if path else None, hosts=list(hosts), cost_model_version=version,
+                       collectives=dict(coll))
         except KeyError as exc:
             raise MachineError(f"{where}: missing the key {exc.args[0]!r}") from None
 

@@ -170,7 +170,9 @@ def overheads(model: CostModel) -> float:
     layers = sum(1 for n in model.graph if n.kind != "input")
     t = rt.node_overhead_s * layers + rt.step_overhead_s
     if model.ranks > 1:
-        t += sum(model.allreduce_parts(8, model.ranks, model.machine.intra))
+        m = model.machine
+        link = m.inter if m.nodes_for(model.ranks) > 1 else m.intra
+        t += sum(model.allreduce_parts(8, model.ranks, link))
     return float(t)
 
 
@@ -182,7 +184,7 @@ def _edge(model: CostModel, layouts, where, n, i, src, d) -> EdgeCost:
     Ls, Ld = layouts[src], layouts[n.name]
     if not (_default_ranks(Ls) and _default_ranks(Ld)):
         tab = model.layout_tables(Ls, Ld, n.name, i)
-        return EdgeCost(model.edge_seconds(tab, src, n.name, i, d), tab)
+        return EdgeCost(model.edge_seconds(tab, src, n.name, i, d, np.array([Ls.degrees])), tab)
     (gs, cs), (gi, ci) = where[src], where[n.name]
     if cs is not None and ci is not None and gs != gi:
         ec = model.edge_cost(src, n.name, i, sp.configs[gs], sp.configs[gi])

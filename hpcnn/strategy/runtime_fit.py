@@ -7,12 +7,17 @@ follow from their steps.
 
 The networks (``synthetic_networks``) are not the networks one predicts:
 chains of tiny ReLUs; 3x3 convolutions with and without batch normalisation,
-of three sizes, data parallel, split over height and split over channels; a
+of sizes from a fraction of a millisecond per layer to tens, data parallel,
+split over height and split over channels; a
 chain that redistributes between sample and channel splits; a wide fully
 connected layer.  Their median step times are regressed (least squares,
 non-negative, weighted by 1 / sqrt(step)) on the cost model's own terms, with
 the op tiles measured with every rank computing (the cost model is linear in
-the fitted figures, so its columns are its own finite differences):
+the fitted figures, so its columns are its own finite differences).  The
+per-byte figures of exchanges and allreduces are not fitted when they were
+measured directly (``runtime_sampler.measure_transfer``: samples'
+"transfer"): the steps of small networks cannot identify them, and a fit
+alone set them to zero, which priced every byte free:
 
     step - compute = a * layers + b + alpha_x * exchanges + bytes_x / beta_x
                      + alpha_ar * collectives + bytes_ar / beta_ar
@@ -112,8 +117,15 @@ def synthetic_networks(P: int) -> list[SyntheticNetwork]:
         g = relu_chain(L)
         out.append(SyntheticNetwork(g.name, g, uniform_plan(g, P, {"n": P})))
     spatial = dict(fallback=lambda n: {"n": P} if len(n.shape) < 4 else None)
+    # sizes from a fraction of a millisecond per layer to tens (64 channels
+    # at 32x32, 8 samples per rank: about as long as a ResNet-18 layer at
+    # 64 pixels), and, without batch norm, eight such layers in one stretch
+    # (a data-parallel VGG's forward is one stretch of its 13 convolutions),
+    # so that the waits after stretches of compute are measured at the
+    # stretches of real networks, not extrapolated to them
     for L, bn, C, S, B in ((4, False, 8, 16, 4), (4, True, 8, 16, 4), (12, True, 8, 16, 4),
-                           (4, True, 16, 32, 4), (2, True, 32, 32, 4), (2, True, 16, 32, 16)):
+                           (4, True, 16, 32, 4), (2, True, 32, 32, 4), (2, True, 16, 32, 16),
+                           (2, True, 64, 32, 8), (8, False, 64, 32, 8)):
         g = conv_chain(L, bn, C, S, B)
         out.append(SyntheticNetwork(g.name + "/n", g, uniform_plan(g, P, {"n": P})))
     if P > 1:
@@ -121,9 +133,10 @@ def synthetic_networks(P: int) -> list[SyntheticNetwork]:
             g = conv_chain(L, False, C, S)
             out.append(SyntheticNetwork(g.name + "/h", g, uniform_plan(g, P, {"h": P}, **spatial)))
         # channels split everywhere: long layers, a redistribution after each
-        g = conv_chain(3, True, 16, 32)
-        out.append(SyntheticNetwork(g.name + "/c", g, uniform_plan(
-            g, P, {"c": P}, fallback=lambda n: {"n": P} if n.kind in ("input", "softmax_xent") else None)))
+        for L, C, S, B in ((3, 16, 32, 4), (2, 64, 32, 8)):
+            g = conv_chain(L, True, C, S, B)
+            out.append(SyntheticNetwork(g.name + "/c", g, uniform_plan(
+                g, P, {"c": P}, fallback=lambda n: {"n": P} if n.kind in ("input", "softmax_xent") else None)))
         g = redistribution_chain(6)
         configs = {}
         for i, n in enumerate(g):
@@ -155,11 +168,21 @@ def fit_samples(machine, samples: dict, dtype="float32", solo_ops: dict | None =
             base.compute_factor = float(np.median(ratios))
     cases = synthetic_networks(P)
     measured = np.array([float(np.median(samples["networks"][c.name])) for c in cases])
+    # per-byte figures measured directly (``measure_transfer``) are given,
+    # not fitted: the steps cannot tell them from the latencies and waits
+    fixed = {PARAMS.index(k): float(np.median(v)) for k, v in (samples.get("transfer") or {}).items()
+             if k in PARAMS and v}
+    if P > 1 and not fixed and samples.get("ranks_per_node") == 1:
+        # one rank per node: nothing is exchanged or reduced inside a node;
+        # those figures are the intra-node link's, and never decide a price
+        fixed = {PARAMS.index(k): 1.0 / machine.intra.bandwidth
+                 for k in ("exchange_s_per_byte", "allreduce_s_per_byte")}
+    base.nodes = int(samples.get("nodes", 1))
     t0 = time.perf_counter()
     # weights between absolute and relative errors: the tiny networks
     # (ReLU chains) are the noisiest in relative terms
     w = 1.0 / np.sqrt(np.maximum(measured, 1e-6))
-    feats = [_features(machine, base, c.graph, c.plan, dtype, SATURATIONS) for c in cases]
+    feats = [_features(machine, base, c.graph, c.plan, dtype, SATURATIONS, fixed) for c in cases]
     consts = np.array([c0 for c0, _ in feats])
     best = None
     for sat in SATURATIONS:
@@ -167,8 +190,10 @@ def fit_samples(machine, samples: dict, dtype="float32", solo_ops: dict | None =
             A = np.array([f[(sat, sat_x)] for _, f in feats])
             if P == 1:
                 A[:, -2:] = 0.0         # one rank: no synchronisation to wait at
-            y = measured - consts
+            y = measured - consts       # the fixed figures are in the constants
             theta = _nnls(A * w[:, None], y * w)
+            for j, v in fixed.items():
+                theta[j] = v
             resid = float(np.sum(((A @ theta - y) * w) ** 2))
             if best is None or resid < best[0] - 1e-12:
                 best = (resid, (sat, sat_x), theta, A)
@@ -177,6 +202,7 @@ def fit_samples(machine, samples: dict, dtype="float32", solo_ops: dict | None =
     fitted = consts + A @ theta
     details = {"params": dict(zip(PARAMS, theta.tolist()), skew_saturation_s=sat,
                               exchange_skew_saturation_s=sat_x),
+               "measured_directly": sorted(PARAMS[j] for j in fixed),
                "fit_seconds": time.perf_counter() - t0,
                "networks": [{"name": c.name, "measured_s": float(m), "fitted_s": float(f), "compute_s": float(c0)}
                             for c, m, f, c0 in zip(cases, measured, fitted, consts)]}
@@ -203,13 +229,19 @@ def _figures(base, theta, saturation=math.inf, exchange_saturation=math.inf) -> 
     return rf
 
 
-def _features(machine, base, g, plan, dtype, saturations):
+def _features(machine, base, g, plan, dtype, saturations, fixed=None):
     """(cost without the fitted figures, {(saturation, exchange saturation):
     d cost / d figure}) of one network: for given saturations of the two
-    skews the cost model is linear in the fitted figures."""
+    skews the cost model is linear in the fitted figures.  ``fixed``
+    ({index in PARAMS: value}): figures given, in the cost and not fitted
+    (their columns are zero)."""
     P = base.ranks
+    fixed = fixed or {}
 
     def total(theta, sat=math.inf, sat_x=math.inf):
+        theta = np.array(theta, dtype=float)
+        for j, v in fixed.items():
+            theta[j] = v
         m = copy.copy(machine)
         m.runtime = dict(machine.runtime)
         m.runtime[P] = _figures(base, theta, sat, sat_x)
@@ -219,6 +251,9 @@ def _features(machine, base, g, plan, dtype, saturations):
     c0 = total(zero)
     cols = []
     for j in range(len(PARAMS) - 2):
+        if j in fixed:
+            cols.append(0.0)
+            continue
         e = zero.copy()
         e[j] = 1.0
         cols.append(total(e) - c0)

@@ -16,13 +16,24 @@ import numpy as np
 from hpcnn.parallel.input_geometry import InputGeometry, NotSeparable
 from hpcnn.parallel.layout import split_bounds
 
-__all__ = ["NodeGeometry", "tile_key", "NotSeparable"]
+__all__ = ["NodeGeometry", "tile_key", "inputs_from_input", "NotSeparable"]
 
 
-def tile_key(node, in_tiles, out_tile, dtype: str) -> str:
-    """Key of an op at one tile shape in a machine's measured table."""
-    return json.dumps([node.kind, node.op.attrs(), [list(s) for s in in_tiles], list(out_tile), dtype],
-                      sort_keys=True, separators=(",", ":"))
+def tile_key(node, in_tiles, out_tile, dtype: str, from_input=()) -> str:
+    """Key of an op at one tile shape in a machine's measured table.
+    ``from_input``: per input, whether it is the network's input, whose
+    gradient the runtime does not compute (and which arrives in C order),
+    so that such a tile (a first convolution without its dX) has a key of
+    its own, apart from the same op and shape deeper in a network."""
+    key = [node.kind, node.op.attrs(), [list(s) for s in in_tiles], list(out_tile), dtype]
+    if any(from_input):
+        key.append({"from_input": [bool(f) for f in from_input]})
+    return json.dumps(key, sort_keys=True, separators=(",", ":"))
+
+
+def inputs_from_input(graph, node) -> tuple:
+    """Per input of ``node``: whether it is ``graph``'s input."""
+    return tuple(graph[src].kind == "input" for src in node.inputs)
 
 
 class NodeGeometry:

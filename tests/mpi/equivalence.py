@@ -85,10 +85,12 @@ def rel_err(a, b) -> float:
     return d / nb if nb > 0 else d
 
 
-def check_plan(model, build_plan, opt, backend, transport="p2p"):
+def check_plan(model, build_plan, opt, backend, transport=None):
     """Train STEPS steps under the plan on ``backend``; returns this rank's
     problems (a list of strings, empty when everything matched) against the
-    sequential trainer on NumPy.  Collective."""
+    sequential trainer on NumPy.  Collective.  ``transport`` None: the
+    executor's default (HPCNN_TRANSPORT, else measured per plan; overlap
+    as HPCNN_OVERLAP says, else on)."""
     from hpcnn.backend import Backend
     from hpcnn.strategy.plan import Plan
     g = graph(model)
@@ -169,6 +171,6 @@ def check_plan(model, build_plan, opt, backend, transport="p2p"):
     return problems
 
 
-def check_and_agree(name, model, build_plan, opt, backend, transport="p2p"):
+def check_and_agree(name, model, build_plan, opt, backend, transport=None):
     problems = check_plan(model, build_plan, opt, backend, transport)
     agree(problems, f"plan {name} at {WORLD.Get_size()} ranks")

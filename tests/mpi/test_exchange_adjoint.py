@@ -69,7 +69,7 @@ def random_case(rng):
     return src, needs, "boxes"
 
 
-@pytest.mark.parametrize("transport", ["p2p", "neighbor"])
+@pytest.mark.parametrize("transport", ["p2p", "neighbor", "alltoallw"])
 def test_adjoint_identity_and_forward_slicing(transport):
     cm = Communicator(WORLD, Backend("numpy"), transport=transport)
     rng = np.random.default_rng(1234 + P)  # same cases on every rank
