@@ -196,6 +196,16 @@ class Graph:
     def batch(self) -> int:
         return self.nodes[self.input_name].shape[0]
 
+    def random_labels(self, rng, n: int | None = None) -> np.ndarray:
+        """Labels of ``n`` samples (default: the batch) for timing and
+        tests: class indices for a classifier, float targets in (-1, 1) for
+        a regression network (its loss is mse)."""
+        n = self.batch if n is None else int(n)
+        width = self.nodes[self.logits_name].shape[1]
+        if self.nodes[self.loss_name].kind == "mse":
+            return rng.uniform(-0.8, 0.8, size=(n, width))
+        return rng.integers(0, width, size=n)
+
     def initial_tensor(self, node: str, key: str, seed: int, dtype=np.float32) -> np.ndarray:
         """The whole logical tensor parameter (or buffer) ``key`` of
         ``node`` starts from: the given one (``initial``), else the pure

@@ -299,3 +299,11 @@ def test_volume_small_trains_forward_backward_against_a_central_difference():
         return val
     errs = [abs((loss_at(e) - loss_at(-e)) / (2 * e) - analytic) for e in (1e-5, 1e-6)]
     assert min(errs) <= 1e-6 * abs(analytic) + 1e-9, (analytic, errs)
+
+
+def test_random_labels_fit_the_loss():
+    rng = np.random.default_rng(0)
+    y = build_model("volume_small", batch=3).random_labels(rng)
+    assert y.shape == (3, 3) and y.dtype.kind == "f" and np.all(np.abs(y) < 1)
+    c = build_model("lenet5", batch=5).random_labels(rng)
+    assert c.shape == (5,) and c.dtype.kind == "i" and c.min() >= 0 and c.max() < 10
