@@ -89,9 +89,11 @@ class Graph:
     def input(self, shape, name="input"):
         return self.layer("input", (), name, shape=tuple(shape))
 
-    def conv(self, x, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, name=None):
+    def conv(self, x, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, name=None,
+             groups=1):
+        extra = {"groups": groups} if groups != 1 else {}
         return self.layer("conv2d", x, name, out_channels=out_channels, kernel_size=kernel_size,
-                          stride=stride, padding=padding, dilation=dilation, bias=bias)
+                          stride=stride, padding=padding, dilation=dilation, bias=bias, **extra)
 
     def relu(self, x, name=None):
         return self.layer("relu", x, name)

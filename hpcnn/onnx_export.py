@@ -108,7 +108,8 @@ def export_onnx(graph, params: dict, buffers: dict, path, fold_bn: bool = False,
             (pt, pb), (pl, pr) = a["padding"]
             nodes.append(helper.make_node("Conv", src + [init(y + ".weight", w), init(y + ".bias", b)], [y], name=y,
                                           kernel_shape=list(a["kernel_size"]), strides=list(a["stride"]),
-                                          pads=[pt, pl, pb, pr], dilations=list(a["dilation"])))
+                                          pads=[pt, pl, pb, pr], dilations=list(a["dilation"]),
+                                          group=int(a.get("groups", 1))))
         elif n.kind == "batchnorm":
             if y in folded:
                 out[y] = src[0]

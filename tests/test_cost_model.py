@@ -153,6 +153,44 @@ def test_exchange_counts_equal_the_exchange_plan_on_volumes(P, R):
     redistributions between any volume layouts."""
     assert _check_edges(every_volume_op_graph(), P, R, pairs_per_edge=25, seed=P + 7 * R) > 200
     assert _check_edges(every_volume_op_graph(), P, R, pairs_per_edge=6, seed=P, explicit=True) > 40
+def grouped_graph(batch=6):
+    """Grouped convolutions whose channel ranges need only their groups'
+    input channels: depthwise (multiplier 1 and 2, stride 2) and 3 groups,
+    after channel-split producers of odd widths."""
+    g = Graph("grouped")
+    x = g.input((batch, 3, 11, 9))
+    c = g.conv(x, 6, 3, padding=1)
+    d = g.conv(c, 6, 3, padding=1, groups=6)
+    m = g.conv(d, 12, 3, stride=2, padding=((1, 0), (0, 1)), groups=6)
+    q = g.conv(m, 9, 3, dilation=2, padding=2, groups=3)
+    f = g.flatten(g.global_avgpool(q))
+    g.loss(g.linear(f, 4))
+    return g
+
+
+@pytest.mark.parametrize("P,R", [(4, 2), (6, 4)])
+def test_exchange_counts_of_grouped_convs_equal_the_exchange_plan(P, R):
+    assert _check_edges(grouped_graph(), P, R, pairs_per_edge=40, seed=P, explicit=False) > 100
+    assert _check_edges(grouped_graph(), P, R, pairs_per_edge=10, seed=P + 1, explicit=True) > 30
+
+
+def test_a_channel_split_depthwise_conv_after_a_channel_split_needs_no_exchange():
+    """Depthwise: output channels [c0, c1) read input channels [c0, c1) only."""
+    g = grouped_graph()
+    geom = InputGeometry(g["conv2d_2"].op, 0, g["conv2d_2"].in_shapes, g["conv2d_2"].shape)
+    assert geom.dep == (0, 1, 2, 3)
+    c = np.array([[1, 3, 1, 1]])
+    tab = exchange_tables(geom, c, c)
+    assert tab.total[0, 0] == 0 and tab.messages[0, 0] == 0
+    # multiplier 2 with 3 chunks of 12 output channels: chunk j reads input channels [2j, 2j+2)
+    geom = InputGeometry(g["conv2d_3"].op, 0, g["conv2d_3"].in_shapes, g["conv2d_3"].shape)
+    lo, hi = geom.need_bounds(1, 3)
+    assert lo.tolist() == [0, 2, 4] and hi.tolist() == [2, 4, 6]
+    # 3 groups (4 input and 3 output channels each), 9 outputs cut into chunks of 5 and 4:
+    # output 5 lies inside group 1, so both chunks read group 1's input channels 4..7
+    geom = InputGeometry(g["conv2d_4"].op, 0, g["conv2d_4"].in_shapes, g["conv2d_4"].shape)
+    lo, hi = geom.need_bounds(1, 2)
+    assert lo.tolist() == [0, 4] and hi.tolist() == [8, 12]
 
 
 def test_messages_count_every_pair_of_ranks_that_exchange():
@@ -670,3 +708,24 @@ def test_exchanges_across_nodes_with_runtime_figures_take_the_slower_port():
     want = 2e-4 + max(b / 50e9, x / m.inter.bandwidth) + tab.messages[0, 0] * m.inter.latency + region / 5e9
     assert cm.exchange_seconds(tab, 1, region=[region])[0, 0] == pytest.approx(want)
     assert x / m.inter.bandwidth > b / 50e9            # the port decides here
+
+
+def test_grouped_conv_flops_parameters_and_tiles_divide_by_groups():
+    """A depthwise conv costs kh*kw multiply-adds per output, a grouped one
+    Cin/G*kh*kw; their weights hold Cin/G input channels; and a tile's
+    flops count the whole groups it computes (its input tile's channels)."""
+    from hpcnn.strategy.tile_geometry import NodeGeometry
+    g = grouped_graph()
+    dw, m2, g3 = g["conv2d_2"], g["conv2d_3"], g["conv2d_4"]
+    n, c, h, w = dw.shape
+    assert dw.flops() == 2 * n * c * h * w * 9
+    assert m2.flops() == 2 * int(np.prod(m2.shape)) * 9
+    assert g3.flops() == 2 * int(np.prod(g3.shape)) * 4 * 9
+    assert dw.param_specs()["weight"].shape == (6, 1, 3, 3)
+    assert g3.param_specs()["weight"].shape == (9, 4, 3, 3)
+    assert g3.param_specs()["weight"].shard_size(2) == 5 * 4 * 9
+    # g3 split 2 ways over channels: the first tile has outputs 0..4 (groups 0 and 1) and reads
+    # 8 input channels; it computes both groups whole (6 outputs of 4 inputs each)
+    ins, out, _ = NodeGeometry(g3).tile((1, 2, 1, 1))
+    assert ins[0][1] == 8 and out[1] == 5
+    assert g3.op.flops(ins, out) == 2 * out[0] * out[2] * out[3] * 6 * 4 * 9

@@ -26,13 +26,14 @@ TORCHVISION_PARAMS = {
     "resnet50": 25_557_032,
     "resnet101": 44_549_160,
     "inception_v3": 23_834_568,
+    "mobilenet_v2": 3_504_872,
 }
 
 # LeNet-5 (1x32x32, 10 classes) from the formula: conv1 6*(1*5*5)+6, conv2
 # 16*(6*5*5)+16, fc1 400*120+120, fc2 120*84+84, fc 84*10+10.
 LENET5_PARAMS = (6 * 25 + 6) + (16 * 6 * 25 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
 
-SMALL = ["lenet5", "resnet_small", "inception_small", "digits_cnn"]
+SMALL = ["lenet5", "resnet_small", "inception_small", "digits_cnn", "mobilenet_small"]
 
 
 def meta_oracle(name, **kw):
@@ -142,6 +143,7 @@ def _copy_torch_weights(model, net, name):
     ("resnet50", 32, 2, 10, False),
     ("inception_v3", 75, 1, 10, False),
     ("alexnet", 224, 1, 10, False),
+    ("mobilenet_v2", 32, 2, 10, False),
 ])
 def test_logits_equal_torch_oracle(name, size, batch, classes, train):
     torch.manual_seed(0)

@@ -119,10 +119,45 @@ def test_unsupported_nodes_and_shapes_are_named(tmp_path):
     grp = _graph([h.make_node("Conv", ["x", "w"], ["y"], name="dw", group=3, kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
                  [x], [y], [w])
     onnx.save(grp, tmp_path / "grp.onnx")
-    with pytest.raises(OnnxImportError, match=r"'dw' \(Conv\): grouped convolution \(group=3\)"):
+    with pytest.raises(OnnxImportError, match=r"'dw' \(Conv\): group=3 does not fit weight \(4, 1, 3, 3\) and 3 input"):
         load_onnx(tmp_path / "grp.onnx", batch=2)
     with pytest.raises(OnnxImportError, match="does not exist"):
         load_onnx(tmp_path / "none.onnx", batch=2)
+
+
+class Separable(nn.Module):
+    """Depthwise (multiplier 1 and 2, stride 2) and grouped convolutions with
+    batch norm, as MobileNet and ResNeXt blocks have them."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.dw2 = nn.Sequential(nn.Conv2d(12, 24, 3, stride=2, padding=(1, 2), dilation=(1, 2), groups=12),
+                                 nn.BatchNorm2d(24), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(24, 16, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.pw(self.dw(self.stem(x)))
+        x = torch.relu(self.grouped(self.dw2(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_depthwise_and_grouped_convolutions_import_and_compute_the_same(tmp_path, dynamo):
+    torch.manual_seed(0)
+    model = _export(Separable(), tmp_path / "sep.onnx", dynamo=dynamo)
+    g = load_onnx(tmp_path / "sep.onnx", batch=3)
+    groups = sorted(n.op.groups for n in g if n.kind == "conv2d")
+    assert groups == [1, 1, 4, 8, 12], groups
+    x = np.random.default_rng(3).standard_normal((3, 3, 16, 16))
+    with torch.no_grad():
+        want = model.double()(torch.tensor(x)).numpy()
+    got = SequentialModel(g, dtype=np.float64).predict(x)
+    tol = 1e-6 if dynamo else 1e-9
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
 
 
 def _ort(path, x):
@@ -144,6 +179,28 @@ def test_an_imported_network_exports_and_onnxruntime_agrees(tmp_path, fold_bn):
     assert ("BatchNormalization" in ops) != fold_bn
     x = np.random.default_rng(2).standard_normal((5, 3, 16, 16)).astype(np.float32)   # another batch size
     want = SequentialModel(load_onnx(tmp_path / "net.onnx", batch=5), dtype=np.float32).predict(x)
+    got = _ort(tmp_path / "back.onnx", x)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("fold_bn", [False, True], ids=["bn-kept", "bn-folded"])
+def test_grouped_convolutions_round_trip_and_onnxruntime_agrees(tmp_path, fold_bn):
+    """torch -> ONNX -> hpcnn -> ONNX (groups kept, batch norm folded into
+    depthwise and grouped weights or not): onnxruntime's logits equal torch's."""
+    from hpcnn.onnx_export import export_onnx
+    torch.manual_seed(0)
+    model = _export(Separable(), tmp_path / "sep.onnx")
+    g = load_onnx(tmp_path / "sep.onnx", batch=3)
+    params = {n: {k: v for k, v in d.items() if k in g[n].param_specs()} for n, d in g.initial.items()}
+    buffers = {n: {k: v for k, v in d.items() if k in g[n].buffer_specs()} for n, d in g.initial.items()}
+    back = export_onnx(g, params, buffers, tmp_path / "back.onnx", fold_bn=fold_bn)
+    groups = sorted(next((a.i for a in n.attribute if a.name == "group"), 1)
+                    for n in back.graph.node if n.op_type == "Conv")
+    assert groups == [1, 1, 4, 8, 12], groups
+    assert ("BatchNormalization" in {n.op_type for n in back.graph.node}) != fold_bn
+    x = np.random.default_rng(4).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = model.float()(torch.tensor(x)).numpy()
     got = _ort(tmp_path / "back.onnx", x)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 

@@ -47,6 +47,13 @@ CASES = [
     ("conv1x1_s2", "conv2d", dict(out_channels=6, kernel_size=1, stride=2), [(2, 5, 7, 8)], True),
     ("conv7x7_s2", "conv2d", dict(out_channels=4, kernel_size=7, stride=2, padding=3),
      [(2, 3, 13, 12)], True),
+    # grouped: a random channel range may begin and end inside a group
+    ("conv_groups3", "conv2d", dict(out_channels=12, kernel_size=3, stride=2, padding=((1, 2), (0, 1)),
+                                    dilation=2, groups=3), [(2, 6, 11, 9)], True),
+    ("conv_depthwise", "conv2d", dict(out_channels=6, kernel_size=3, stride=2, padding=1, groups=6),
+     [(2, 6, 9, 11)], True),
+    ("conv_depthwise_m2", "conv2d", dict(out_channels=10, kernel_size=(3, 2), padding=((2, 0), (1, 1)),
+                                         dilation=(2, 1), groups=5, bias=False), [(3, 5, 9, 8)], True),
     ("maxpool", "maxpool2d", dict(kernel_size=3, stride=2, padding=1), [(2, 4, 9, 11)], False),
     ("maxpool_asym_d2", "maxpool2d", dict(kernel_size=(3, 2), stride=(1, 2),
                                          padding=((1, 0), (0, 1)), dilation=(2, 1)),

@@ -211,6 +211,76 @@ def test_conv2d_reference_kernel_agrees():
     assert rel_err(dw, tgp["weight"]) <= 1e-10 and rel_err(db, tgp["bias"]) <= 1e-10
 
 
+# ---------------------------------------------------------------- grouped conv2d
+# (N, Cin, H, W, Cout, kernel, stride, padding, dilation, bias, groups)
+GROUPED_CASES = [
+    (2, 6, 11, 9, 12, 3, 2, ((1, 2), (0, 1)), 2, True, 3),          # grouped, stride 2, dilation 2
+    (2, 8, 7, 9, 4, 3, 1, 1, 1, False, 2),                          # grouped, Cout < Cin
+    (3, 5, 11, 9, 5, 3, 2, ((1, 2), (2, 0)), 2, True, 5),           # depthwise
+    (1, 7, 9, 8, 7, (3, 2), 1, ((2, 0), (1, 1)), (2, 1), False, 7),  # depthwise, batch 1, odd window
+    (2, 4, 9, 11, 8, 3, 2, ((0, 1), (1, 2)), 2, True, 4),           # depthwise, multiplier 2
+    (2, 3, 7, 7, 9, 5, 1, 2, 1, True, 3),                           # depthwise, multiplier 3, 5x5
+    (2, 6, 7, 8, 6, 1, 2, 0, 1, True, 6),                           # depthwise 1x1 stride 2
+    (1, 4, 3, 3, 8, 3, 1, 0, 1, True, 4),                           # depthwise, 1x1 output
+]
+
+
+def grouped_torch(case):
+    fn = conv_torch(case[:10])
+    groups = case[10]
+    n, cin, h, w, cout, k, s, p, d, b = case[:10]
+    if isinstance(p, int):
+        p = ((p, p), (p, p))
+    (pt, pb), (pl, pr) = p
+
+    def grouped(x, weight, bias=None):
+        return F.conv2d(F.pad(x, (pl, pr, pt, pb)), weight, bias, stride=s, dilation=d, groups=groups)
+    return grouped if groups > 1 else fn
+
+
+def grouped_data(case, rng):
+    n, cin, h, w, cout, k, s, p, d, b, groups = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = rng.standard_normal((n, cin, h, w))
+    params = {"weight": rng.standard_normal((cout, cin // groups, kh, kw)) / np.sqrt(cin // groups * kh * kw)}
+    if b:
+        params["bias"] = rng.standard_normal(cout)
+    return x, params
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=[str(c) for c in GROUPED_CASES])
+def test_grouped_conv2d(case, dtype, kernels):
+    rng = np.random.default_rng(5)
+    n, cin, h, w, cout, k, s, p, d, b, groups = case
+    op = make_op("conv2d", "conv", out_channels=cout, kernel_size=k, stride=s, padding=p,
+                 dilation=d, bias=b, groups=groups)
+    x, params = grouped_data(case, rng)
+    check(op, grouped_torch(case), [x], params, dtype, rng=rng)
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "sliced"])
+@pytest.mark.parametrize("case", [GROUPED_CASES[0], GROUPED_CASES[2], GROUPED_CASES[4]],
+                         ids=["grouped", "depthwise", "depthwise_m2"])
+def test_grouped_conv2d_any_memory_layout(case, layout, kernels):
+    rng = np.random.default_rng(6)
+    n, cin, h, w, cout, k, s, p, d, b, groups = case
+    op = make_op("conv2d", "conv", out_channels=cout, kernel_size=k, stride=s, padding=p,
+                 dilation=d, bias=b, groups=groups)
+    x, params = grouped_data(case, rng)
+    check(op, grouped_torch(case), [x], params, np.float64, layout=layout, rng=rng)
+
+
+def test_grouped_conv2d_shape_errors_name_the_groups():
+    from hpcnn.ops import OpError
+    with pytest.raises(OpError, match=r"out_channels=10 is not divisible by groups=4"):
+        make_op("conv2d", "dw", out_channels=10, kernel_size=3, groups=4)
+    op = make_op("conv2d", "dw", out_channels=8, kernel_size=3, groups=4)
+    with pytest.raises(OpError, match=r"input channels 6 .* not divisible by groups=4"):
+        op.infer_shape([(2, 6, 8, 8)])
+    assert op.param_specs([(2, 8, 8, 8)])["weight"].shape == (8, 2, 3, 3)
+
+
 # ---------------------------------------------------------------- pooling
 # (N, C, H, W, kernel, stride, padding, dilation)
 POOL_CASES = [

@@ -1,7 +1,7 @@
 """``hpcnn bench kernels``: hpcnn's CPU kernels side by side with PyTorch CPU
 in the same process, with the same number of threads.
 
-Three parts:
+Four parts:
   conv  forward+backward (input and weight gradients) of the convolution
         layers of ResNet-50 (the 7x7/2 stem, and per stage the bottleneck's
         1x1 reduce, 3x3, 1x1 expand, the strided 3x3 and the strided 1x1
@@ -12,6 +12,12 @@ Three parts:
   conv3d forward+backward of CosmoFlow's five 3-D convolutions at batch 1
         and a 128^3 input (--volume-size, --volume-batch), against
         torch.nn.functional.conv3d (bench/kernels3d.py).
+  depthwise  forward+backward of the depthwise 3x3 convolutions of
+        MobileNet-V2 (per stage, stride 1 and 2; inputs at the real sizes
+        112/56/28/14/7 or scaled to 64x64 images), a depthwise layer with
+        channel multiplier 2 and a ResNeXt grouped 3x3 (32 groups), batch 32:
+        hpcnn's direct depthwise kernel and its per-group loop against
+        PyTorch's grouped convolution.
   step  a whole ResNet-18 training step (forward, backward, SGD with
         momentum and weight decay) through hpcnn's SequentialModel, against
         the same network written with torch.nn and torch.optim.SGD; batch 32,
@@ -59,8 +65,27 @@ RESNET50_CONVS = [
 ]
 
 
+# MobileNet-V2's depthwise 3x3 layers (name, C, C*multiplier, kernel, stride,
+# padding, input size at 224x224 images, groups), a multiplier-2 depthwise
+# layer and ResNeXt-50 (32x4d)'s grouped 3x3 of its first stage
+DEPTHWISE_CONVS = [
+    ("dw 3x3 32", 32, 32, 3, 1, 1, 112, 32),
+    ("dw 3x3/2 96", 96, 96, 3, 2, 1, 112, 96),
+    ("dw 3x3 144", 144, 144, 3, 1, 1, 56, 144),
+    ("dw 3x3/2 144", 144, 144, 3, 2, 1, 56, 144),
+    ("dw 3x3 192", 192, 192, 3, 1, 1, 28, 192),
+    ("dw 3x3/2 192", 192, 192, 3, 2, 1, 28, 192),
+    ("dw 3x3 384", 384, 384, 3, 1, 1, 14, 384),
+    ("dw 3x3 576", 576, 576, 3, 1, 1, 14, 576),
+    ("dw 3x3/2 576", 576, 576, 3, 2, 1, 14, 576),
+    ("dw 3x3 960", 960, 960, 3, 1, 1, 7, 960),
+    ("dw x2 3x3 64>128", 64, 128, 3, 1, 1, 56, 64),
+    ("g32 3x3 128", 128, 128, 3, 1, 1, 56, 32),
+]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--part", choices=["all", "conv", "conv3d", "step"], default="all",
+    p.add_argument("--part", choices=["all", "conv", "conv3d", "depthwise", "step"], default="all",
                    help="what to time (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: hpcnn on NumPy against PyTorch CPU (default); cuda: hpcnn on CuPy "
@@ -214,18 +239,21 @@ def _median_pair(fa, fb, repeats, warmup):
     return statistics.median(ta), statistics.median(tb), ta, tb
 
 
-def bench_convs(torch, args):
+def bench_convs(torch, args, layers=None):
     from hpcnn.ops import TileContext, clip_box, full_box, make_op
     F = torch.nn.functional
     rng = np.random.default_rng(0)
     rows = []
     scale = 1.0 if args.conv_size == "real" else 64 / 224
-    for name, cin, cout, k, s, p, size in RESNET50_CONVS:
+    layers = [layer + (1,) for layer in RESNET50_CONVS] if layers is None else layers
+    for name, cin, cout, k, s, p, size, groups in layers:
         hw = max(1, int(round(size * scale)))
         n = args.batch
         x = rng.standard_normal((n, cin, hw, hw)).astype(np.float32)
-        w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
-        op = make_op("conv2d", name, out_channels=cout, kernel_size=k, stride=s, padding=p, bias=False)
+        cg = cin // groups
+        w = (rng.standard_normal((cout, cg, k, k)) / np.sqrt(cg * k * k)).astype(np.float32)
+        op = make_op("conv2d", name, out_channels=cout, kernel_size=k, stride=s, padding=p, bias=False,
+                     groups=groups)
         shape = op.infer_shape([x.shape])
         dy = rng.standard_normal(shape).astype(np.float32)
         ob = full_box(shape)
@@ -246,7 +274,7 @@ def bench_convs(torch, args):
 
         def run_torch():
             tx.grad = tw.grad = None
-            F.conv2d(tx, tw, None, s, p).backward(tdy)
+            F.conv2d(tx, tw, None, s, p, 1, groups).backward(tdy)
             _sync(torch)
 
         th, tt, _, _ = _median_pair(run_hpcnn, run_torch, args.repeats, args.warmup)
@@ -373,6 +401,19 @@ def run(args) -> int:
     if args.part in ("all", "conv3d"):
         from hpcnn.bench.kernels3d import bench_conv3d
         out["conv3d"] = bench_conv3d(torch, args, _median_pair, _to_hpcnn, _to_torch, _sync)
+    if args.part in ("all", "depthwise"):
+        sizes = "real 112/56/28/14/7" if args.conv_size == "real" else "64x64-scaled 32/16/8/4/2"
+        print(f"\nMobileNet-V2 depthwise and ResNeXt grouped conv layers, forward+backward (dx, dW), "
+              f"batch {args.batch}, {sizes} inputs")
+        print(f"{'layer':22s} {'input':20s} {'GFLOP':>7s} {'hpcnn ms':>9s} {'torch ms':>9s} "
+              f"{'hpcnn/s':>8s} {'torch/s':>8s} {'ratio':>6s}")
+        rows = bench_convs(torch, args, DEPTHWISE_CONVS)
+        dw = [r for r in rows if r["layer"].startswith("dw 3x3")]
+        out["depthwise"] = {"batch": args.batch, "sizes": args.conv_size, "rows": rows,
+                            "ratio_median": statistics.median(r["ratio"] for r in dw),
+                            "ratio_total": sum(r["torch_ms"] for r in dw) / sum(r["hpcnn_ms"] for r in dw)}
+        print(f"{'MobileNet-V2 dw layers':22s} ratio of total times {out['depthwise']['ratio_total']:.2f}, "
+              f"median ratio {out['depthwise']['ratio_median']:.2f}")
     if args.part in ("all", "step"):
         print(f"\nResNet-18 training step: batch {args.batch}, {args.image_size}x{args.image_size} "
               f"images, {args.classes} classes, SGD momentum 0.9, weight decay 1e-4")

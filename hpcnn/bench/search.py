@@ -165,6 +165,22 @@ def _speedups(machine, models, gpus, per_gpu=32):
     return out
 
 
+def vgg16_fc1_bytes(machine) -> tuple[float, float]:
+    """Bytes per rank and iteration that VGG-16's first fully connected
+    layer costs at 2 GPUs (batch 64): its weight gradient's ring allreduce
+    under a sample split, against the features it gathers (forward and
+    backward) under a channel split, from the cost model's exchange tables."""
+    import numpy as np
+    from hpcnn.models import build_model
+    from hpcnn.strategy.cost_model import CostModel
+    g = build_model("vgg16", batch=64)
+    cm = CostModel(g, 2, machine)
+    params = sum(s.size for s in g["fc1"].param_specs().values()) * 4
+    by_samples = 2 * (2 - 1) / 2 * params
+    tab = cm.edge_tables("fc1", 0, np.array([[2, 1]]), np.array([[1, 2]]))
+    return by_samples, 2 * float(tab.max_rank[0, 0]) * 4
+
+
 def write_report(md_path="docs/paper-reproduction.md", img_dir="docs/img", machine_name="paper_p100_cluster",
                  quick=False) -> None:
     import copy
@@ -285,12 +301,7 @@ def write_report(md_path="docs/paper-reproduction.md", img_dir="docs/img", machi
     fig.tight_layout()
     fig.savefig(img / "communication.png", dpi=110)
     plt.close(fig)
-    g2 = build_model("vgg16", batch=64)
-    cm2 = CostModel(g2, 2, mach)
-    fc1_params = sum(s.size for s in g2["fc1"].param_specs().values()) * 4
-    fc1_sample = 2 * (2 - 1) / 2 * fc1_params
-    tab = cm2.edge_tables("flatten", "fc1", 0, np.array([[2, 1]]), np.array([[1, 2]]))
-    fc1_channel = 2 * tab.max_rank[0, 0] * 4
+    fc1_sample, fc1_channel = vgg16_fc1_bytes(mach)
 
     # ---- the page ----------------------------------------------------------------------
     w("# Reproducing Jia et al. (ICML 2018) with hpcnn's cost model and search\n")

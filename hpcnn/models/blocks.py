@@ -4,10 +4,11 @@ from __future__ import annotations
 
 
 def conv_bn_relu(g, x, out_channels, kernel_size, name, stride=1, padding=0,
-                 eps=1e-5, relu=True):
-    """conv (no bias) -> batch norm -> ReLU, named ``name``, ``name.bn``,
-    ``name.relu``."""
-    y = g.conv(x, out_channels, kernel_size, stride=stride, padding=padding, bias=False, name=name)
+                 eps=1e-5, relu=True, groups=1):
+    """conv (no bias; ``groups`` groups) -> batch norm -> ReLU, named
+    ``name``, ``name.bn``, ``name.relu``."""
+    y = g.conv(x, out_channels, kernel_size, stride=stride, padding=padding, bias=False, name=name,
+               groups=groups)
     y = g.bn(y, name=f"{name}.bn", eps=eps)
     if relu:
         y = g.relu(y, name=f"{name}.relu")

@@ -5,8 +5,8 @@ becomes an hpcnn Graph, with its weights.
     >>> g = load_onnx("net.onnx", batch=64)          # weights in g.initial
 
 The importer walks the ONNX nodes in their (topological) order and maps each
-to hpcnn ops: Conv (stride, padding, dilation; groups when hpcnn has
-grouped convolution), BatchNormalization, Relu, LeakyRelu, Sigmoid, Clip
+to hpcnn ops: Conv (stride, padding, dilation, groups: grouped and
+depthwise convolution), BatchNormalization, Relu, LeakyRelu, Sigmoid, Clip
 (ReLU6, bounds as constants), HardSwish, MaxPool, AveragePool,
 GlobalAveragePool (or ReduceMean over height and width), Gemm, MatMul + Add, Add, Mul by a per-channel gate
 (squeeze-and-excitation), Concat over channels, Flatten and Reshape to
@@ -188,10 +188,14 @@ class _Importer:
             out = self.add(n, i, "linear", [x.node], pooled=True, out_features=int(w.shape[0]), bias=b is not None)
             self.weights(out, weight=w[:, :, 0, 0], bias=b)
             return
-        if group != 1:
-            self.fail(n, f"grouped convolution (group={group}) is not supported")
+        cin = int(self.g[x.node].shape[1])
+        if group < 1 or w.shape[1] * group != cin or w.shape[0] % group:
+            self.fail(n, f"group={group} does not fit weight {tuple(w.shape)} and {cin} input channels: "
+                         f"a grouped convolution needs weight (Cout, Cin/group, kh, kw) with Cout "
+                         f"divisible by group")
+        extra = {"groups": group} if group != 1 else {}
         out = self.add(n, i, "conv2d", [x.node], out_channels=int(w.shape[0]), dilation=dil,
-                       bias=b is not None, **win)
+                       bias=b is not None, **win, **extra)
         self.weights(out, weight=w, bias=b)
 
     def op_BatchNormalization(self, n, i):
@@ -360,6 +364,11 @@ class _Importer:
         self.add(n, i, "dropout", [x.node], pooled=x.pooled, p=float(ratio))
 
     def op_Identity(self, n, i):
+        # the TorchScript exporter stores equal weights once and names the copies by
+        # Identity nodes of that initializer: such an output is a constant too
+        if n.input[0] in self.consts:
+            self.consts[n.output[0]] = self.consts[n.input[0]]
+            return
         self.alias(n, self.inp(n))
 
     def op_Softmax(self, n, i):

@@ -17,8 +17,9 @@ from hpcnn.graph import Graph, GraphError
 from hpcnn.models.alexnet import alexnet
 from hpcnn.models.inception import inception_v3
 from hpcnn.models.lenet import lenet5
+from hpcnn.models.mobilenet import mobilenet_v2
 from hpcnn.models.resnet import resnet18, resnet50, resnet101
-from hpcnn.models.small import digits_cnn, inception_small, resnet_small
+from hpcnn.models.small import digits_cnn, inception_small, mobilenet_small, resnet_small
 from hpcnn.models.vgg import vgg16
 from hpcnn.models.volumes import cosmoflow, volume_small
 
@@ -62,6 +63,8 @@ _SPECS = [
     ModelSpec("resnet101", resnet101, 3, (224, 224), 1000, 1, "ResNet-101 (bottleneck v1.5)"),
     ModelSpec("inception_v3", inception_v3, 3, (299, 299), 1000, 75,
               "Inception-v3 without the auxiliary head"),
+    ModelSpec("mobilenet_v2", mobilenet_v2, 3, (224, 224), 1000, 1,
+              "MobileNet-V2 (inverted residuals, depthwise convolutions, ReLU6)"),
     ModelSpec("resnet_small", resnet_small, 3, (16, 16), 10, 1,
               "3 basic blocks, stride-2 projection (tests)", small=True),
     ModelSpec("inception_small", inception_small, 3, (16, 16), 10, 3,
@@ -74,6 +77,9 @@ _SPECS = [
     ModelSpec("volume_small", volume_small, 2, (12, 10, 14), 3, 2,
               "3 conv3d (BN, max/avg pool, dilation), global pool, fc, MSE (tests)",
               small=True, task="regression"),
+    ModelSpec("mobilenet_small", mobilenet_small, 3, (16, 16), 10, 1,
+              "depthwise-separable blocks, multiplier 2, inverted residual, grouped conv (tests)",
+              small=True),
 ]
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}

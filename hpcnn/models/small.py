@@ -62,3 +62,26 @@ def digits_cnn(batch, in_channels, image_size, num_classes, name="digits_cnn") -
     x = g.dropout(x, 0.25, name="dropout")
     classifier_head(g, x, num_classes, name="fc")
     return g
+
+
+def mobilenet_small(batch, in_channels, image_size, num_classes, name="mobilenet_small") -> Graph:
+    """Depthwise-separable network (MobileNet-like): 3x3 stem (8 channels);
+    depthwise 3x3 (8 groups) + pointwise 1x1 to 16; depthwise 3x3 stride 2
+    with channel multiplier 2 (16 -> 32) + pointwise to 24; an inverted
+    residual (depthwise 3x3 + pointwise 1x1, added to its input); a grouped
+    3x3 conv (4 groups, 24 -> 32); global average pool; fc.  Every conv is
+    conv + BN (+ ReLU)."""
+    g = Graph(name)
+    x = g.input((batch, in_channels) + tuple(image_size))
+    x = conv_bn_relu(g, x, 8, 3, "stem", padding=1)
+    x = conv_bn_relu(g, x, 8, 3, "block1.dw", padding=1, groups=8)
+    x = conv_bn_relu(g, x, 16, 1, "block1.pw")
+    x = conv_bn_relu(g, x, 32, 3, "block2.dw", stride=2, padding=1, groups=16)
+    x = conv_bn_relu(g, x, 24, 1, "block2.pw")
+    y = conv_bn_relu(g, x, 24, 3, "block3.dw", padding=1, groups=24)
+    y = conv_bn_relu(g, y, 24, 1, "block3.pw", relu=False)
+    x = g.relu(g.add_([x, y], name="block3.add"), name="block3.relu")
+    x = conv_bn_relu(g, x, 32, 3, "grouped", padding=1, groups=4)
+    x = g.global_avgpool(x, name="avgpool")
+    classifier_head(g, x, num_classes, name="fc")
+    return g

@@ -22,12 +22,24 @@ kernel's unrolling of the output gradient in backward and add the outputs
 up (15-30% slower than one convolution, measured), so a window larger than
 1x1 assembles such a region first -- its own part while the others travel
 -- and convolves it once (``convolves_pieces``).
+
+A grouped convolution (``groups`` G > 1: weights (Cout, Cin/G, kh, kw),
+output channel o reading only the Cin/G input channels of its group
+o // (Cout/G)) reads, for an output channel range, only the input channels
+of the groups that range touches (depthwise: the same channels), so a
+channel-split depthwise layer after a channel-split layer needs no
+exchange.  Such an op instance does not take pieces (its region is
+assembled by the runtime, and the cost model prices it so); its kernels are
+in grouped_kernels.py.  A tile whose channel range begins or ends inside a
+group computes that group whole (the weights completed by zero rows) and
+keeps its own channels.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from hpcnn.ops.base import Op, ParamSpec, PartGrads, TileRegion, register
+from hpcnn.ops.grouped_kernels import grouped_backward, grouped_forward
 from hpcnn.ops.kernel_set import window_kernels
 
 
@@ -114,7 +126,7 @@ class Conv2d(_Window):
     takes_pieces = True
 
     def __init__(self, name="", out_channels=None, kernel_size=3, stride=1, padding=0,
-                 dilation=1, bias=True):
+                 dilation=1, bias=True, groups=1):
         super().__init__(name)
         if out_channels is None:
             self.fail("out_channels is required")
@@ -123,18 +135,32 @@ class Conv2d(_Window):
         if not isinstance(bias, bool):
             self.fail(f"bias must be true or false, got {bias!r}")
         self.bias = bias
+        self.groups = self._pos_int("groups", groups)
+        if self.out_channels % self.groups:
+            self.fail(f"out_channels={self.out_channels} is not divisible by groups={self.groups}: "
+                      "each group needs the same number of output channels")
+        if self.groups > 1:
+            # a grouped convolution reads its region assembled (see the module docstring)
+            self.takes_pieces = False
 
     def attrs(self):
-        return dict(out_channels=self.out_channels, bias=self.bias, **self._window_attrs_dict())
+        a = dict(out_channels=self.out_channels, bias=self.bias, **self._window_attrs_dict())
+        if self.groups != 1:      # absent for ordinary convolutions: their tile keys stay as measured
+            a["groups"] = self.groups
+        return a
 
     def infer_shape(self, in_shapes):
         self.check_arity(in_shapes)
         self.check_rank(in_shapes[0], 4)
+        cin = int(in_shapes[0][1])
+        if cin % self.groups:
+            self.fail(f"input channels {cin} (input shape {tuple(in_shapes[0])}) are not divisible by "
+                      f"groups={self.groups}: give groups a divisor of the input channels")
         ho, wo = self._window_out(in_shapes[0])
         return (in_shapes[0][0], self.out_channels, ho, wo)
 
     def param_specs(self, in_shapes):
-        cin = in_shapes[0][1]
+        cin = in_shapes[0][1] // self.groups
         kh, kw = self.kernel_size
         specs = {"weight": ParamSpec((self.out_channels, cin, kh, kw), "kaiming_fan_out",
                                      fan=self.out_channels * kh * kw)}
@@ -142,9 +168,24 @@ class Conv2d(_Window):
             specs["bias"] = ParamSpec((self.out_channels,), "zeros")
         return specs
 
+    def group_span(self, c0, c1) -> tuple:
+        """The groups (g0, g1) that output channels [c0, c1) belong to."""
+        og = self.out_channels // self.groups
+        if c1 <= c0:
+            return (c0 // og, c0 // og)
+        return (c0 // og, -(-c1 // og))
+
     def input_box(self, i, out_box, in_shapes):
         hbox, wbox = self._spatial_box(out_box)
-        return (tuple(out_box[0]), (0, in_shapes[0][1]), hbox, wbox)
+        cin = in_shapes[0][1]
+        if self.groups == 1:
+            cbox = (0, cin)
+        else:
+            # only the input channels of the groups the output channels belong to
+            cg = cin // self.groups
+            g0, g1 = self.group_span(*out_box[1])
+            cbox = (g0 * cg, g1 * cg)
+        return (tuple(out_box[0]), cbox, hbox, wbox)
 
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
@@ -153,12 +194,61 @@ class Conv2d(_Window):
         K = window_kernels()
         if isinstance(x, TileRegion):
             return self._forward_parts(K, x, params, pads, ctx)
+        if self.groups > 1:
+            return self._forward_grouped(K, x, params, pads, ctx)
         y, saved = K.conv2d_forward(x, params["weight"], params.get("bias"), self.stride,
                                     (pads[2], pads[3]), self.dilation)
         return y, (K, saved)
 
+    # ---- groups --------------------------------------------------------------------
+    def _group_pad(self, ctx):
+        """(groups in the tile, output channels before the tile's first in
+        its first group, after its last in its last group)."""
+        c0, c1 = ctx.out_box[1]
+        g0, g1 = self.group_span(c0, c1)
+        og = self.out_channels // self.groups
+        return g1 - g0, c0 - g0 * og, g1 * og - c1
+
+    def _forward_grouped(self, K, x, params, pads, ctx):
+        """A tile's output channels may begin or end inside a group (a
+        channel split that does not fall on group boundaries): the weights
+        are completed by zero rows to whole groups and the outputs cut."""
+        from hpcnn.backend import array_module
+        w, b = params["weight"], params.get("bias")
+        groups, lead, trail = self._group_pad(ctx)
+        if lead or trail:
+            xp = array_module(w)
+            wf = xp.zeros((lead + w.shape[0] + trail,) + tuple(w.shape[1:]), dtype=w.dtype)
+            wf[lead:lead + w.shape[0]] = w
+            if b is not None:
+                bf = xp.zeros(wf.shape[0], dtype=b.dtype)
+                bf[lead:lead + b.shape[0]] = b
+                b = bf
+            w = wf
+        y, saved = grouped_forward(K, x, w, b, self.stride, (pads[2], pads[3]), self.dilation, groups)
+        if lead or trail:
+            y = _channels_last_copy(y[:, lead:lead + params["weight"].shape[0]])
+        return y, (K, _GroupedSaved(saved, w, lead, trail))
+
+    def _backward_grouped(self, K, dy, saved, params, ctx):
+        w = saved.weight
+        lead, trail, cout = saved.lead, saved.trail, params["weight"].shape[0]
+        if lead or trail:
+            from hpcnn.backend import array_module
+            n, _, ho, wo = dy.shape
+            full = array_module(dy).zeros((n, ho, wo, w.shape[0]), dtype=dy.dtype).transpose(0, 3, 1, 2)
+            full[:, lead:lead + cout] = dy
+            dy = full
+        dx, dw, db = grouped_backward(K, dy, saved.kernel, w, self.bias, ctx.needs_input_grad(0))
+        grads = {"weight": dw[lead:lead + cout] if (lead or trail) else dw}
+        if self.bias:
+            grads["bias"] = db[lead:lead + cout] if (lead or trail) else db
+        return [dx], grads
+
     def backward(self, dy, saved, params, ctx):
         K, saved = saved
+        if isinstance(saved, _GroupedSaved):
+            return self._backward_grouped(K, dy, saved, params, ctx)
         if isinstance(saved, (_PartsSaved, _AssembledSaved)):
             return self._backward_parts(K, dy, saved, params, ctx)
         dx, dw, db = K.conv2d_backward(dy, saved, params["weight"], self.bias,
@@ -306,7 +396,33 @@ class Conv2d(_Window):
     def flops(self, in_shapes, out_shape):
         n, cin = in_shapes[0][:2]
         kh, kw = self.kernel_size
-        return int(2 * np.prod(out_shape) * cin * kh * kw)
+        if self.groups == 1:
+            return int(2 * np.prod(out_shape) * cin * kh * kw)
+        # every whole group the tile touches, cin/G inputs for each of its
+        # Cout/G outputs (what the kernel computes: a tile that starts or
+        # ends inside a group computes that group whole)
+        n, _, ho, wo = out_shape
+        return int(2 * n * ho * wo * cin * (self.out_channels // self.groups) * kh * kw)
+
+
+class _GroupedSaved:
+    """A grouped convolution's kernel state, the weights it ran with
+    (completed to whole groups) and how many zero rows before/after."""
+
+    __slots__ = ("kernel", "weight", "lead", "trail")
+
+    def __init__(self, kernel, weight, lead, trail):
+        self.kernel, self.weight, self.lead, self.trail = kernel, weight, lead, trail
+
+
+def _channels_last_copy(y):
+    """A channels-last copy of a logical NCHW array (the layout the fast
+    kernels return)."""
+    from hpcnn.backend import array_module
+    n, c, h, w = y.shape
+    out = array_module(y).empty((n, h, w, c), dtype=y.dtype)
+    out[...] = y.transpose(0, 2, 3, 1)
+    return out.transpose(0, 3, 1, 2)
 
 
 class _PartsSaved:

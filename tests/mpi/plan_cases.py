@@ -123,7 +123,19 @@ def cases(world):
         add("zigzag", "volume_small", lambda g, w: zigzag_plan(
             g, w, "zigzag", [{"d": 2}, {"n": 2}, {"w": 2}, {"c": 2}, {"h": 2}, {"n": 1}],
             [{"c": 2}, {"n": 2}, {"n": 1}]), "momentum", "3-D layout change on every edge")
-    elif P == 3:
+    if P in (2, 4):
+        add(f"c{P}", "mobilenet_small", lambda g, w: make_plan(
+            g, w, f"c{w}", lambda n: {"c": w} if n.kind != "input" else {"n": w}, {"c": 2}, {"n": 1}),
+            "momentum", "depthwise and grouped convs split over channels (no exchange into them)")
+        add("h2" if P == 2 else "h2w2", "mobilenet_small", lambda g, w: make_plan(
+            g, w, "h2" if w == 2 else "h2w2", {"h": 2} if w == 2 else {"h": 2, "w": 2}, {"n": w}, {"n": w}),
+            "nesterov", "depthwise and grouped convs split spatially (halos, stride 2)")
+        add(f"n{P}", "mobilenet_small", lambda g, w: make_plan(g, w, f"n{w}", {"n": w}, {"n": w}, {"n": w}),
+            "decay", "depthwise and grouped convs split over samples")
+    if P == 3:
+        add("c3", "mobilenet_small", lambda g, w: make_plan(
+            g, w, "c3", lambda n: {"c": 3} if n.kind != "input" else {"n": 3}, {"c": 3}, {"n": 3}),
+            "decay", "channel ranges that begin and end inside groups (32/3 over groups of 8)")
         add("h3", "lenet5", lambda g, w: make_plan(g, w, "h3", {"h": 3}, {"n": 3}, {"n": 3}),
             "momentum", "degree 3 on h, interior rank, uneven 28/3, 5/3")
         add("n3", "lenet5", lambda g, w: make_plan(g, w, "n3", {"n": 3}, {"c": 3}, {"n": 1},
