@@ -152,8 +152,10 @@ def run(args) -> int:
         result = {"checkpoint": str(path), "step": meta.get("step"), "model": ev.graph.name,
                   "split": job["data"]["test"], "samples": count, "accuracy": acc, "loss": loss,
                   "ranks": ev.world, "plan": ev.plan.name or job["plan"]["mode"], "seconds": seconds}
-        print(f"{path} (step {meta.get('step')}, {ev.graph.name}): test accuracy {acc:.4f}, loss {loss:.4f} "
-              f"on {count} images of {job['data']['test']!r} ({ev.world} ranks, plan "
+        score = (f"test accuracy {acc:.4f}, loss {loss:.4f}" if acc is not None else
+                 f"test loss {loss:.4f} (mean squared error per target)")
+        print(f"{path} (step {meta.get('step')}, {ev.graph.name}): {score} "
+              f"on {count} samples of {job['data']['test']!r} ({ev.world} ranks, plan "
               f"{result['plan']}, {seconds:.1f} s)", flush=True)
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=1) + "\n")

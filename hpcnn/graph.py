@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hpcnn.ops import Op, OpError, init_param, make_op
+from hpcnn.ops import LOSS_KINDS, Op, OpError, init_param, make_op
 from hpcnn.ops.base import ParamSpec
 
 
@@ -144,6 +144,25 @@ class Graph:
     def loss(self, x, name="loss"):
         return self.layer("softmax_xent", x, name)
 
+    def mse_loss(self, x, name="loss"):
+        """Mean squared error of the predictions ``x`` (N, K) against float
+        targets (N, K): a regression network's loss."""
+        return self.layer("mse", x, name)
+
+    # volumes (N, C, D, H, W)
+    def conv3d(self, x, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, name=None):
+        return self.layer("conv3d", x, name, out_channels=out_channels, kernel_size=kernel_size,
+                          stride=stride, padding=padding, dilation=dilation, bias=bias)
+
+    def maxpool3d(self, x, kernel_size, stride=None, padding=0, name=None):
+        return self.layer("maxpool3d", x, name, kernel_size=kernel_size, stride=stride, padding=padding)
+
+    def avgpool3d(self, x, kernel_size, stride=None, padding=0, name=None):
+        return self.layer("avgpool3d", x, name, kernel_size=kernel_size, stride=stride, padding=padding)
+
+    def tanh(self, x, scale=1.0, name=None):
+        return self.layer("tanh", [x], name, scale=scale)
+
     # ---- queries -------------------------------------------------------------
     def __iter__(self):
         return iter(self.nodes.values())
@@ -166,7 +185,7 @@ class Graph:
 
     @property
     def loss_name(self) -> str:
-        outs = [n.name for n in self if n.kind == "softmax_xent"]
+        outs = [n.name for n in self if n.kind in LOSS_KINDS]
         if len(outs) != 1:
             raise GraphError(f"graph {self.name!r} must have exactly one loss node, has {outs}")
         return outs[0]
@@ -178,6 +197,16 @@ class Graph:
     @property
     def batch(self) -> int:
         return self.nodes[self.input_name].shape[0]
+
+    def random_labels(self, rng, n: int | None = None) -> np.ndarray:
+        """Labels of ``n`` samples (default: the batch) for timing and
+        tests: class indices for a classifier, float targets in (-1, 1) for
+        a regression network (its loss is mse)."""
+        n = self.batch if n is None else int(n)
+        width = self.nodes[self.logits_name].shape[1]
+        if self.nodes[self.loss_name].kind == "mse":
+            return rng.uniform(-0.8, 0.8, size=(n, width))
+        return rng.integers(0, width, size=n)
 
     def initial_tensor(self, node: str, key: str, seed: int, dtype=np.float32) -> np.ndarray:
         """The whole logical tensor parameter (or buffer) ``key`` of
@@ -214,7 +243,7 @@ class Graph:
 
     def forward_flops(self) -> int:
         """Forward FLOPs of the whole batch (excluding the loss)."""
-        return sum(n.flops() for n in self if n.kind != "softmax_xent")
+        return sum(n.flops() for n in self if n.kind not in LOSS_KINDS)
 
     def to_dict(self) -> dict:
         return {"name": self.name,

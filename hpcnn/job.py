@@ -155,7 +155,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "plan": {
         "mode": Key(str, "search", help="search | data-parallel | a plan JSON file"),
         "machine": Key(str, "local", help="machine description for the search (name or file)"),
-        "memory_gib": Key((int, float), 0, _nonneg, "per-rank memory limit for the search (0 = none)"),
+        "memory_gib": Key((int, float), 0, _nonneg, "per-rank memory limit: the search fits its plan under it; "
+                          "a data-parallel or given plan above it is an error (0 = none)"),
         "save": Key(str, "", help="write the plan used to this file"),
         "trials": Key((int, str), "auto", _trials,
                       "after a search, time this many candidate plans (the searched one, the baselines, "

@@ -214,7 +214,7 @@ def _run_with_trials(args, batch, fail) -> int:
     rng = np.random.default_rng(0)
     dt = np.dtype(args.dtype)
     x = rng.standard_normal(g[g.input_name].shape).astype(dt)
-    y = rng.integers(0, g[g.logits_name].shape[1], size=g.batch)
+    y = g.random_labels(rng)
     run_trials(comm, g, cands, lambda box, i: (None if box is None else x[box.slices()], y),
                lambda: SGD(lr=0.01, momentum=0.9), dtype=dt, steps=args.trial_steps,
                log=(lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else None)

@@ -96,9 +96,12 @@ def choose_plan(job, graph, world: int, per_node: list[int] | None = None, warn=
         if line and warn is not None:
             warn(line)
         return search_plan(graph, world, machine, memory_gib=job["plan"]["memory_gib"] or None)
-    if mode == "data-parallel":
-        return data_parallel(graph, world), None
-    return Plan.load(job.resolve(mode)), None
+    plan = data_parallel(graph, world) if mode == "data-parallel" else Plan.load(job.resolve(mode))
+    if job["plan"]["memory_gib"]:
+        from hpcnn.strategy.planner import check_plan_memory
+        check_plan_memory(graph, plan, world, job["plan"]["machine"], job["plan"]["memory_gib"],
+                          dtype=job["job"]["dtype"])
+    return plan, None
 
 
 def augmentations(job):
@@ -193,12 +196,17 @@ class Trainer:
         from hpcnn.graph import GraphError
         from hpcnn.models.sources import build_network
         j = self.job
-        # the images' shape and classes: the training split's (an evaluation
+        # the samples' shape and classes: the training split's (an evaluation
         # opens only the test split)
         d = self.train_data if self.train_data is not None else self.test_data
-        c, h, w = d.sample_shape
+        c, *spatial = d.sample_shape
+        h, w = spatial[-2:]
         size = j["model"]["image_size"] or h
-        if size != h or h != w:
+        if len(spatial) == 3 and (size != h or len(set(spatial)) != 1):
+            raise JobFailure(f"model.image_size = {size} but the data's volumes are "
+                             f"{'x'.join(map(str, spatial))}; the volume networks take cubes of the data's side "
+                             f"(leave model.image_size at 0, or write the data at that size)")
+        if len(spatial) == 2 and (size != h or h != w):
             how = (f"set model.image_size = {h}" if h == w else
                    f"set augment.resize (and model.image_size) for a square centre crop")
             raise JobFailure(f"model.image_size = {size} but the data's images are {h}x{w}"
@@ -207,8 +215,15 @@ class Trainer:
         classes = j["model"]["num_classes"] or d.num_classes
         # the network is built for the micro-batch (train.accumulate of them per step)
         self.graph = agree(self.comm, lambda: build_network(j["model"], j["train"]["batch"] // self.accumulate,
-                                                            (c, h, w), classes, j.resolve),
+                                                            tuple(d.sample_shape), classes, j.resolve),
                            (GraphError, KeyError, ValueError))
+        loss_kind = self.graph[self.graph.loss_name].kind
+        want = "mse" if d.task == "regression" else "softmax_xent"
+        if loss_kind != want:
+            raise JobFailure(f"the data set {str(d.path)!r} is a {d.task} task but model "
+                             f"{self.graph.name!r} ends in a {loss_kind} loss: train a "
+                             f"{'regression model (cosmoflow, volume_small)' if want == 'mse' else 'classifier'} "
+                             f"on it")
         eps = j["train"]["label_smoothing"]
         if eps:
             self.graph[self.graph.loss_name].op.label_smoothing = eps
@@ -482,9 +497,9 @@ class Trainer:
         ev = j["train"]["eval_every"]
         if self.test_data is not None and ev and (pos.epoch + 1) % ev == 0 and pos.step < self.total:
             self.phase(f"evaluation after epoch {pos.epoch + 1}", "batch")
-            acc = self.test_accuracy()
-            self.log(f"epoch {pos.epoch + 1}/{self.epochs}: test accuracy {acc:.4f}")
-            self.metrics.write(kind="eval", step=pos.step, epoch=pos.epoch + 1, test_accuracy=acc)
+            key, value, note = self.test_metric()
+            self.log(f"epoch {pos.epoch + 1}/{self.epochs}: {key.replace('_', ' ')} {value:.4f}{note}")
+            self.metrics.write(kind="eval", step=pos.step, epoch=pos.epoch + 1, **{key: value})
         pos.epoch, pos.batch = pos.epoch + 1, 0
         if self.ckdir is not None and not j["checkpoint"]["every_steps"] and pos.checkpointed != pos.step:
             self.phase(f"checkpoint after epoch {pos.epoch}")
@@ -504,15 +519,17 @@ class Trainer:
         if self.ckdir is not None and pos.checkpointed != pos.step:
             self.phase("last checkpoint")
             self.checkpoint(pos)
-        acc = None
+        acc, final = None, {}
         if self.test_data is not None:
             self.phase("final evaluation", "batch")
-            acc = self.test_accuracy()
-            self.log(f"final test accuracy {acc:.4f} after {pos.step} steps")
+            key, acc, note = self.test_metric()
+            final = {key: acc}
+            self.log(f"final {key.replace('_', ' ')} {acc:.4f}{note} after {pos.step} steps")
         if pos.images and self.rank == 0:
             self.log(f"trained {pos.images} images in {elapsed:.1f} s ({pos.images / elapsed:.1f} images/s "
                      f"on {self.world} ranks)")
-        self.metrics.write(kind="final", step=pos.step, test_accuracy=acc, seconds=elapsed,
+        final.setdefault("test_accuracy", None)
+        self.metrics.write(kind="final", step=pos.step, **final, seconds=elapsed,
                            images_per_s=pos.images / elapsed if elapsed > 0 else None)
         self.metrics.close()
         self.phase("report")
@@ -542,39 +559,73 @@ class Trainer:
         self.save(self.ckdir, pos.step, pos.epoch, pos.batch)
         pos.checkpointed = pos.step
 
+    def test_metric(self) -> tuple:
+        """(metric name, value, note) on the test split: the accuracy of a
+        classifier; the mean squared error per target of a regression
+        network, noted beside the variance of the test targets (the error of
+        always predicting their mean)."""
+        if self.test_data.task != "regression":
+            return "test_accuracy", self.test_accuracy(), ""
+        loss = self.test_loss()
+        var = float(np.var(self.test_data.labels.astype(np.float64), axis=0).mean())
+        return "test_loss", loss, f" (variance of the targets {var:.4f})"
+
+    def _test_batches(self, on_batch=None):
+        """(x, labels, valid) of every test batch (the last short one padded
+        with repeated samples that ``valid`` leaves out).  ``on_batch(index,
+        batches)`` after each batch (progress)."""
+        d, B = self.test_data, self.graph.batch
+        box = self.model.input_box()
+        for index in range(d.num_batches):
+            rows = d.batch_indices(0, index)
+            n = len(rows)
+            if n < B:
+                rows = np.concatenate([rows, np.resize(rows, B - n)])
+            x = None
+            if box is not None:
+                x = d.read_rows(rows[box[0][0]:box[0][1]], box[1:])
+            yield x, d.labels[rows], np.arange(B) < n
+            if getattr(self, "watchdog", None) is not None:
+                self.watchdog.arrived(index)
+            if on_batch is not None:
+                on_batch(index, d.num_batches)
+
+    def test_loss(self) -> float:
+        """Mean loss per sample (per target, for MSE) over the test split in
+        inference mode."""
+        total = count = 0
+        for x, labels, valid in self._test_batches():
+            t, k = self.model.mean_loss(x, labels, valid=valid)
+            total += t
+            count += k
+        return total / max(1, count)
+
     def test_accuracy(self) -> float:
         """Accuracy on the test split (all of it: the last short batch is
         padded and the padding is not counted)."""
         return self.evaluate()[0]
 
     def evaluate(self, on_batch=None) -> tuple:
-        """(accuracy, mean cross-entropy, samples) on the test split in
-        inference mode, all of it: the last short batch is padded and the
-        padding is not counted.  ``on_batch(index, batches)`` after each
-        batch (progress)."""
-        d, B = self.test_data, self.graph.batch
-        box = self.model.input_box()
+        """(accuracy, mean loss, samples) on the test split in inference
+        mode, all of it: the last short batch is padded and the padding is
+        not counted.  A classifier's loss is the plain cross-entropy; a
+        regression network has no accuracy (None) and its loss is the mean
+        squared error per target."""
         correct = count = 0
-        nll = 0.0
-        for index in range(d.num_batches):
-            rows = d.batch_indices(0, index)
-            n = len(rows)
-            if n < B:
-                rows = np.concatenate([rows, np.resize(rows, B - n)])
-            labels = d.labels[rows]
-            valid = np.arange(B) < n
-            x = None
-            if box is not None:
-                x = d.read_rows(rows[box[0][0]:box[0][1]], box[1:])
+        total = 0.0
+        regression = self.test_data.task == "regression"
+        for x, labels, valid in self._test_batches(on_batch):
+            if regression:
+                t, k = self.model.mean_loss(x, labels, valid=valid)
+                total += t
+                count += k
+                continue
             c, k, loss = self.model.evaluate_batch(x, labels, valid=valid)
             correct += c
             count += k
-            nll += loss
-            if getattr(self, "watchdog", None) is not None:
-                self.watchdog.arrived(index)
-            if on_batch is not None:
-                on_batch(index, d.num_batches)
-        return correct / max(1, count), nll / max(1, count), count
+            total += loss
+        acc = None if regression else correct / max(1, count)
+        return acc, total / max(1, count), count
 
     def save(self, ckdir, step, epoch, batch_in_epoch):
         from hpcnn.checkpoint import save_checkpoint

@@ -183,3 +183,17 @@ def test_a_first_layer_has_a_key_of_its_own():
     for name, job in ((a, first[0]), (b, later[0])):
         ins, out, _ = cm.geometry(name).tile((1, 1, 1, 1))
         assert tile_key(g[name], ins, out, "float32", inputs_from_input(g, g[name])) == job.key
+
+
+def test_every_tile_of_a_volume_plan_can_be_timed():
+    """Calibration times the tiles of 3-D networks too: every layer of
+    volume_small under a d x h split, the mse loss with float targets."""
+    g = build_model("volume_small", batch=2)
+    from hpcnn.strategy.plan import uniform_plan
+    plan = uniform_plan(g, 4, {"d": 2, "h": 2}, fallback=lambda n: {"n": 2} if len(n.shape) < 5 else None)
+    jobs = plan_tile_jobs(g, [plan], "float32")
+    kinds = {j.node.kind for j in jobs.values()}
+    assert {"conv3d", "maxpool3d", "avgpool3d", "batchnorm", "mse"} <= kinds
+    for job in jobs.values():
+        if job.node.kind != "input":
+            assert run_tile(job, "float32", 1, np.random.default_rng(0)) > 0, job.node.name

@@ -129,6 +129,30 @@ def test_exchange_counts_on_explicit_ranks_equal_the_exchange_plan(P, R):
     assert _check_edges(every_op_graph(), P, R, pairs_per_edge=12, seed=P + R, explicit=True) > 150
 
 
+def every_volume_op_graph(batch=4):
+    """The 3-D ops on odd volumes: conv3d with stride, dilation and
+    asymmetric padding, max and average pooling, batch norm, global
+    pooling, flatten and the regression loss."""
+    g = Graph("every_volume_op")
+    x = g.input((batch, 2, 9, 7, 11))
+    c1 = g.conv3d(x, 4, 3, stride=2, padding=1)
+    b = g.bn(c1)
+    c2 = g.conv3d(b, 3, (3, 2, 2), padding=((1, 0), (0, 1), (2, 1)), dilation=(1, 2, 1))
+    p = g.maxpool3d(c2, 2, stride=1)
+    q = g.avgpool3d(c1, 3, stride=2, padding=1)
+    gp = g.global_avgpool(q)
+    f = g.flatten(p)
+    cat = g.concat([g.linear(f, 5), gp])
+    g.mse_loss(g.linear(cat, 3))
+    return g
+
+
+@pytest.mark.parametrize("P,R", [(4, 2), (6, 4), (8, 4)])
+def test_exchange_counts_equal_the_exchange_plan_on_volumes(P, R):
+    """The same on 5-D tensors: halos in three spatial dimensions and
+    redistributions between any volume layouts."""
+    assert _check_edges(every_volume_op_graph(), P, R, pairs_per_edge=25, seed=P + 7 * R) > 200
+    assert _check_edges(every_volume_op_graph(), P, R, pairs_per_edge=6, seed=P, explicit=True) > 40
 def grouped_graph(batch=6):
     """Grouped convolutions whose channel ranges need only their groups'
     input channels: depthwise (multiplier 1 and 2, stride 2) and 3 groups,

@@ -18,7 +18,8 @@ WORLD = 8
 @st.composite
 def layouts(draw, shape=None, max_k=WORLD):
     if shape is None:
-        shape = tuple(draw(st.lists(st.integers(1, 9), min_size=4, max_size=4)))
+        # images (n, c, h, w) and volumes (n, c, d, h, w)
+        shape = tuple(draw(st.lists(st.integers(1, 9), min_size=4, max_size=5)))
     degrees, k = [], 1
     for s in shape:
         d = draw(st.integers(1, max(1, min(s, max_k // k))))
@@ -115,7 +116,7 @@ def test_own_tiles_are_the_identity(src):
 @given(layouts(), layouts())
 def test_identity_only_when_every_need_is_the_own_tile(a, b):
     if a.shape != b.shape:
-        b = Layout(a.shape, (1, 1, 1, 1), b.ranks[:1])
+        b = Layout(a.shape, (1,) * len(a.shape), b.ranks[:1])
     plan = ExchangePlan.compile(a, b.boxes(), 4)
     expect = all(r in a and a.box(r) == b.box(r) for r in b.ranks)
     assert plan.identity == expect

@@ -93,7 +93,7 @@ def test_other_layout_errors_name_the_problem():
         Layout((4, 4), (2, 1), ranks=(1, 1))
     with pytest.raises(LayoutError, match="at least 1"):
         Layout((4, 4), (0, 1))
-    with pytest.raises(LayoutError, match="1, 2 or 4 dimensions"):
+    with pytest.raises(LayoutError, match="1, 2, 4 or 5 dimensions"):
         Layout((4, 4, 4), (1, 1, 1))
     with pytest.raises(LayoutError, match="does not have"):
         degrees_from_config((8, 10), {"n": 2, "h": 2})

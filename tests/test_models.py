@@ -92,12 +92,13 @@ def test_min_size_is_exact(name):
     g = build_model(name, image_size=spec.min_size, batch=1)
     assert g[g.logits_name].shape == (1, spec.num_classes)
     if spec.min_size > 1:
-        with pytest.raises(ModelError, match=f"at least {spec.min_size}x{spec.min_size}"):
+        nd = len(spec.image_size)
+        with pytest.raises(ModelError, match="at least " + "x".join([str(spec.min_size)] * nd)):
             build_model(name, image_size=spec.min_size - 1)
         # the check is the layers' own: the builder itself fails one below
         from hpcnn.graph import GraphError
         with pytest.raises(GraphError):
-            spec.builder(1, spec.in_channels, (spec.min_size - 1,) * 2, 10)
+            spec.builder(1, spec.in_channels, (spec.min_size - 1,) * nd, 10)
 
 
 def test_classifier_pool_at_other_sizes():
@@ -259,3 +260,52 @@ def test_models_command_json_and_table():
     rc, out = _cli("models")
     assert rc == 0
     assert "138,357,544" in out and "inception_v3" in out and "3x299x299" in out
+
+
+def test_cosmoflow_is_the_mlperf_reference_network():
+    """5 conv3d (32..512 filters, kernel 2, 'same') + leaky ReLU + max pool,
+    fc 128, 64, 4, 1.2 tanh; parameter count from the layer formula."""
+    g = build_model("cosmoflow", batch=2)
+    assert g[g.input_name].shape == (2, 4, 128, 128, 128)
+    assert [g[f"conv{i}"].shape for i in range(1, 6)] == [
+        (2, 32 * 2 ** i, 128 >> i, 128 >> i, 128 >> i) for i in range(5)]
+    assert g["pool5"].shape == (2, 512, 4, 4, 4)
+    assert g["flatten"].shape == (2, 512 * 64)
+    assert g.logits_name == "output" and g["output"].shape == (2, 4)
+    assert g["loss"].kind == "mse"
+    chans = [4, 32, 64, 128, 256, 512]
+    conv = sum(chans[i + 1] * (chans[i] * 8 + 1) for i in range(5))
+    fc = 128 * (512 * 64 + 1) + 64 * (128 + 1) + 4 * (64 + 1)
+    assert g.num_params() == conv + fc
+    small = build_model("cosmoflow", batch=1, image_size=32)
+    assert small["pool5"].shape == (1, 512, 1, 1, 1)
+
+
+def test_volume_small_trains_forward_backward_against_a_central_difference():
+    g = build_model("volume_small", batch=3)
+    assert g[g.input_name].shape == (3, 2, 12, 10, 14)
+    model = SequentialModel(g, dtype=np.float64, seed=3)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 12, 10, 14))
+    y = rng.standard_normal((3, 3)) * 0.5
+    loss, _ = model.forward(x, labels=y, training=True)
+    grads = model.backward()
+    d = {(n, k): rng.standard_normal(v.shape) for n, ps in model.params.items() for k, v in ps.items()}
+    analytic = sum(float((grads[n][k] * v).sum()) for (n, k), v in d.items())
+    base = {(n, k): model.params[n][k].copy() for (n, k) in d}
+
+    def loss_at(eps):
+        for (n, k), v in d.items():
+            model.params[n][k][...] = base[(n, k)] + eps * v
+        val, _ = model.forward(x, labels=y, training=True)
+        return val
+    errs = [abs((loss_at(e) - loss_at(-e)) / (2 * e) - analytic) for e in (1e-5, 1e-6)]
+    assert min(errs) <= 1e-6 * abs(analytic) + 1e-9, (analytic, errs)
+
+
+def test_random_labels_fit_the_loss():
+    rng = np.random.default_rng(0)
+    y = build_model("volume_small", batch=3).random_labels(rng)
+    assert y.shape == (3, 3) and y.dtype.kind == "f" and np.all(np.abs(y) < 1)
+    c = build_model("lenet5", batch=5).random_labels(rng)
+    assert c.shape == (5,) and c.dtype.kind == "i" and c.min() >= 0 and c.max() < 10

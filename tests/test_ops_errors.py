@@ -22,8 +22,8 @@ def test_unknown_op_kind_lists_known_ops():
         make_op("convolution", "c1")
     g = Graph()
     x = g.input((1, 3, 8, 8))
-    with pytest.raises(GraphError, match=r"'c1'.*unknown op 'conv3d'"):
-        g.layer("conv3d", x, "c1")
+    with pytest.raises(GraphError, match=r"'c1'.*unknown op 'conv4d'"):
+        g.layer("conv4d", x, "c1")
 
 
 @pytest.mark.parametrize("kind,attrs,bad", [
@@ -59,7 +59,7 @@ def test_unknown_attribute(kind, attrs, bad):
     ("batchnorm", dict(momentum=1.5), r"momentum must be in \[0, 1\], got 1.5"),
     ("input", dict(shape=(4, 0, 8, 8)), r"shape must be positive, got 0"),
     ("input", dict(shape=(4, 3, -8, 8)), r"shape must be positive, got -8"),
-    ("input", dict(shape=(4, 3, 8)), r"shape must be \(N, C, H, W\) or \(N, F\)"),
+    ("input", dict(shape=(4, 3, 8)), r"shape must be \(N, C, H, W\), \(N, C, D, H, W\) or \(N, F\)"),
 ])
 def test_bad_attribute_values(kind, attrs, needle):
     with pytest.raises(OpError, match=rf"layer 'bad' \({kind}\): .*{needle}"):
@@ -116,6 +116,11 @@ VALID = {
     "clip": (dict(lo=0.0, hi=6.0), [(2, 3, 4, 4)]),
     "hardswish": ({}, [(2, 3, 4, 4)]),
     "channel_scale": ({}, [(2, 3, 4, 4), (2, 3)]),
+    "conv3d": (dict(out_channels=2, kernel_size=2, padding=((0, 1), (0, 1), (0, 1))), [(2, 3, 3, 4, 5)]),
+    "maxpool3d": (dict(kernel_size=2), [(2, 3, 4, 4, 4)]),
+    "avgpool3d": (dict(kernel_size=2), [(2, 3, 4, 4, 4)]),
+    "tanh": (dict(scale=1.2), [(2, 3, 4, 4)]),
+    "mse": ({}, [(2, 4)]),
 }
 
 

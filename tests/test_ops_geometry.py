@@ -23,10 +23,14 @@ import zlib
 import numpy as np
 import pytest
 
-from hpcnn.ops import TileContext, clip_box, full_box, kernel_set, make_op
+from hpcnn.ops import TileContext, clip_box, dims_of, full_box, kernel_set, make_op
 from hpcnn.parallel.layout import split_bounds
 
-DIMS = ("n", "c", "h", "w")
+
+
+def split_dims(op, shape) -> tuple:
+    """The dimensions of an output of ``shape`` the op may split."""
+    return tuple(d for d in dims_of(shape) if d in op.splittable)
 
 
 def sl(box):
@@ -67,10 +71,27 @@ CASES = [
     ("add", "add", {}, [(3, 4, 5, 6)] * 3, False),
     ("flatten", "flatten", {}, [(3, 2, 3, 4)], False),
     ("loss", "softmax_xent", {}, [(7, 6)], False),
+    # volumes (N, C, D, H, W)
+    ("conv3d", "conv3d", dict(out_channels=3, kernel_size=3, padding=1), [(2, 2, 5, 4, 6)], True),
+    ("conv3d_s2_d2_asym", "conv3d", dict(out_channels=2, kernel_size=(3, 2, 2), stride=(2, 1, 2),
+                                         padding=((1, 0), (0, 1), (2, 1)), dilation=(1, 2, 1)),
+     [(2, 2, 7, 6, 5)], True),
+    ("conv3d_k2_same", "conv3d", dict(out_channels=3, kernel_size=2, padding=((0, 1),) * 3),
+     [(2, 2, 5, 4, 3)], True),
+    ("maxpool3d", "maxpool3d", dict(kernel_size=2), [(2, 2, 6, 5, 4)], False),
+    ("maxpool3d_s1_pad", "maxpool3d", dict(kernel_size=3, stride=(2, 1, 2), padding=((1, 0), 1, 0),
+                                           dilation=(1, 1, 2)), [(2, 2, 7, 5, 8)], False),
+    ("avgpool3d", "avgpool3d", dict(kernel_size=3, stride=2, padding=1), [(2, 2, 7, 5, 6)], False),
+    ("gap3d", "global_avgpool", {}, [(3, 4, 3, 4, 5)], False),
+    ("bn5d", "batchnorm", dict(momentum=0.2), [(2, 3, 4, 3, 5)], True),
+    ("leaky5d", "leaky_relu", dict(negative_slope=0.2), [(2, 3, 4, 3, 5)], False),
+    ("tanh", "tanh", dict(scale=1.2), [(3, 4, 5, 6)], False),
+    ("flatten5d", "flatten", {}, [(3, 2, 2, 3, 2)], False),
+    ("mse", "mse", {}, [(7, 4)], False),
 ]
 # sliding-window ops run with both kernel sets (fast channels-last GEMM
 # kernels and the reference fallback); the others have one implementation
-WINDOW_KINDS = ("conv2d", "maxpool2d", "avgpool2d")
+WINDOW_KINDS = ("conv2d", "maxpool2d", "avgpool2d", "conv3d", "maxpool3d", "avgpool3d")
 CASES = [c + (k,) for c in CASES for k in (("fast", "reference") if c[1] in WINDOW_KINDS else ("fast",))]
 IDS = [c[0] + ("-ref" if c[-1] == "reference" else "") for c in CASES]
 
@@ -89,6 +110,8 @@ def make_case(kind, attrs, shapes, has_params, rng):
     buffers = {k: (np.abs(rng.standard_normal(spec.shape)) + 0.5)
                for k, spec in op.buffer_specs(shapes).items()}
     labels = rng.integers(0, shapes[0][1], shapes[0][0]) if kind == "softmax_xent" else None
+    if kind == "mse":
+        labels = rng.standard_normal(shapes[0])
     return op, xs, params, buffers, labels
 
 
@@ -150,7 +173,7 @@ def run_tile(op, xs, params, buffers, out_box, training, labels, dy=None, allred
 
 def random_box(shape, splittable, rng):
     box = []
-    for d, s in zip(DIMS, shape):
+    for d, s in zip(dims_of(shape), shape):
         if d in splittable:
             lo = int(rng.integers(0, s))
             hi = int(rng.integers(lo + 1, s + 1))
@@ -179,7 +202,7 @@ def test_random_output_box_reads_only_its_input_box(name, kind, attrs, shapes, h
     training = kind != "batchnorm"
     out_shape = op.infer_shape(shapes)
     _, y_whole, _, _, _ = run_tile(op, xs, params, buffers, full_box(out_shape), training, labels)
-    splittable = op.splittable[:len(out_shape)]
+    splittable = split_dims(op, out_shape)
     for _ in range(12):
         box = random_box(out_shape, splittable, rng)
         ctx, y, _, _, _ = run_tile(op, xs, params, buffers, box, training, labels)
@@ -242,7 +265,7 @@ def test_tile_backward_over_a_partition_sums_to_the_whole(name, kind, attrs, sha
     op, xs, params, buffers, labels = make_case(kind, attrs, shapes, has_params, rng)
     out_shape = op.infer_shape(shapes)
     dy = rng.standard_normal(out_shape)
-    splittable = op.splittable[:len(out_shape)]
+    splittable = split_dims(op, out_shape)
     trainings = [True, False] if kind in ("batchnorm", "dropout") else [True]
     for training in trainings:
         ctx_w, y_w, dxs_w, dp_w, buf_w = run_tile(op, xs, params, buffers, full_box(out_shape),
@@ -252,9 +275,9 @@ def test_tile_backward_over_a_partition_sums_to_the_whole(name, kind, attrs, sha
             dx_w[i][sl(clip_box(ctx_w.in_boxes[i], xs[i].shape))] = g
         for trial in range(4):
             degrees = [int(rng.integers(1, min(3, s) + 1)) if d in splittable else 1
-                       for d, s in zip(DIMS, out_shape)]
+                       for d, s in zip(dims_of(out_shape), out_shape)]
             if trial == 0:   # always include the finest split allowed
-                degrees = [min(3, s) if d in splittable else 1 for d, s in zip(DIMS, out_shape)]
+                degrees = [min(3, s) if d in splittable else 1 for d, s in zip(dims_of(out_shape), out_shape)]
             boxes, results = run_partition(op, xs, params, buffers, degrees, training, labels, dy)
             y = np.full(out_shape, np.nan)
             dx = [np.zeros(x.shape) for x in xs]

@@ -1,7 +1,7 @@
 """``hpcnn bench kernels``: hpcnn's CPU kernels side by side with PyTorch CPU
 in the same process, with the same number of threads.
 
-Two parts:
+Four parts:
   conv  forward+backward (input and weight gradients) of the convolution
         layers of ResNet-50 (the 7x7/2 stem, and per stage the bottleneck's
         1x1 reduce, 3x3, 1x1 expand, the strided 3x3 and the strided 1x1
@@ -9,6 +9,9 @@ Two parts:
         --conv-size real) or scaled to 64x64 images (16/8/4/2, the default).
         The stem reads the network input, so as in training neither side
         computes its input gradient.
+  conv3d forward+backward of CosmoFlow's five 3-D convolutions at batch 1
+        and a 128^3 input (--volume-size, --volume-batch), against
+        torch.nn.functional.conv3d (bench/kernels3d.py).
   depthwise  forward+backward of the depthwise 3x3 convolutions of
         MobileNet-V2 (per stage, stride 1 and 2; inputs at the real sizes
         112/56/28/14/7 or scaled to 64x64 images), a depthwise layer with
@@ -82,7 +85,7 @@ DEPTHWISE_CONVS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--part", choices=["all", "conv", "depthwise", "step"], default="all",
+    p.add_argument("--part", choices=["all", "conv", "conv3d", "depthwise", "step"], default="all",
                    help="what to time (default: all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: hpcnn on NumPy against PyTorch CPU (default); cuda: hpcnn on CuPy "
@@ -97,6 +100,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-size", choices=["scaled", "real"], default="scaled",
                    help="conv layer inputs at 64x64-scaled sizes (16/8/4/2, default) or the "
                         "real ImageNet sizes (56/28/14/7)")
+    p.add_argument("--volume-size", type=int, default=128,
+                   help="conv3d part: CosmoFlow input side (default 128, the reference's)")
+    p.add_argument("--volume-batch", type=int, default=1, help="conv3d part: batch (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up repeats")
     p.add_argument("--kernels", choices=["fast", "reference"], default="fast",
@@ -392,6 +398,9 @@ def run(args) -> int:
                        "ratio_total": sum(r["torch_ms"] for r in rows) / sum(r["hpcnn_ms"] for r in rows)}
         print(f"{'all conv layers':22s} ratio of total times {out['conv']['ratio_total']:.2f}, "
               f"median ratio {out['conv']['ratio_median']:.2f}")
+    if args.part in ("all", "conv3d"):
+        from hpcnn.bench.kernels3d import bench_conv3d
+        out["conv3d"] = bench_conv3d(torch, args, _median_pair, _to_hpcnn, _to_torch, _sync)
     if args.part in ("all", "depthwise"):
         sizes = "real 112/56/28/14/7" if args.conv_size == "real" else "64x64-scaled 32/16/8/4/2"
         print(f"\nMobileNet-V2 depthwise and ResNeXt grouped conv layers, forward+backward (dx, dW), "

@@ -249,7 +249,7 @@ def _measure(args) -> dict:
     jobs = plan_tile_jobs(g, list(unique.values()), dtype)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(g[g.input_name].shape).astype(dtype)
-    y = rng.integers(0, g[g.logits_name].shape[1], size=g.batch)
+    y = g.random_labels(rng)
     runs = []
     for key, plan in unique.items():
         dm = DistributedModel(g, plan, world, dtype=dtype, seed=0, backend=backend, setup=False,

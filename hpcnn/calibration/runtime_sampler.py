@@ -233,7 +233,7 @@ class TimedNetwork:
         self.dm = DistributedModel(g, plan, comm, dtype=dt, seed=0, backend=Backend("numpy"), setup=False)
         rng = np.random.default_rng(0)
         x = rng.standard_normal(g[g.input_name].shape).astype(dt)
-        self.y = rng.integers(0, g[g.logits_name].shape[1], size=g.batch)
+        self.y = g.random_labels(rng)
         box = self.dm.input_box()
         self.xt = x[box.slices()] if box is not None else None
         self.sgd = SGD(lr=0.01, momentum=0.9)          # as hpcnn bench model trains

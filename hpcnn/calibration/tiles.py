@@ -170,6 +170,8 @@ def random_tile(job: TileJob, dtype, rng) -> tuple:
     labels = None
     if node.kind == "softmax_xent":
         labels = rng.integers(0, node.in_shapes[0][1], obox[0][1] - obox[0][0])
+    elif node.kind == "mse":
+        labels = rng.uniform(-0.8, 0.8, (obox[0][1] - obox[0][0], node.in_shapes[0][1])).astype(dt)
     ctx = TileContext(out_box=tuple(obox), in_boxes=in_boxes, in_shapes=list(node.in_shapes),
                       out_shape=tuple(node.shape), training=True, labels=labels, input_grads=job.input_grads)
     return xs, params, buffers, ctx

@@ -1,4 +1,4 @@
-"""``hpcnn data digits|convert|synth``: make HDF5 data sets in the layout of
+"""``hpcnn data digits|convert|synth|cosmo``: make HDF5 data sets in the layout of
 docs/data-format.md."""
 from __future__ import annotations
 
@@ -52,6 +52,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    v = sub.add_parser("cosmo", help="CosmoFlow-like volumes: Gaussian random fields whose power spectrum "
+                                     "sets 4 regression targets (no download)",
+                       description="Write cubic volumes of 4 channels (a Gaussian random field seen at 4 "
+                                   "epochs as a log-normal density) whose power spectrum (amplitude, "
+                                   "spectral index, cutoff, growth) is set by 4 targets uniform in [-1, 1] "
+                                   "(hpcnn/data/cosmo.py); train it with jobs/cosmoflow.toml.")
+    v.add_argument("-o", "--output", required=True, metavar="FILE", help="HDF5 file to write")
+    v.add_argument("-n", "--samples", type=int, default=512, help="training samples (default 512)")
+    v.add_argument("--test-samples", type=int, default=128, help="test samples (default 128)")
+    v.add_argument("--size", type=int, default=32, help="voxels per side (default 32; CosmoFlow: 128)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+
 
 def _progress(total, quiet, desc):
     if quiet or not sys.stderr.isatty():
@@ -72,8 +85,9 @@ def _summary(path) -> str:
             parts.append(f"{g}: {ds.num_samples} x {'x'.join(map(str, ds.sample_shape))} "
                          f"{ds.stored_dtype}")
             classes = ds.num_classes
+            what = "regression targets" if ds.task == "regression" else "classes"
     size = Path(path).stat().st_size
-    return f"wrote {path} ({size / 2**20:.1f} MiB): " + ", ".join(parts) + f"; {classes} classes"
+    return f"wrote {path} ({size / 2**20:.1f} MiB): " + ", ".join(parts) + f"; {classes} {what}"
 
 
 def run(args) -> int:
@@ -82,6 +96,15 @@ def run(args) -> int:
         if args.data_command == "digits":
             from hpcnn.data.digits import write_digits
             path = write_digits(args.output, args.size, args.test_fraction, args.seed)
+        elif args.data_command == "cosmo":
+            from hpcnn.data.cosmo import write_cosmo
+            bar, update = _progress(args.samples + args.test_samples, args.quiet, "cosmo")
+            try:
+                path = write_cosmo(args.output, args.samples, args.test_samples, args.size, args.seed,
+                                   progress=update)
+            finally:
+                if bar is not None:
+                    bar.close()
         elif args.data_command == "synth":
             import numpy as np
             from hpcnn.data.synth import write_synth

@@ -111,32 +111,30 @@ class HDF5Dataset:
                                 f"see docs/data-format.md")
         images, labels = g[IMAGES], g[LABELS]
         name = f"{where}, dataset {images.name!r}"
-        if images.ndim != 4:
+        if images.ndim not in (4, 5):
             hint = " (add a channel axis: N x 1 x H x W)" if images.ndim == 3 else ""
-            raise DataError(f"{name} must be 4-dimensional N x C x H x W, got shape {images.shape}{hint}")
+            raise DataError(f"{name} must be 4-dimensional N x C x H x W, got shape {images.shape}{hint} "
+                            f"(or 5-dimensional N x C x D x H x W for volumes)")
         if images.dtype != np.uint8 and images.dtype.kind != "f":
             raise DataError(f"{name} must hold uint8 or floating-point values, got {images.dtype}")
         if images.shape[0] < 1 or min(images.shape[1:]) < 1:
             raise DataError(f"{name} is empty (shape {images.shape})")
         lname = f"{where}, dataset {labels.name!r}"
-        if labels.ndim != 1:
-            raise DataError(f"{lname} must be 1-dimensional (N,), got shape {labels.shape}")
-        if labels.shape[0] != images.shape[0]:
+        self.task = "regression" if _attr(f, "task", "classification") == "regression" else "classification"
+        if labels.shape[:1] != images.shape[:1]:
             raise DataError(f"{lname} has {labels.shape[0]} labels but {images.name!r} has "
                             f"{images.shape[0]} images")
-        if labels.dtype.kind not in "iu":
-            raise DataError(f"{lname} must hold integers, got {labels.dtype}")
-        self.labels = labels[...].astype(np.int64)
-        num_classes = _attr(g, "num_classes", _attr(f, "num_classes"))
-        if num_classes is None:
-            num_classes = int(self.labels.max()) + 1
-        self.num_classes = int(num_classes)
-        bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
-        if bad.size:
-            i = int(bad[0])
-            raise DataError(f"{lname}: label {int(self.labels[i])} of sample {i} is outside "
-                            f"[0, {self.num_classes}) ({bad.size} labels out of range); "
-                            f"fix the labels or the num_classes attribute")
+        if self.task == "regression":
+            if labels.ndim != 2 or labels.dtype.kind != "f":
+                raise DataError(f"{lname} of a regression data set must hold float targets N x K, "
+                                f"got shape {labels.shape} and dtype {labels.dtype}")
+            self.labels = labels[...].astype(np.float32)
+            self.num_classes = int(labels.shape[1])        # the network's outputs
+            names = _attr(f, "target_names")
+            self.target_names = None if names is None else [
+                n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        else:
+            self._class_labels(g, f, labels, lname)
         self._images = images
         self.num_samples = int(images.shape[0])
         self.sample_shape = tuple(int(s) for s in images.shape[1:])
@@ -186,6 +184,25 @@ class HDF5Dataset:
             raise DataError(f"batch_size {self.batch_size} is larger than the {self.num_samples} samples "
                             f"of group {self.group!r} in {where}; use a smaller batch or drop_last=False")
 
+    def _class_labels(self, g, f, labels, lname):
+        """Integer class labels in [0, num_classes)."""
+        if labels.ndim != 1:
+            raise DataError(f"{lname} must be 1-dimensional (N,), got shape {labels.shape}")
+        if labels.dtype.kind not in "iu":
+            raise DataError(f"{lname} must hold integers, got {labels.dtype}")
+        self.labels = labels[...].astype(np.int64)
+        num_classes = _attr(g, "num_classes", _attr(f, "num_classes"))
+        if num_classes is None:
+            num_classes = int(self.labels.max()) + 1
+        self.num_classes = int(num_classes)
+        self.target_names = None
+        bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{lname}: label {int(self.labels[i])} of sample {i} is outside "
+                            f"[0, {self.num_classes}) ({bad.size} labels out of range); "
+                            f"fix the labels or the num_classes attribute")
+
     def _set_transform(self, transform):
         """Images as the network sees them: ``sample_shape`` becomes the
         transformed shape; a transform that changes nothing is dropped."""
@@ -193,6 +210,12 @@ class HDF5Dataset:
         if transform is None:
             return
         hw = self.stored_shape[1:]
+        if len(hw) != 2:
+            if not transform.random and not transform.resize and transform.size is None:
+                return                          # nothing to do: volumes are fed as stored
+            raise DataError(f"data file {str(self.path)!r}, group {self.group!r} holds volumes "
+                            f"{'x'.join(map(str, self.stored_shape))}: the augmentations (crops, flips, "
+                            f"resizing) are for images; remove the job's [augment] section")
         try:
             transform.check(hw, where=f"data file {str(self.path)!r}, group {self.group!r}: ")
         except ValueError as exc:
@@ -265,9 +288,10 @@ class HDF5Dataset:
             b = Box(box)
         except (TypeError, ValueError, IndexError):
             raise DataError(f"box must be ((n0, n1), (c0, c1), (h0, h1), (w0, w1)), got {box!r}") from None
-        if b.ndim != 4 or not Box.full(shape).contains(b) or any(hi < lo for lo, hi in b):
+        if b.ndim != len(shape) or not Box.full(shape).contains(b) or any(hi < lo for lo, hi in b):
             raise DataError(f"box {b!r} does not lie inside batch {index} of shape {shape} "
-                            f"(N x C x H x W) of {str(self.path)!r}")
+                            f"({'N x C x D x H x W' if len(shape) == 5 else 'N x C x H x W'}) of "
+                            f"{str(self.path)!r}")
         return b
 
     def read(self, epoch: int, index: int, box=None):
@@ -280,7 +304,8 @@ class HDF5Dataset:
 
     def read_rows(self, rows, chw=None, epoch: int = 0) -> np.ndarray:
         """Images of file rows ``rows`` (any order, repeats allowed),
-        restricted to the (c, h, w) ranges ``chw`` of the network's input,
+        restricted to the (c, h, w) ranges ``chw`` ((c, d, h, w) for
+        volumes: a rank reads only its 3-D box) of the network's input,
         converted to floats (and transformed as at ``epoch``)."""
         if self.transform is not None:
             x = self._read_transformed(rows, chw, epoch)
@@ -289,8 +314,9 @@ class HDF5Dataset:
         if self.normalize:
             c0 = 0 if chw is None else chw[0][0]
             c1 = c0 + x.shape[1]
-            x *= self._scale[c0:c1, None, None]
-            x += self._shift[c0:c1, None, None]
+            per = (-1,) + (1,) * (x.ndim - 2)          # broadcast over the spatial axes
+            x *= self._scale[c0:c1].reshape(per)
+            x += self._shift[c0:c1].reshape(per)
         return x
 
     def _read_transformed(self, rows, chw, epoch) -> np.ndarray:

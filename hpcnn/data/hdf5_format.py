@@ -5,7 +5,10 @@ be written.
     /                     attrs: format, format_version, num_classes, source,
                                  mean (C,), std (C,), class_names (optional)
     /train/images         (N, C, H, W) uint8 or float32, chunked along N
-    /train/labels         (N,) int64 in [0, num_classes)
+                          (volumes: (N, C, D, H, W))
+    /train/labels         (N,) int64 in [0, num_classes); a regression data
+                          set (root attr task = "regression") holds float32
+                          targets (N, num_classes) instead
     /test/images, /test/labels   (same)
 
 A file may instead hold a single split as /images and /labels.
@@ -66,9 +69,10 @@ class _ChannelStats:
 
     def add(self, images):
         x = np.asarray(images, dtype=np.float64)
-        self.n += x.shape[0] * x.shape[2] * x.shape[3]
-        self.s += x.sum(axis=(0, 2, 3))
-        self.ss += np.square(x).sum(axis=(0, 2, 3))
+        axes = (0,) + tuple(range(2, x.ndim))          # every axis but the channels
+        self.n += x.size // max(1, x.shape[1])
+        self.s += x.sum(axis=axes)
+        self.ss += np.square(x).sum(axis=axes)
 
     def mean_std(self):
         if self.n == 0:
@@ -82,15 +86,18 @@ class _ChannelStats:
 class SplitWriter:
     """Fills one split (group) of an image file, block by block, in order."""
 
-    def __init__(self, h5, group: str, n: int, sample_shape, dtype, num_classes, stats):
+    def __init__(self, h5, group: str, n: int, sample_shape, dtype, num_classes, stats,
+                 task="classification"):
         self.group_name = group
         self.n = int(n)
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.dtype = np.dtype(dtype)
         self.num_classes = num_classes
         self.stats = stats
-        if len(self.sample_shape) != 3:
-            raise DataError(f"images are stored as N x C x H x W; got a sample shape {self.sample_shape}")
+        self.task = task
+        if len(self.sample_shape) not in (3, 4):
+            raise DataError(f"images are stored as N x C x H x W (volumes N x C x D x H x W); got a "
+                            f"sample shape {self.sample_shape}")
         if self.dtype not in STORED_DTYPES:
             raise DataError(f"images are stored as uint8 or float32, got {self.dtype}")
         if self.n < 1:
@@ -99,7 +106,10 @@ class SplitWriter:
         rows = min(self.n, chunk_rows(self.sample_shape, self.dtype.itemsize))
         self.images = g.create_dataset(IMAGES, shape=(self.n,) + self.sample_shape, dtype=self.dtype,
                                        chunks=(rows,) + self.sample_shape)
-        self.labels = g.create_dataset(LABELS, shape=(self.n,), dtype=np.int64)
+        if task == "regression":        # float targets, num_classes of them per sample
+            self.labels = g.create_dataset(LABELS, shape=(self.n, num_classes), dtype=np.float32)
+        else:
+            self.labels = g.create_dataset(LABELS, shape=(self.n,), dtype=np.int64)
         self.pos = 0
 
     def append(self, images, labels):
@@ -109,6 +119,9 @@ class SplitWriter:
         if images.shape[1:] != self.sample_shape:
             raise DataError(f"split {self.group_name!r}: a block of images has sample shape "
                             f"{images.shape[1:]}, expected {self.sample_shape}")
+        if self.task == "regression":
+            self._append_targets(images, labels, k)
+            return
         if labels.shape != (k,):
             raise DataError(f"split {self.group_name!r}: {k} images but labels of shape {labels.shape}")
         if labels.dtype.kind not in "iu":
@@ -122,6 +135,21 @@ class SplitWriter:
             raise DataError(f"split {self.group_name!r}: uint8 split given {images.dtype} images")
         self.images[self.pos:self.pos + k] = images.astype(self.dtype, copy=False)
         self.labels[self.pos:self.pos + k] = labels.astype(np.int64)
+        if self.stats is not None:
+            self.stats.add(images)
+        self.pos += k
+
+    def _append_targets(self, images, targets, k):
+        if targets.shape != (k, self.num_classes):
+            raise DataError(f"split {self.group_name!r}: {k} samples need targets of shape "
+                            f"({k}, {self.num_classes}), got {targets.shape}")
+        if targets.dtype.kind != "f" or not np.all(np.isfinite(targets)):
+            raise DataError(f"split {self.group_name!r}: regression targets must be finite floats, "
+                            f"got dtype {targets.dtype}")
+        if self.pos + k > self.n:
+            raise DataError(f"split {self.group_name!r}: {self.pos + k} samples written, only {self.n} declared")
+        self.images[self.pos:self.pos + k] = images.astype(self.dtype, copy=False)
+        self.labels[self.pos:self.pos + k] = targets.astype(np.float32)
         if self.stats is not None:
             self.stats.add(images)
         self.pos += k
@@ -142,8 +170,12 @@ class ImageFileWriter:
     """
 
     def __init__(self, path, num_classes: int, source: str = "", class_names=None,
-                 mean=None, std=None):
+                 mean=None, std=None, task: str = "classification", target_names=None):
         import h5py
+        if task not in ("classification", "regression"):
+            raise DataError(f"task must be 'classification' or 'regression', got {task!r}")
+        self.task = task
+        self.target_names = None if target_names is None else [str(t) for t in target_names]
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +202,7 @@ class ImageFileWriter:
         stats = None
         if not self.splits and self.fixed_mean is None:
             stats = self.stats = _ChannelStats(int(sample_shape[0]))
-        w = SplitWriter(self.h5, group, n, sample_shape, dtype, self.num_classes, stats)
+        w = SplitWriter(self.h5, group, n, sample_shape, dtype, self.num_classes, stats, self.task)
         self.splits.append(w)
         return w
 
@@ -194,6 +226,11 @@ class ImageFileWriter:
             if self.class_names is not None:
                 import h5py
                 a["class_names"] = np.array(self.class_names, dtype=h5py.string_dtype())
+            if self.task == "regression":
+                import h5py
+                a["task"] = "regression"
+                if self.target_names is not None:
+                    a["target_names"] = np.array(self.target_names, dtype=h5py.string_dtype())
             self.h5.close()
             os.replace(self.tmp, self.path)
         except BaseException:

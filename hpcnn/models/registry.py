@@ -1,10 +1,12 @@
 """The model registry and ``build_model``.
 
 ``MODELS`` maps each name to a ModelSpec: its builder, default input
-(channels, height, width), default number of classes and the smallest input
-side its layers accept.  ``build_model`` validates the request and returns
-an ``hpcnn.graph.Graph`` named after the model, ending in a softmax
-cross-entropy node "loss" fed by the logits."""
+(channels, height, width; channels, depth, height, width for a volume
+network), default number of classes (of outputs, for a regression network)
+and the smallest input side its layers accept.  ``build_model`` validates
+the request and returns an ``hpcnn.graph.Graph`` named after the model,
+ending in a loss node "loss" fed by the logits: softmax cross-entropy for
+classification, mean squared error for regression."""
 from __future__ import annotations
 
 import operator
@@ -19,6 +21,7 @@ from hpcnn.models.mobilenet import mobilenet_v2
 from hpcnn.models.resnet import resnet18, resnet50, resnet101
 from hpcnn.models.small import digits_cnn, inception_small, mobilenet_small, resnet_small
 from hpcnn.models.vgg import vgg16
+from hpcnn.models.volumes import cosmoflow, volume_small
 
 
 class ModelError(ValueError):
@@ -31,11 +34,17 @@ class ModelSpec:
     name: str
     builder: Callable
     in_channels: int
-    image_size: tuple          # default (H, W)
-    num_classes: int
-    min_size: int              # smallest H (and W) every layer accepts
+    image_size: tuple          # default (H, W), or (D, H, W) for a volume network
+    num_classes: int           # classes, or regression outputs
+    min_size: int              # smallest H (and W, and D) every layer accepts
     description: str
     small: bool = False        # a test/example network
+    task: str = "classification"   # or "regression" (float targets, MSE loss)
+
+    @property
+    def volume(self) -> bool:
+        """Whether samples are volumes (C, D, H, W)."""
+        return len(self.image_size) == 3
 
     @property
     def input_shape(self) -> tuple:
@@ -62,6 +71,12 @@ _SPECS = [
               "stem + 4-branch Inception block + reduction (tests)", small=True),
     ModelSpec("digits_cnn", digits_cnn, 1, (16, 16), 10, 4,
               "2 conv+BN+ReLU+pool, dropout, fc (digits data)", small=True),
+    ModelSpec("cosmoflow", cosmoflow, 4, (128, 128, 128), 4, 32,
+              "CosmoFlow (MLPerf HPC): 5 conv3d+leaky ReLU+max pool, 3 fc, 4 outputs, MSE",
+              task="regression"),
+    ModelSpec("volume_small", volume_small, 2, (12, 10, 14), 3, 2,
+              "3 conv3d (BN, max/avg pool, dilation), global pool, fc, MSE (tests)",
+              small=True, task="regression"),
     ModelSpec("mobilenet_small", mobilenet_small, 3, (16, 16), 10, 1,
               "depthwise-separable blocks, multiplier 2, inverted residual, grouped conv (tests)",
               small=True),
@@ -96,37 +111,42 @@ def _positive_int(what, v, model):
 def _image_size(spec, image_size):
     if image_size is None:
         return tuple(spec.image_size)
+    nd = len(spec.image_size)
+    names = "(depth, height, width)" if nd == 3 else "(height, width)"
     if isinstance(image_size, (tuple, list)):
-        if len(image_size) != 2:
-            raise ModelError(f"model {spec.name!r}: image_size must be an integer or (height, width), "
+        if len(image_size) != nd:
+            raise ModelError(f"model {spec.name!r}: image_size must be an integer or {names}, "
                              f"got {tuple(image_size)!r}")
-        h, w = (_positive_int("image_size", v, spec.name) for v in image_size)
+        size = tuple(_positive_int("image_size", v, spec.name) for v in image_size)
     else:
-        h = w = _positive_int("image_size", image_size, spec.name)
-    if h < spec.min_size or w < spec.min_size:
-        raise ModelError(f"model {spec.name!r} needs images of at least {spec.min_size}x{spec.min_size}, "
-                         f"got image_size {h}x{w} (its default is "
-                         f"{spec.image_size[0]}x{spec.image_size[1]})")
-    return (h, w)
+        size = (_positive_int("image_size", image_size, spec.name),) * nd
+    if min(size) < spec.min_size:
+        least = "x".join([str(spec.min_size)] * nd)
+        raise ModelError(f"model {spec.name!r} needs {'volumes' if nd == 3 else 'images'} of at least "
+                         f"{least}, got image_size {'x'.join(map(str, size))} (its default is "
+                         f"{'x'.join(map(str, spec.image_size))})")
+    return size
 
 
 def build_model(name: str, batch: int = 1, image_size=None, num_classes: int | None = None,
                 in_channels: int | None = None) -> Graph:
     """The Graph of model ``name`` for mini-batches of ``batch`` samples.
 
-    image_size: int or (height, width); default the model's own size.
-    num_classes, in_channels: default the model's own.
+    image_size: int or (height, width) ((depth, height, width) for a volume
+    network); default the model's own size.
+    num_classes, in_channels: default the model's own (num_classes is the
+    number of outputs of a regression network).
     Raises ModelError for an unknown name or a size the model cannot take."""
     spec = get_spec(name)
     batch = _positive_int("batch", batch, name)
     size = _image_size(spec, image_size)
     classes = spec.num_classes if num_classes is None else _positive_int("num_classes", num_classes, name)
-    if classes < 2:
+    if classes < 2 and spec.task == "classification":
         raise ModelError(f"model {name!r}: num_classes must be at least 2, got {classes}")
     chans = spec.in_channels if in_channels is None else _positive_int("in_channels", in_channels, name)
     try:
         g = spec.builder(batch, chans, size, classes, name=name)
     except GraphError as exc:  # a size that passes min_size but still fails a layer
-        raise ModelError(f"model {name!r} cannot take input {chans}x{size[0]}x{size[1]}: {exc}") from None
+        raise ModelError(f"model {name!r} cannot take input {chans}x{'x'.join(map(str, size))}: {exc}") from None
     g.meta.update(model=name, input_shape=(chans,) + size, num_classes=classes)
     return g

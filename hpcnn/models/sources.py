@@ -80,13 +80,25 @@ def builder_network(spec: str, batch: int, input_shape, num_classes: int, search
 
 def build_network(model: dict, batch: int, sample_shape, num_classes: int, resolve=lambda p: p) -> Graph:
     """The job's network: ``model`` is the job's [model] section,
-    ``sample_shape`` (C, H, W) of the data, ``resolve`` turns a path of the
-    job file into a real one."""
+    ``sample_shape`` (C, H, W) of the data ((C, D, H, W) for volumes),
+    ``resolve`` turns a path of the job file into a real one."""
     from hpcnn.models.onnx_import import load_onnx
+    from hpcnn.models.registry import get_spec
     source = network_source(model)
-    c, h, w = sample_shape
     if source == "name":
-        return build_model(model["name"], batch=batch, image_size=h, num_classes=num_classes, in_channels=c)
+        c, *spatial = sample_shape
+        spec = get_spec(model["name"])
+        if spec.volume != (len(spatial) == 3):
+            raise ModelError(f"model {spec.name!r} takes {'volumes' if spec.volume else 'images'} but the "
+                             f"data holds {'volumes' if len(spatial) == 3 else 'images'} "
+                             f"{'x'.join(map(str, sample_shape))}: choose a "
+                             f"{'volume network (cosmoflow, volume_small)' if len(spatial) == 3 else 'model for images'}")
+        size = tuple(spatial) if spec.volume else spatial[0]
+        return build_model(model["name"], batch=batch, image_size=size, num_classes=num_classes, in_channels=c)
+    if len(sample_shape) != 3:
+        raise ModelError(f"model.{source} networks take images C x H x W; the data holds volumes "
+                         f"{'x'.join(map(str, sample_shape))}: use a zoo volume network (cosmoflow, volume_small)")
+    c, h, w = sample_shape
     if source == "onnx":
         g = load_onnx(resolve(model["onnx"]), batch=batch, num_classes=num_classes,
                       init=model.get("onnx_init", "weights"))

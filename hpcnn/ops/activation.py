@@ -149,3 +149,31 @@ class HardSwish(_Elementwise):
     def _df(self, xp, x, dy, out):
         g = xp.where(x < -3.0, 0.0, xp.where(x > 3.0, 1.0, (2.0 * x + 3.0) / 6.0))
         xp.multiply(dy, g, out=out)
+
+
+@register
+class Tanh(_Elementwise):
+    """scale * tanh(x) (CosmoFlow's output layer has scale 1.2); the
+    gradient scale * (1 - tanh(x)^2)."""
+    kind = "tanh"
+    keep = "y"
+
+    def __init__(self, name="", scale=1.0):
+        super().__init__(name)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            self.fail(f"scale must be a positive number, got {scale!r}")
+        self.scale = float(scale)
+
+    def attrs(self):
+        return {"scale": self.scale} if self.scale != 1.0 else {}
+
+    def _f(self, xp, x, out):
+        xp.tanh(x, out=out)
+        if self.scale != 1.0:
+            out *= self.scale
+
+    def _df(self, xp, y, dy, out):          # dy * (scale - y^2 / scale)
+        xp.multiply(y, y, out=out)
+        out *= -1.0 / self.scale
+        out += self.scale
+        out *= dy

@@ -5,8 +5,8 @@ needs a sum over other tiles (batch-norm statistics) calls ``ctx.allreduce``,
 which the runtime supplies (identity in a single process).
 
 Boxes here are plain tuples of half-open ``(lo, hi)`` pairs, one per
-dimension of the tensor in its logical order (NCHW, or (n, c) for fully
-connected tensors).  An input box may reach outside ``[0, size)``: the part
+dimension of the tensor in its logical order (NCHW, NCDHW for volumes, or
+(n, c) for fully connected tensors).  An input box may reach outside ``[0, size)``: the part
 outside is padding, which the op supplies itself.  The runtime hands the op
 the *clipped* region (the part inside the tensor) and the op learns the
 padding from ``ctx.pads(i)``.  The sequential trainer and the distributed
@@ -34,14 +34,19 @@ import numpy as np
 
 from hpcnn.backend import array_module
 
+DIMS_5D = ("n", "c", "d", "h", "w")
 DIMS_4D = ("n", "c", "h", "w")
 DIMS_2D = ("n", "c")
 DIMS_1D = ("n",)
 
+#: the op kinds that end a network: each sample's loss divided by the global
+#: batch size, shape (N,), fed by the logits (or predictions) and the labels
+LOSS_KINDS = frozenset({"softmax_xent", "mse"})
+
 
 def dims_of(shape) -> tuple[str, ...]:
     """Logical dimension names of a tensor of this rank."""
-    return {4: DIMS_4D, 2: DIMS_2D, 1: DIMS_1D}[len(shape)]
+    return {5: DIMS_5D, 4: DIMS_4D, 2: DIMS_2D, 1: DIMS_1D}[len(shape)]
 
 
 class OpError(ValueError):
@@ -251,7 +256,7 @@ class Op:
     kind: ClassVar[str] = "op"
     arity: ClassVar[int | None] = 1          # None: any number >= 1
     # output dimensions this op's output tile may be split over
-    splittable: ClassVar[tuple] = ("n", "c", "h", "w")
+    splittable: ClassVar[tuple] = ("n", "c", "d", "h", "w")
     # forward accepts a TileRegion for inputs that arrive by exchange (and
     # backward then returns a PartGrads for them); see the module docstring
     takes_pieces: ClassVar[bool] = False
@@ -340,6 +345,14 @@ class Op:
     def flops(self, in_shapes, out_shape) -> int:
         """Forward floating-point operations for the whole tensor."""
         return int(np.prod(out_shape))
+
+    def workspace(self, in_tiles, out_tile) -> int:
+        """Elements of the temporaries one training step of a tile keeps
+        beyond its input regions and output (unrolled columns saved for
+        backward, padded copies, gradient scratch; the host buffer pool
+        holds them between steps).  The cost model adds them to the tile's
+        memory; the default is none."""
+        return 0
 
     def tile_reductions(self, channels: int) -> dict:
         """The sums over other tiles that one training step of a tile with

@@ -1,7 +1,7 @@
-"""Batch normalisation over every dimension except channels (2-D or 4-D
-input).  In training the statistics are those of the whole global batch:
+"""Batch normalisation over every dimension except channels (2-D, 4-D or
+5-D input).  In training the statistics are those of the whole global batch:
 the op sums its tile's partial sums through ``ctx.allreduce`` (the runtime
-reduces over the ranks that split n, h and w), so distributed batch norm
+reduces over the ranks that split n, d, h and w), so distributed batch norm
 equals sequential batch norm.  One reduction per direction: forward, the
 sums of the shifted input and of its squares together; backward, the sums
 of the gradient and of its product with the normalised input."""
@@ -12,6 +12,7 @@ import numpy as np
 from hpcnn.ops.base import Op, ParamSpec, register, xp_of
 from hpcnn.ops.host_threads import split
 from hpcnn.ops.nhwc_kernels import colsum, nchw_view, nhwc, rows2d
+from hpcnn.ops.volume_kernels import ncdhw_view, ndhwc
 
 
 @register
@@ -32,8 +33,8 @@ class BatchNorm(Op):
 
     def infer_shape(self, in_shapes):
         self.check_arity(in_shapes)
-        if len(in_shapes[0]) not in (2, 4):
-            self.fail(f"input must be (N, C) or (N, C, H, W), got {tuple(in_shapes[0])}")
+        if len(in_shapes[0]) not in (2, 4, 5):
+            self.fail(f"input must be (N, C), (N, C, H, W) or (N, C, D, H, W), got {tuple(in_shapes[0])}")
         return tuple(in_shapes[0])
 
     def param_specs(self, in_shapes):
@@ -56,9 +57,12 @@ class BatchNorm(Op):
     @staticmethod
     def _rows(x):
         """(M, C) matrix of the input, channels the unit-stride dimension:
-        a view for channels-last 4-D input and for (N, C) input."""
+        a view for channels-last 4-D and 5-D input and for (N, C) input."""
         if x.ndim == 2:
             return x if x.strides[1] == x.itemsize else xp_of(x).ascontiguousarray(x)
+        if x.ndim == 5:
+            t = ndhwc(x)
+            return t.reshape(-1, t.shape[-1])
         return rows2d(nhwc(x))
 
     @staticmethod
@@ -66,6 +70,9 @@ class BatchNorm(Op):
         """The (M, C) result viewed in the input's logical shape."""
         if x.ndim == 2:
             return y2
+        if x.ndim == 5:
+            n, c, d, h, w = x.shape
+            return ncdhw_view(y2.reshape(n, d, h, w, c))
         n, c, h, w = x.shape
         return nchw_view(y2.reshape(n, h, w, c))
 

@@ -1,4 +1,5 @@
-"""The graph's input: a batch of images (N, C, H, W) or features (N, F)."""
+"""The graph's input: a batch of images (N, C, H, W), volumes (N, C, D, H, W)
+or features (N, F)."""
 from __future__ import annotations
 
 from hpcnn.ops.base import Op, register
@@ -11,8 +12,8 @@ class Input(Op):
 
     def __init__(self, name="input", shape=None):
         super().__init__(name)
-        if shape is None or not isinstance(shape, (tuple, list)) or len(shape) not in (2, 4):
-            self.fail(f"shape must be (N, C, H, W) or (N, F), got {shape!r}")
+        if shape is None or not isinstance(shape, (tuple, list)) or len(shape) not in (2, 4, 5):
+            self.fail(f"shape must be (N, C, H, W), (N, C, D, H, W) or (N, F), got {shape!r}")
         self.shape = tuple(self._pos_int("shape", s) for s in shape)
 
     def attrs(self):

@@ -7,6 +7,7 @@ from hpcnn.ops.base import Op, register, xp_of
 from hpcnn.ops.conv import _Window
 from hpcnn.ops.kernel_set import window_kernels
 from hpcnn.ops.nhwc_kernels import nchw_view, nhwc
+from hpcnn.ops.volume_kernels import ncdhw_view, ndhwc
 
 
 class _Pool2d(_Window):
@@ -81,32 +82,35 @@ class AvgPool2d(_Pool2d):
 
 @register
 class GlobalAvgPool(Op):
-    """Mean over height and width: (N, C, H, W) -> (N, C)."""
+    """Mean over the spatial dimensions: (N, C, H, W) or (N, C, D, H, W)
+    -> (N, C)."""
     kind = "global_avgpool"
     splittable = ("n", "c")
 
     def infer_shape(self, in_shapes):
         self.check_arity(in_shapes)
-        self.check_rank(in_shapes[0], 4)
+        if len(in_shapes[0]) not in (4, 5):
+            self.fail(f"input must be (N, C, H, W) or (N, C, D, H, W), got {tuple(in_shapes[0])}")
+        self.check_rank(in_shapes[0], len(in_shapes[0]))
         return tuple(in_shapes[0][:2])
 
     def input_box(self, i, out_box, in_shapes):
-        _, _, h, w = in_shapes[0]
-        return (tuple(out_box[0]), tuple(out_box[1]), (0, h), (0, w))
+        return (tuple(out_box[0]), tuple(out_box[1])) + tuple((0, int(s)) for s in in_shapes[0][2:])
 
     def forward(self, xs, params, buffers, ctx):
         x = xs[0]
         self.check_inputs(xs, ctx)
-        n, c, h, w = x.shape
-        t = nhwc(x)
-        return t.reshape(n, h * w, c).mean(axis=1), x.shape
+        n, c = x.shape[:2]
+        t = nhwc(x) if x.ndim == 4 else ndhwc(x)
+        return t.reshape(n, -1, c).mean(axis=1), x.shape
 
     def backward(self, dy, saved, params, ctx):
-        n, c, h, w = saved
+        shape = saved
+        n, c, sp = shape[0], shape[1], tuple(shape[2:])
         xp = xp_of(dy)
-        dt = xp.empty((n, h, w, c), dtype=dy.dtype)        # channels-last
-        dt[...] = (dy * (1.0 / (h * w)))[:, None, None, :]
-        return [nchw_view(dt)], {}
+        dt = xp.empty((n,) + sp + (c,), dtype=dy.dtype)        # channels-last
+        dt[...] = (dy * (1.0 / int(np.prod(sp)))).reshape((n,) + (1,) * len(sp) + (c,))
+        return [nchw_view(dt) if len(sp) == 2 else ncdhw_view(dt)], {}
 
     def flops(self, in_shapes, out_shape):
         return int(np.prod(in_shapes[0]))

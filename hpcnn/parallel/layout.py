@@ -14,13 +14,21 @@ import numpy as np
 
 from hpcnn.parallel.box import Box
 
-DIM_NAMES = {1: ("n",), 2: ("n", "c"), 4: ("n", "c", "h", "w")}
+#: the logical dimensions of a tensor of each rank: per-sample values (the
+#: loss), features, images (NCHW) and volumes (NCDHW: depth, height, width)
+DIM_NAMES = {1: ("n",), 2: ("n", "c"), 4: ("n", "c", "h", "w"), 5: ("n", "c", "d", "h", "w")}
+
+#: every dimension name a configuration may use
+ALL_DIMS = ("n", "c", "d", "h", "w")
+
+#: the spatial dimensions (split by space parallelism)
+SPATIAL_DIMS = ("d", "h", "w")
 
 #: a layer's parameters are split over channels and replicated over these
-#: dimensions: the ranks that differ only in them hold the same parameter
+#: dimensions (every dimension but c): the ranks that differ only in them hold the same parameter
 #: shard (its *replica group*) and sum their gradients, and normalisation
 #: statistics are summed over the same ranks
-REPLICA_DIMS = ("n", "h", "w")
+REPLICA_DIMS = ("n", "d", "h", "w")
 
 
 class LayoutError(ValueError):
@@ -59,7 +67,7 @@ class Layout:
     def __init__(self, shape, degrees=None, ranks=None, world: int | None = None):
         shape = tuple(int(s) for s in shape)
         if len(shape) not in DIM_NAMES:
-            raise LayoutError(f"tensors have 1, 2 or 4 dimensions, got shape {shape}")
+            raise LayoutError(f"tensors have 1, 2, 4 or 5 dimensions, got shape {shape}")
         if degrees is None:
             degrees = (1,) * len(shape)
         if isinstance(degrees, dict):
@@ -229,11 +237,14 @@ def _partition(degrees: tuple, ranks: tuple, names: tuple, dims: tuple):
 def degrees_from_config(shape, config: dict) -> tuple:
     """Degrees tuple for a tensor of ``shape`` from a config such as
     {'n': 2, 'h': 2}; missing dimensions get degree 1.  A config may name
-    h and w for a 2-D tensor only if their degree is 1."""
+    a dimension the tensor does not have (d for an image, h and w for a
+    2-D tensor) only if its degree is 1."""
+    if len(shape) not in DIM_NAMES:
+        raise LayoutError(f"tensors have 1, 2, 4 or 5 dimensions, got shape {tuple(shape)}")
     names = DIM_NAMES[len(shape)]
-    bad = [k for k in config if k not in ("n", "c", "h", "w")]
+    bad = [k for k in config if k not in ALL_DIMS]
     if bad:
-        raise LayoutError(f"unknown dimension(s) {bad} in configuration {config}: use n, c, h, w")
+        raise LayoutError(f"unknown dimension(s) {bad} in configuration {config}: use n, c, d, h, w")
     for k, v in config.items():
         if k not in names and int(v) != 1:
             raise LayoutError(f"configuration {config} splits {k}, which a tensor of shape "

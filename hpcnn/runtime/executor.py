@@ -134,7 +134,7 @@ class DistributedModel:
             retain_freed_memory()      # steps reuse the same large host blocks
         self._saved, self._ctx, self._ran = {}, {}, []
         self._sources: dict = {}
-        self._loss_region = None
+        self._loss_region = self._loss_tile = None
         self.grads: dict = {}
 
     # ---- set-up -------------------------------------------------------------------
@@ -341,6 +341,7 @@ class DistributedModel:
             self._saved[node.name] = saved
             self._ctx[node.name] = ctx
         self._acts_logits = acts.get(g.logits_name)
+        self._loss_tile = acts.get(loss_name) if labels is not None else None
         loss = None
         if labels is not None:
             local = float(to_host(acts[loss_name].sum())) if loss_name in acts else 0.0
@@ -520,6 +521,22 @@ class DistributedModel:
         self._saved, self._ctx, self._loss_region = {}, {}, None
         tot = self.cm.allreduce_scalars([correct, count, nll], category="scalars")
         return int(round(tot[0])), int(round(tot[1])), float(tot[2])
+
+    def mean_loss(self, x_tile, labels, valid=None) -> tuple:
+        """(summed loss, samples) of the batch in inference mode, summed over
+        all ranks: the mean of the valid samples' losses (a regression's mean
+        squared error per target) is their ratio.  ``valid``: as in
+        count_correct."""
+        self.forward(x_tile, labels, training=False)
+        total = count = 0.0
+        if self._loss_tile is not None:
+            per = to_host(self._loss_tile).astype(np.float64) * self.graph.batch
+            lo, hi = self.label_range()
+            keep = np.ones(hi - lo, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)[lo:hi]
+            total, count = float(per[keep].sum()), float(keep.sum())
+        self._saved, self._ctx, self._loss_tile = {}, {}, None
+        tot = self.cm.allreduce_scalars([total, count], category="scalars")
+        return float(tot[0]), int(tot[1])
 
     def free(self):
         """Release the communicators this model made (collective)."""

@@ -2,7 +2,7 @@
 
 A layer with degrees (pn, pc, ph, pw) holds each parameter split over its
 output channels into pc shards, each replicated on the pn*ph*pw ranks that
-share its channel range.  The ranks that share the n, h, w coordinates of a
+share its channel range.  The ranks that share the n, d, h, w coordinates of a
 rank and differ in c (``Layout.groups(("c",))``, the layer's *c-direction
 group*) hold every shard exactly once, so summing a shard's sums of squares
 over that group gives the whole tensor's, with no replica counted twice.

@@ -1,7 +1,8 @@
 """The configurations the search chooses from, one set per layer.
 
 A *configuration* of a layer is a degree per dimension of its output tensor
-(n, c, h, w for images, n, c for features, n for the per-sample loss); the
+(n, c, h, w for images, n, c, d, h, w for volumes, n, c for features, n for
+the per-sample loss); the
 layer uses the product of the degrees as its number of ranks, laid row-major
 (n outermost) on ranks 0..k-1 (see ``hpcnn.parallel.layout``).
 
@@ -17,12 +18,13 @@ keep the search exact over the space they define:
    divisor of P or a power of two not above P.  For P a power of two these are
    exactly the powers of two; for P = 6 they are 1, 2, 3, 4, 6.  Layers may use
    fewer ranks than the job has (the paper's optima do).
-3. Spatial tiles stay roughly square: when a layer splits both height and
-   width, neither degree exceeds ``aspect`` (default 2) times the other; a
-   split of only one of them has at most ``strip`` (default 4) parts.  The
-   paper's spatial optima (h=2 w=2) are inside.
+3. Spatial tiles stay roughly square (cubic for volumes): when a layer
+   splits two or three of depth, height and width, no split degree exceeds
+   ``aspect`` (default 2) times another; a split of only one of them has at
+   most ``strip`` (default 4) parts.  The paper's spatial optima (h=2 w=2)
+   are inside.
 4. A layer combines at most ``max_kinds`` (default 2) of the three kinds of
-   split -- samples (n), channels (c), space (h, w).  The paper's optima use
+   split -- samples (n), channels (c), space (d, h, w).  The paper's optima use
    one kind per layer; two-kind hybrids (n x c, n x space, c x space) are the
    usual generalisation.  At 256 ranks this rule keeps 171 instead of 291
    configurations of a large image layer; on AlexNet, VGG-16, ResNet-101 and
@@ -43,10 +45,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from hpcnn.parallel.layout import DIM_NAMES
+from hpcnn.parallel.layout import DIM_NAMES, SPATIAL_DIMS
 
 #: op kinds folded into their producer's configuration
-FOLDABLE_KINDS = frozenset({"relu", "batchnorm", "dropout", "sigmoid", "leaky_relu", "clip", "hardswish"})
+FOLDABLE_KINDS = frozenset({"relu", "batchnorm", "dropout", "sigmoid", "leaky_relu", "clip", "hardswish",
+                            "tanh"})
 
 
 class ConfigSpaceError(ValueError):
@@ -115,13 +118,13 @@ def _enumerate(shape: tuple, splittable: frozenset, ranks: int, opts: SpaceOptio
         rec(0, k, {})
     rows = []
     for cfg in out:
-        ph, pw = cfg.get("h", 1), cfg.get("w", 1)
-        if ph > 1 and pw > 1:
-            if max(ph, pw) > opts.aspect * min(ph, pw):
+        split = [cfg[d] for d in SPATIAL_DIMS if cfg.get(d, 1) > 1]
+        if len(split) > 1:
+            if max(split) > opts.aspect * min(split):
                 continue
-        elif max(ph, pw) > opts.strip:
+        elif split and split[0] > opts.strip:
             continue
-        kinds = (cfg.get("n", 1) > 1) + (cfg.get("c", 1) > 1) + (ph * pw > 1)
+        kinds = (cfg.get("n", 1) > 1) + (cfg.get("c", 1) > 1) + bool(split)
         if kinds > opts.max_kinds:
             continue
         rows.append(tuple(cfg.get(d, 1) for d in names))
@@ -138,7 +141,7 @@ def enumerate_configs(shape, splittable, ranks: int, opts: SpaceOptions | None =
     opts = opts or SpaceOptions()
     shape = tuple(int(s) for s in shape)
     if len(shape) not in DIM_NAMES:
-        raise ConfigSpaceError(f"tensors have 1, 2 or 4 dimensions, got shape {shape}")
+        raise ConfigSpaceError(f"tensors have 1, 2, 4 or 5 dimensions, got shape {shape}")
     return _enumerate(shape, frozenset(splittable), int(ranks), opts)
 
 

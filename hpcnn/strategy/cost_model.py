@@ -76,7 +76,7 @@ PARALLEL_WORK = 2e8
 
 #: backward flops relative to forward (conv and fully connected layers compute
 #: the input gradient and the weight gradient, each as costly as the forward)
-BACKWARD_FLOPS = {"conv2d": 2.0, "linear": 2.0}
+BACKWARD_FLOPS = {"conv2d": 2.0, "conv3d": 2.0, "linear": 2.0}
 
 
 #: per table of measured tiles (its id), the tiles by everything but their
@@ -337,7 +337,8 @@ class CostModel:
                 ts = bw + lat * min(1.0, shard[row] * isz / self.bucket_bytes)
             channels = -(-node.shape[1] // int(pc[row])) if len(node.shape) > 1 else 1
             t_s[row] = ts + self.reductions_seconds(node, channels, g, link)
-        mem = (3 * shard + bshard + out_el + (in_el if with_inputs else 0)) * isz
+        work = np.array([float(node.op.workspace(*geom.split_shapes(row))) for row in shapes])
+        mem = (3 * shard + bshard + out_el + (in_el if with_inputs else 0) + work) * isz
         res = NodeCost(t_c, t_s, mem, measured, tile, skew)
         self._node_cache[key] = res
         self.stats["node_seconds"] += time.perf_counter() - t0

@@ -54,6 +54,19 @@ COST_MODEL_VERSION = 3
 MACHINES_DIR = Path(__file__).resolve().parents[1] / "machines"
 
 
+#: the op kind whose measured efficiency stands in for a kind the machine
+#: file has no figure for (the same kind of kernel on one more axis)
+KIND_FALLBACK = {"conv3d": "conv2d", "maxpool3d": "maxpool2d", "avgpool3d": "avgpool2d",
+                 "mse": "softmax_xent", "tanh": "sigmoid"}
+
+
+def _kind_in(table: dict, kind):
+    """``kind``, or its 2-D counterpart when only that has a figure in ``table``."""
+    if kind not in table and KIND_FALLBACK.get(kind) in table:
+        return KIND_FALLBACK[kind]
+    return kind
+
+
 class MachineError(ValueError):
     """A machine file that is missing, malformed or lacks a figure."""
 
@@ -236,21 +249,24 @@ class Machine:
 
     def efficiency(self, kind: str) -> float:
         """Share of the peak flop rate an op of ``kind`` reaches on large
-        tiles (``device.kind_efficiency``, else ``compute_efficiency``)."""
+        tiles (``device.kind_efficiency``, else ``compute_efficiency``).  A
+        kind without a figure of its own takes its 2-D counterpart's
+        (``KIND_FALLBACK``: a machine calibrated before the 3-D ops existed
+        prices conv3d as conv2d); the same for the two figures below."""
         per = self.device.get("kind_efficiency", {})
-        return float(per.get(kind, self.device.get("compute_efficiency", 1.0)))
+        return float(per.get(_kind_in(per, kind), self.device.get("compute_efficiency", 1.0)))
 
     def memory_efficiency(self, kind: str | None = None) -> float:
         """Share of the memory bandwidth an op of ``kind`` reaches
         (``device.kind_memory_efficiency``, else ``memory_efficiency``)."""
         per = self.device.get("kind_memory_efficiency", {}) if kind is not None else {}
-        return float(per.get(kind, self.device.get("memory_efficiency", 1.0)))
+        return float(per.get(_kind_in(per, kind), self.device.get("memory_efficiency", 1.0)))
 
     def op_overhead(self, kind: str | None = None) -> float:
         """Fixed seconds of one call of an op of ``kind``, forward and
         backward (``device.kind_overhead_s``, else ``op_overhead_s``)."""
         per = self.device.get("kind_overhead_s", {}) if kind is not None else {}
-        return float(per.get(kind, self.device.get("op_overhead_s", 0.0)))
+        return float(per.get(_kind_in(per, kind), self.device.get("op_overhead_s", 0.0)))
 
     def roofline(self, kind: str, flops: float, nbytes: float, ops: int = 1) -> float:
         """Seconds to do ``flops`` floating-point operations touching

@@ -220,3 +220,25 @@ def search_plan(graph, ranks: int, machine, memory: float | None = None, *,
     plan.meta = {"predicted_s": found.total, "machine": machine.name, "dtype": model.dtype,
                  "status": status, "search_s": w2 - w0}
     return plan, report
+
+
+def check_plan_memory(graph, plan: Plan, ranks: int, machine, memory_gib: float, dtype="float32") -> float:
+    """The cost model's per-rank memory of a given (not searched) plan, in
+    bytes; a MemoryLimitError naming the plan, the estimate and the layers
+    that hold most when it exceeds ``memory_gib``."""
+    from hpcnn.strategy.machine import load_machine
+    if not isinstance(machine, Machine):
+        machine = load_machine(machine)
+    cost = price_plan(CostModel(graph, ranks, machine, dtype=dtype), plan)
+    limit = float(memory_gib) * GiB
+    if cost.memory > limit:
+        top = sorted(cost.rows, key=lambda r: -r["memory"])[:3]
+        worst = ", ".join(f"{r['node']} {r['memory'] / GiB:.2f} GiB" for r in top)
+        raise MemoryLimitError(
+            f"plan {plan.name or 'given'!r} needs about {cost.memory / GiB:.2f} GiB per rank (cost model: "
+            f"parameters, optimiser state, activations, input regions and the kernels' temporaries; "
+            f"largest {worst}) but "
+            f"plan.memory_gib = {memory_gib:g}: one rank cannot hold its share. Use plan.mode = \"search\" "
+            f"(it splits the large layers over depth, height and width to fit), more ranks or a "
+            f"smaller batch")
+    return cost.memory

@@ -1,5 +1,6 @@
 """The plans of the equivalence tests, per world size, and the helpers that
-build them by layer kind (so they fit any graph of the three test models)."""
+build them by layer kind (so they fit any graph of the test models: the
+image networks and the 3-D volume_small)."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,14 +31,14 @@ def degrees(node, cfg):
 
 
 def make_plan(g, world, name, spatial, dense=None, loss=None, ranks=None):
-    """spatial / dense / loss: the configuration of 4-D, 2-D and loss
-    layers (a dict, or a callable node -> dict); ranks: callable
+    """spatial / dense / loss: the configuration of image or volume (4-D,
+    5-D), 2-D and loss layers (a dict, or a callable node -> dict); ranks: callable
     (node, k) -> list of ranks or None."""
     dense = dense if dense is not None else {"n": world}
     loss = loss if loss is not None else {"n": 1}
     configs, rk = {}, {}
     for n in g:
-        rule = spatial if len(n.shape) == 4 else dense if len(n.shape) == 2 else loss
+        rule = spatial if len(n.shape) >= 4 else dense if len(n.shape) == 2 else loss
         cfg = dict(rule(n) if callable(rule) else rule)
         if not fits(n, cfg):
             raise ValueError(f"plan {name}: {cfg} does not fit layer {n.name} {n.shape}")
@@ -57,7 +58,7 @@ def zigzag_plan(g, world, name, cycle4, cycle2):
     loss_cycle = [{"n": d} for d in range(world, 0, -1)]
     counters = {4: 0, 2: 0, 1: 0}
     for idx, n in enumerate(g):
-        nd = len(n.shape)
+        nd = min(len(n.shape), 4)                  # images and volumes share cycle4
         cands = {4: cycle4, 2: cycle2, 1: loss_cycle}[nd]
         chosen = None
         for attempt in range(len(cands) * world):
@@ -110,6 +111,18 @@ def cases(world):
         add("zigzag", "lenet5", lambda g, w: zigzag_plan(
             g, w, "zigzag", [{"h": 2}, {"w": 2}, {"n": 2}, {"c": 2}, {"n": 1}],
             [{"n": 2}, {"c": 2}, {"n": 1}]), "nesterov", "layout change on every edge")
+        # volumes (n, c, d, h, w): volume_small, 12 x 10 x 14 voxels
+        add("d2", "volume_small", lambda g, w: make_plan(g, w, "d2", {"d": 2}, {"n": 2}, {"n": 2}),
+            "momentum", "d alone (3-D halos, batch norm over d)")
+        add("h2", "volume_small", lambda g, w: make_plan(
+            g, w, "h2", {"h": 2}, {"n": 1}, {"n": 1}, ranks=lambda n, k: [1] if k == 1 else None),
+            "nesterov", "h alone (uneven 5/2 after the pool); dense and loss on rank 1")
+        add("c2", "volume_small", lambda g, w: make_plan(
+            g, w, "c2", lambda n: {"c": 2} if n.kind != "input" else {"w": 2}, {"c": 2}, {"n": 2}),
+            "decay", "c alone (batch norm over a channel split), input split over w")
+        add("zigzag", "volume_small", lambda g, w: zigzag_plan(
+            g, w, "zigzag", [{"d": 2}, {"n": 2}, {"w": 2}, {"c": 2}, {"h": 2}, {"n": 1}],
+            [{"c": 2}, {"n": 2}, {"n": 1}]), "momentum", "3-D layout change on every edge")
     if P in (2, 4):
         add(f"c{P}", "mobilenet_small", lambda g, w: make_plan(
             g, w, f"c{w}", lambda n: {"c": w} if n.kind != "input" else {"n": w}, {"c": 2}, {"n": 1}),
@@ -146,6 +159,16 @@ def cases(world):
         add("zigzag", "resnet_small", lambda g, w: zigzag_plan(
             g, w, "zigzag", [{"w": 3}, {"h": 3}, {"n": 3}, {"c": 2}, {"n": 1}],
             [{"n": 3}, {"c": 3}, {"n": 1}]), "decay", "layout change on every edge (residuals)")
+        add("d3", "volume_small", lambda g, w: make_plan(g, w, "d3", {"d": 3}, {"c": 3}, {"n": 3}),
+            "nesterov", "d=3 interior rank (12/3, 6/3, 3/3); dense c=3")
+        add("w3", "volume_small", lambda g, w: make_plan(
+            g, w, "w3", {"w": 3}, {"n": 3}, {"n": 1}, ranks=lambda n, k: [2] if k == 1 else None),
+            "momentum", "w=3 uneven (14/3, 7/3, 4/3); loss on rank 2")
+        add("n3", "volume_small", lambda g, w: make_plan(g, w, "n3", {"n": 3}, {"n": 3}, {"n": 3}),
+            "decay", "samples alone, uneven 5/3")
+        add("zigzag", "volume_small", lambda g, w: zigzag_plan(
+            g, w, "zigzag", [{"w": 3}, {"d": 3}, {"n": 3}, {"h": 3}, {"c": 2}, {"d": 2}],
+            [{"n": 3}, {"c": 3}, {"n": 1}]), "nesterov", "3-D layout change on every edge")
     elif P == 4:
         add("n2h2", "lenet5", lambda g, w: make_plan(g, w, "n2h2", {"n": 2, "h": 2}, {"n": 4}, {"n": 4}),
             "momentum", "n and h combined, uneven batch 5/4")
@@ -177,6 +200,25 @@ def cases(world):
         add("h2c2", "digits_cnn", lambda g, w: make_plan(
             g, w, "h2c2", lambda n: {"h": 2, "c": 2} if n.shape[1] >= 2 else {"n": 4}, {"n": 2, "c": 2},
             {"n": 4}), "decay", "dropout on a (n, c) split, batch norm on (c, h)")
+        add("d2h2", "volume_small", lambda g, w: make_plan(g, w, "d2h2", {"d": 2, "h": 2}, {"n": 4}, {"n": 4}),
+            "momentum", "d and h combined (3-D corner halos)")
+        add("d2h2w", "volume_small", lambda g, w: make_plan(
+            g, w, "d2h2w", lambda n: {"d": 2, "w": 2} if n.shape[2] >= 6 else {"h": 2, "w": 2},
+            {"c": 2}, {"n": 1}, ranks=lambda n, k: [3, 2] if k == 2 else [1] if k == 1 else None),
+            "nesterov", "d x w then h x w after the pools; dense c=2 on ranks 3,2; loss on rank 1")
+        add("n2d2", "volume_small", lambda g, w: make_plan(
+            g, w, "n2d2", lambda n: {"n": 2, "d": 2} if n.kind != "input" else {"n": 4},
+            {"n": 2, "c": 2}, {"n": 2}), "decay", "n and d combined, batch norm over both")
+        add("c2w2", "volume_small", lambda g, w: make_plan(
+            g, w, "c2w2", lambda n: {"c": 2, "w": 2} if n.shape[1] >= 2 else {"d": 4}, {"c": 2}, {"n": 4}),
+            "momentum", "c and w combined, the input (2 channels) too")
+        add("subset", "volume_small", lambda g, w: make_plan(
+            g, w, "subset", lambda n: {"d": 3} if n.shape[2] >= 3 else {"n": 1}, {"n": 1}, {"n": 1},
+            ranks=lambda n, k: [1, 2, 3] if k == 3 else [0]), "nesterov",
+            "volumes on 3 of 4 ranks, dense and loss on rank 0")
+        add("zigzag", "volume_small", lambda g, w: zigzag_plan(
+            g, w, "zigzag", [{"d": 2, "h": 2}, {"w": 4}, {"c": 2, "d": 2}, {"n": 4}, {"h": 3}, {"c": 4}, {"n": 1}],
+            [{"n": 4}, {"c": 2}, {"n": 2, "c": 2}, {"n": 1}]), "momentum", "3-D layout change on every edge")
     return out
 
 

@@ -2,7 +2,7 @@
 
 For every plan of the runtime's equivalence tests at this world size (on
 their models: LeNet-5, a small ResNet, a small Inception block, the digits
-CNN; some layers on explicit ranks or on a subset of the ranks), two training
+CNN, the 3-D volume_small; some layers on explicit ranks or on a subset of the ranks), two training
 steps run under the DistributedModel, and every rank compares what its byte
 counter recorded with what ``plan_pricing.rank_bytes`` predicts for that rank:
 per exchange edge forward and backward (bytes and messages), per category per step (halo,
@@ -48,7 +48,7 @@ def _check(model, build):
         dm = DistributedModel(g, plan, WORLD, dtype=np.float32, seed=3, backend=Backend("numpy"))
         rng = np.random.default_rng(5)
         x = rng.standard_normal(g[g.input_name].shape).astype(np.float32)
-        y = rng.integers(0, g[g.logits_name].shape[1], size=g.batch)
+        y = small_models.targets(g, rng)
         box = dm.input_box()
         xt = x[box.slices()] if box is not None else None
         sgd = SGD(lr=0.01, momentum=0.9)

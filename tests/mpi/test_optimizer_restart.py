@@ -2,7 +2,9 @@
 steps, a checkpoint, N more steps from it give, with every optimiser (sgd,
 adamw, lars with clipping, lamb), bitwise the parameters and state of 2N
 steps straight on the same plan, and within 1e-12 (relative, float64) on
-fewer ranks (a sub-communicator of the job) under another plan."""
+fewer ranks (a sub-communicator of the job) under another plan.  The same
+for the 3-D volume_small (conv3d weights, 5-D batch norm) split over depth,
+height and width, with sgd and adamw."""
 import shutil
 import tempfile
 
@@ -16,6 +18,7 @@ from hpcnn.runtime.executor import DistributedModel
 from hpcnn.runtime.optimizers import make_optimizer
 from hpcnn.strategy.baselines import data_parallel
 
+import small_models
 from equivalence import SEED, graph
 from mpi_helpers import WORLD, agree, run_or_abort
 from plan_cases import cases
@@ -33,6 +36,9 @@ OPTIMISERS = {
 # (plan of the job's ranks, plan of one rank fewer) per world size
 PLANS = {2: ("lenet5-c2", None), 3: ("resnet_small-c3", "resnet_small-w2"),
          4: ("resnet_small-n2c2", "resnet_small-c3")}
+VOLUME_PLANS = {2: ("volume_small-d2", None), 3: ("volume_small-d3", "volume_small-c2"),
+                4: ("volume_small-d2h2", "volume_small-w3")}
+SETTINGS = [("image", o) for o in OPTIMISERS] + [("volume", "sgd"), ("volume", "adamw")]
 
 
 def _plan(name, world):
@@ -43,7 +49,7 @@ def _plan(name, world):
 
 def _batch(g, step):
     rng = np.random.default_rng([99, step])
-    return rng.standard_normal(g[g.input_name].shape), rng.integers(0, g[g.logits_name].shape[1], size=g.batch)
+    return rng.standard_normal(g[g.input_name].shape), small_models.targets(g, rng)
 
 
 def _train(dm, opt, steps):
@@ -81,11 +87,12 @@ def _whole(comm, state):
     return out
 
 
-@pytest.mark.parametrize("opt_name", list(OPTIMISERS))
-def test_restart_continues_bitwise_and_across_rank_counts(opt_name):
+@pytest.mark.parametrize("family,opt_name", SETTINGS, ids=[f"{f}-{o}" for f, o in SETTINGS])
+def test_restart_continues_bitwise_and_across_rank_counts(family, opt_name):
     W = WORLD.Get_size()
     kind, settings = OPTIMISERS[opt_name]
-    first, other = _plan(PLANS[W][0], W), _plan(PLANS[W][1], W - 1)
+    plans = VOLUME_PLANS if family == "volume" else PLANS
+    first, other = _plan(plans[W][0], W), _plan(plans[W][1], W - 1)
     model = first[1]
     g = graph(model)
     problems = []
