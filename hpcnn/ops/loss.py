@@ -16,10 +16,27 @@ import numpy as np
 from hpcnn.ops.base import Op, register, xp_of
 
 
-@register
-class SoftmaxCrossEntropy(Op):
-    kind = "softmax_xent"
+class PerSampleLoss(Op):
+    """A loss over (N, K) inputs whose output is one value per sample, read
+    from that sample's row alone: split over n only, each tile reads whole
+    rows."""
     splittable = ("n",)
+    #: what the (N, K) input is called in errors
+    input_name = "input"
+
+    def infer_shape(self, in_shapes):
+        self.check_arity(in_shapes)
+        self.check_rank(in_shapes[0], 2, self.input_name)
+        return (in_shapes[0][0],)
+
+    def input_box(self, i, out_box, in_shapes):
+        return (tuple(out_box[0]), (0, in_shapes[0][1]))
+
+
+@register
+class SoftmaxCrossEntropy(PerSampleLoss):
+    kind = "softmax_xent"
+    input_name = "logits"
 
     def __init__(self, name="", label_smoothing=0.0):
         super().__init__(name)
@@ -38,14 +55,6 @@ class SoftmaxCrossEntropy(Op):
     def attrs(self):
         # no attribute at 0, so that a plain loss keys machine files as before
         return {"label_smoothing": self._smoothing} if self._smoothing else {}
-
-    def infer_shape(self, in_shapes):
-        self.check_arity(in_shapes)
-        self.check_rank(in_shapes[0], 2, "logits")
-        return (in_shapes[0][0],)
-
-    def input_box(self, i, out_box, in_shapes):
-        return (tuple(out_box[0]), (0, in_shapes[0][1]))
 
     def forward(self, xs, params, buffers, ctx):
         z = xs[0]

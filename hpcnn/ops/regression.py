@@ -10,21 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcnn.ops.base import Op, register, xp_of
+from hpcnn.ops.base import register, xp_of
+from hpcnn.ops.loss import PerSampleLoss
 
 
 @register
-class MeanSquaredError(Op):
+class MeanSquaredError(PerSampleLoss):
     kind = "mse"
-    splittable = ("n",)
-
-    def infer_shape(self, in_shapes):
-        self.check_arity(in_shapes)
-        self.check_rank(in_shapes[0], 2, "predictions")
-        return (in_shapes[0][0],)
-
-    def input_box(self, i, out_box, in_shapes):
-        return (tuple(out_box[0]), (0, in_shapes[0][1]))
+    input_name = "predictions"
 
     def forward(self, xs, params, buffers, ctx):
         z = xs[0]
