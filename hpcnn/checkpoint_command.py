@@ -7,7 +7,7 @@ import sys
 def add_arguments(p):
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     sp = sub.add_parser("inspect", help="print a checkpoint's metadata and tensors")
-    sp.add_argument("file", help="checkpoint file (ckpt-XXXXXXXX.h5)")
+    sp.add_argument("file", help="checkpoint file (ckpt-<step>.h5)")
     sp = sub.add_parser("list", help="list the checkpoints of a directory, oldest first")
     sp.add_argument("dir")
 

@@ -24,7 +24,7 @@ from hpcnn.train import Trainer
 def add_arguments(p):
     p.add_argument("job", help="the job file (TOML) that trained the checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="F",
-                   help="a checkpoint file (ckpt-XXXXXXXX.h5), or a directory: its newest checkpoint")
+                   help="a checkpoint file (ckpt-<step>.h5), or a directory: its newest checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a job key, e.g. --set data.test=val (repeatable)")
     p.add_argument("--plan", default=None, help="search, data-parallel or a plan JSON file (overrides plan.mode)")
@@ -102,10 +102,10 @@ def _checkpoint_path(given) -> Path:
     if p.is_dir():
         latest = latest_checkpoint(p)
         if latest is None:
-            raise CheckpointError(f"directory {str(p)!r} holds no checkpoint (ckpt-XXXXXXXX.h5)")
+            raise CheckpointError(f"directory {str(p)!r} holds no checkpoint (ckpt-<step>.h5)")
         return latest
     if not p.exists():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist: give a ckpt-XXXXXXXX.h5 file "
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist: give a ckpt-<step>.h5 file "
                               f"or the job's checkpoint.dir")
     return p
 

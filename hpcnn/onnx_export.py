@@ -23,7 +23,7 @@ class ExportError(ValueError):
 
 
 def add_arguments(p):
-    p.add_argument("checkpoint", help="an hpcnn checkpoint (ckpt-XXXXXXXX.h5), or a directory: its newest")
+    p.add_argument("checkpoint", help="an hpcnn checkpoint (ckpt-<step>.h5), or a directory: its newest")
     p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="where to write the ONNX model")
     p.add_argument("--fold-bn", action="store_true",
                    help="fold every batch norm that follows a convolution into its weights")
@@ -183,7 +183,7 @@ def run(args) -> int:
         if path.is_dir():
             path = latest_checkpoint(path)
             if path is None:
-                raise CheckpointError(f"directory {args.checkpoint!r} holds no checkpoint (ckpt-XXXXXXXX.h5)")
+                raise CheckpointError(f"directory {args.checkpoint!r} holds no checkpoint (ckpt-<step>.h5)")
         g, params, buffers = checkpoint_network(path)
         export_onnx(g, params, buffers, args.output, fold_bn=args.fold_bn, dtype=args.dtype)
     except (CheckpointError, ModelError, ExportError, OSError) as exc:

@@ -29,7 +29,7 @@ class PredictError(ValueError):
 
 def add_arguments(p):
     p.add_argument("--model", required=True, metavar="net.onnx|CKPT.h5",
-                   help="an ONNX file or an hpcnn checkpoint (ckpt-XXXXXXXX.h5)")
+                   help="an ONNX file or an hpcnn checkpoint (ckpt-<step>.h5)")
     p.add_argument("--input", required=True, metavar="x.npy|data.h5",
                    help="images: a .npy array (N, C, H, W) or an HDF5 data file (hpcnn data ...)")
     p.add_argument("-o", "--output", required=True, metavar="logits.npy", help="where to write the logits")

@@ -229,7 +229,8 @@ class Optimizer:
         self._update(params, grads, lr, sums)
 
     def _update(self, params, grads, lr, grad_sums):
-        raise NotImplementedError
+        """Apply one step to ``params`` (each optimiser kind defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its update")
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "steps": self.steps, **{k: dict(v) for k, v in self.state.items()}}
