@@ -41,6 +41,11 @@ def test_tiles_partition_the_tensor(sd, data):
     for r in range(world):
         if r not in ranks:
             assert L.box(r) is None and L.coords(r) is None and r not in L
+            assert all(L.extent(r, dim) == (0 if dim in L.dims else 1) for dim in "ncdhw")
+    # extent (computed from one coordinate) is the box's length
+    for r in L.ranks:
+        for a, dim in enumerate(L.dims):
+            assert L.extent(r, dim) == L.box(r)[a][1] - L.box(r)[a][0]
 
 
 @settings(max_examples=200, deadline=None)

@@ -182,10 +182,13 @@ class Layout:
         tensor does not have, 0 when the rank holds no tile)."""
         if dim not in self.dims:
             return 1
-        box = self.box(rank)
-        if box is None:
+        i = self._index.get(rank)
+        if i is None:
             return 0
-        lo, hi = box[self.dims.index(dim)]
+        a = self.dims.index(dim)
+        # the coordinate along one axis, without building every tile's box
+        c = (i // int(np.prod(self.degrees[a + 1:], dtype=np.int64))) % self.degrees[a]
+        lo, hi = self._bounds[a][int(c)]
         return hi - lo
 
     # ---- identity, serialisation -------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 
 from hpcnn.parallel.input_geometry import InputGeometry, NotSeparable
 from hpcnn.parallel.layout import split_bounds
+from hpcnn.parallel.overlap import chunk_bounds
 
 __all__ = ["NodeGeometry", "tile_key", "inputs_from_input", "NotSeparable"]
 
@@ -50,15 +51,18 @@ class NodeGeometry:
         """The representative chunk along output axis ``d`` split ``D`` ways."""
         key = (d, D)
         if key not in self._chunk:
-            bounds = split_bounds(self.out[d], D)
-            score = [[0, hi - lo] for lo, hi in bounds]
+            lo, hi = chunk_bounds(self.out[d], D)
+            own = hi - lo
+            need = np.zeros(D, dtype=np.int64)
             for g in self.inputs:
                 for e, dd in enumerate(g.dep):
                     if dd == d:
-                        lo, hi = g.need_bounds(e, D)
-                        for jj in range(D):
-                            score[jj][0] += int(hi[jj] - lo[jj])
-            self._chunk[key] = max(range(D), key=lambda jj: (score[jj], -jj))
+                        nlo, nhi = g.need_bounds(e, D)
+                        need += np.asarray(nhi, dtype=np.int64) - np.asarray(nlo, dtype=np.int64)
+            # the chunk that reads most, then the largest, then the first
+            best = need == need.max()
+            best &= own == own[best].max()
+            self._chunk[key] = int(np.argmax(best))
         return self._chunk[key]
 
     def tile(self, degrees):
