@@ -174,6 +174,40 @@ def test_exchange_counts_of_grouped_convs_equal_the_exchange_plan(P, R):
     assert _check_edges(grouped_graph(), P, R, pairs_per_edge=10, seed=P + 1, explicit=True) > 30
 
 
+def test_edges_that_read_alike_share_their_tables_and_no_others_do():
+    """tables_key: two 1x1 convolutions of one tensor into different channel
+    counts read alike (same key, and their tables, each built on its own,
+    are equal); a 3x3 convolution, a strided one and another consumer
+    configuration set do not share the key.  The cost model builds one
+    table per key and hands it to every edge with that key."""
+    from hpcnn.parallel.exchange_counts import tables_key
+    g = Graph("alike")
+    x = g.input((8, 6, 12, 12))
+    a = g.conv(x, 4, 1)
+    b = g.conv(x, 10, 1)
+    c = g.conv(x, 4, 3, padding=1)
+    d = g.conv(x, 4, 1, stride=2)
+    g.loss(g.linear(g.concat([g.flatten(g.concat([a, b, c])), g.flatten(d)]), 3))
+    P = 8
+    A = enumerate_configs(g[x].shape, g[x].op.splittable, P, SpaceOptions(max_kinds=3))
+    geoms = {n: InputGeometry(g[n].op, 0, g[n].in_shapes, g[n].shape) for n in (a, b, c, d)}
+    B = enumerate_configs(g[a].shape, g[a].op.splittable, P, SpaceOptions(max_kinds=3))
+    ka, kb = tables_key(geoms[a], A, B), tables_key(geoms[b], A, B)
+    assert ka == kb
+    ta, tb = exchange_tables(geoms[a], A, B, 2), exchange_tables(geoms[b], A, B, 2)
+    for f in ("max_rank", "node_inter", "messages", "total"):
+        assert np.array_equal(getattr(ta, f), getattr(tb, f)), f
+    assert tables_key(geoms[c], A, B) != ka                  # a halo
+    assert tables_key(geoms[d], A, B) != ka                  # a stride
+    assert tables_key(geoms[a], A, B[:-1]) != ka             # other consumer configurations
+    assert tables_key(geoms[a], A[:-1], B) != ka             # other source configurations
+    model = CostModel(g, P, load_machine("paper_p100_cluster"))
+    model.edge_tables(a, 0, A, B)
+    hits = model.stats["edge_cache_hits"]
+    assert model.edge_tables(b, 0, A, B) is model.edge_tables(a, 0, A, B)
+    assert model.stats["edge_tables"] == 1 and model.stats["edge_cache_hits"] == hits + 2
+
+
 def test_a_channel_split_depthwise_conv_after_a_channel_split_needs_no_exchange():
     """Depthwise: output channels [c0, c1) read input channels [c0, c1) only."""
     g = grouped_graph()
@@ -729,3 +763,28 @@ def test_grouped_conv_flops_parameters_and_tiles_divide_by_groups():
     ins, out, _ = NodeGeometry(g3).tile((1, 2, 1, 1))
     assert ins[0][1] == 8 and out[1] == 5
     assert g3.op.flops(ins, out) == 2 * out[0] * out[2] * out[3] * 6 * 4 * 9
+
+
+def test_representative_tile_reads_most_then_is_largest_then_first():
+    """NodeGeometry.chunk, the tile the cost model prices, against the rule
+    written out chunk by chunk: the output chunk whose inputs' needs are
+    longest, among those the longest chunk, among those the first."""
+    from hpcnn.parallel.layout import split_bounds
+    from hpcnn.strategy.tile_geometry import NodeGeometry
+    g = every_op_graph(batch=7)
+    checked = 0
+    for node in g:
+        try:
+            geo = NodeGeometry(node)
+        except Exception:
+            continue
+        for d, size in enumerate(node.shape):
+            for D in sorted({1, 2, 3, 4, min(size, 5), size}):
+                score = []
+                for jj, (lo, hi) in enumerate(split_bounds(size, D)):
+                    need = sum(int(gi.need_bounds(e, D)[1][jj] - gi.need_bounds(e, D)[0][jj])
+                               for gi in geo.inputs for e, dd in enumerate(gi.dep) if dd == d)
+                    score.append((need, hi - lo, -jj))
+                assert geo.chunk(d, D) == -max(score)[2], (node.name, d, D)
+                checked += 1
+    assert checked > 100

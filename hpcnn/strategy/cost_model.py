@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpcnn.parallel.exchange_counts import ExchangeTables, exchange_tables, rank_counts
+from hpcnn.parallel.exchange_counts import ExchangeTables, exchange_tables, rank_counts, tables_key
 from hpcnn.parallel.layout import DIM_NAMES, Layout
 from hpcnn.strategy.config_space import ConfigSpace, SpaceOptions
 from hpcnn.strategy.machine import Machine, allreduce_time, parameter_server_time
@@ -178,8 +178,9 @@ class CostModel:
         self.dtype = _dtype_name(dtype)
         self.itemsize = ITEMSIZE[self.dtype]
         self.space = space or ConfigSpace(graph, self.ranks, opts)
-        self._geom: dict[str, NodeGeometry] = {}
+        self._geom: dict = {}             # by node name and by signature (shared)
         self._edge_cache: dict = {}
+        self._key_memo: dict = {}          # (signature, input, A, B) -> tables_key
         self._node_cache: dict = {}
         self._link_cache: dict = {}
         meas = machine.measured or {}
@@ -276,11 +277,17 @@ class CostModel:
 
     # ---- geometry ------------------------------------------------------------
     def geometry(self, name: str) -> NodeGeometry:
+        """The node's geometry, shared by nodes of one signature (their need
+        intervals are computed once: repeated blocks read alike)."""
         if name not in self._geom:
-            try:
-                self._geom[name] = NodeGeometry(self.graph[name])
-            except NotSeparable as exc:
-                raise CostModelError(f"layer {name!r}: {exc}") from None
+            node = self.graph[name]
+            sig = self._signature(node)
+            if sig not in self._geom:
+                try:
+                    self._geom[sig] = NodeGeometry(node)
+                except NotSeparable as exc:
+                    raise CostModelError(f"layer {name!r}: {exc}") from None
+            self._geom[name] = self._geom[sig]
         return self._geom[name]
 
     def _signature(self, node) -> tuple:
@@ -393,12 +400,16 @@ class CostModel:
 
     # ---- per-edge costs ------------------------------------------------------
     def _edge_key(self, dst: str, i: int, A: np.ndarray, B: np.ndarray) -> tuple:
-        return (self._signature(self.graph[dst]), i, A.tobytes(), A.shape, B.tobytes(), B.shape)
+        quick = (self._signature(self.graph[dst]), i, A.tobytes(), A.shape, B.tobytes(), B.shape)
+        if quick not in self._key_memo:
+            self._key_memo[quick] = tables_key(self.geometry(dst).inputs[i], A, B)
+        return self._key_memo[quick]
 
     def edge_tables(self, dst: str, i: int, A: np.ndarray, B: np.ndarray) -> ExchangeTables:
         """Exchange tables of input ``i`` of ``dst`` for source
         configurations ``A`` and consumer configurations ``B`` (cached by
-        the op's signature: repeated blocks share their tables)."""
+        what they depend on, ``tables_key``: repeated blocks, and edges
+        that read alike, share their tables)."""
         A = np.asarray(A, dtype=np.int64)
         B = np.asarray(B, dtype=np.int64)
         key = self._edge_key(dst, i, A, B)
