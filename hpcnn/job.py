@@ -164,6 +164,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                       "when a baseline is predicted within plan.trial_tolerance of the searched plan, "
                       "else none; 0: never"),
         "trial_steps": Key(int, 3, _pos, "timed steps per trial (after one warm-up step)"),
+        "trial_rounds": Key(int, 3, _pos, "rounds of trials at most: after the first, the candidates whose "
+                            "steps overlap with the fastest's are timed again, in turns"),
         "trial_tolerance": Key((int, float), 0.25, _nonneg,
                                "relative error of the cost model within which \"auto\" trials run"),
         "trial_margin": Key((int, float), 0.05, _nonneg,

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time the K cheapest predicted candidate plans (data parallelism always among "
                         "them) under mpiexec -n P and keep the fastest (default 0: no trials)")
     p.add_argument("--trial-steps", type=int, default=3, metavar="S", help="timed steps per trial (default 3)")
+    p.add_argument("--trial-rounds", type=int, default=3, metavar="N",
+                   help="rounds of trials at most: after the first, the candidates whose steps overlap "
+                        "with the fastest's are timed again (default 3)")
     p.add_argument("--trial-margin", type=float, default=0.05, metavar="F",
                    help="another plan replaces the searched one only when faster by more than this "
                         "fraction (default 0.05)")
@@ -129,8 +132,8 @@ def run(args) -> int:
 
     if args.ranks < 1:
         return fail(f"--ranks must be a positive integer, got {args.ranks}")
-    if args.trials < 0 or args.trial_steps < 1:
-        return fail("--trials must be >= 0 and --trial-steps >= 1")
+    if args.trials < 0 or args.trial_steps < 1 or args.trial_rounds < 1:
+        return fail("--trials must be >= 0, --trial-steps and --trial-rounds >= 1")
     if args.update_machine and not args.trials:
         return fail("--update-machine records what --trials measures: give --trials K")
     if args.nodes is not None and not 1 <= args.nodes <= args.ranks:
@@ -216,7 +219,7 @@ def _run_with_trials(args, batch, fail) -> int:
     x = rng.standard_normal(g[g.input_name].shape).astype(dt)
     y = g.random_labels(rng)
     run_trials(comm, g, cands, lambda box, i: (None if box is None else x[box.slices()], y),
-               lambda: SGD(lr=0.01, momentum=0.9), dtype=dt, steps=args.trial_steps,
+               lambda: SGD(lr=0.01, momentum=0.9), dtype=dt, steps=args.trial_steps, rounds=args.trial_rounds,
                log=(lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else None)
     best = fastest(cands, args.trial_margin)
     if rank != 0:

@@ -279,9 +279,10 @@ class Trainer:
             return x, data.labels[rows]
 
         self.log(f"timing {len(cands)} candidate plans ({j['plan']['trial_steps']} steps each after one "
-                 f"warm-up): {', '.join(c.name for c in cands)}")
+                 f"warm-up, up to {j['plan']['trial_rounds']} rounds): {', '.join(c.name for c in cands)}")
         run_trials(self.comm, g, cands, batch, self.make_optimizer,
-                   dtype=np.dtype(j["job"]["dtype"]), seed=j["job"]["seed"], steps=j["plan"]["trial_steps"])
+                   dtype=np.dtype(j["job"]["dtype"]), seed=j["job"]["seed"], steps=j["plan"]["trial_steps"],
+                   rounds=j["plan"]["trial_rounds"], log=self.log)
         best = fastest(cands, j["plan"]["trial_margin"])
         self.log(format_trials(cands, best))
         chosen = best.plan

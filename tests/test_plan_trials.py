@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hpcnn.models import build_model
-from hpcnn.runtime.plan_trials import Candidate, candidates, fastest, format_trials, trials_wanted
+from hpcnn.runtime.plan_trials import Candidate, candidates, fastest, format_trials, trials_wanted, undecided
 from hpcnn.strategy.baselines import baselines
 from hpcnn.strategy.machine import load_machine
 from hpcnn.strategy.plan import Plan
@@ -162,3 +162,63 @@ def test_a_trialled_job_is_the_job_with_the_chosen_plan(tmp_path):
     assert a.keys() == b.keys() and a
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+
+
+def test_undecided_candidates_are_the_fastest_and_those_whose_steps_overlap_it():
+    a = Candidate("searched", None, 1.0, 0.20, [0.19, 0.20, 0.21])
+    b = Candidate("owt", None, 1.0, 0.22, [0.205, 0.22, 0.25])     # reaches below a's slowest step
+    c = Candidate("data-parallel", None, 1.0, 0.40, [0.39, 0.40, 0.41])
+    assert undecided([c, b, a]) == [a, b]
+    b.steps_s = [0.215, 0.22, 0.25]
+    assert undecided([a, b, c]) == []
+    assert undecided([a]) == [] and undecided([]) == []
+
+
+def test_trial_rounds_time_again_only_what_the_clock_has_not_told_apart(monkeypatch):
+    """run_trials with a scripted clock: per plan, the durations of its
+    successive steps.  After round 1 owt's steps overlap with the
+    searched plan's, data parallelism's do not: rounds 2 and 3 time those
+    two again (in turns, reversed order in round 2); the medians are over
+    all timed steps, and with rounds=1 the first round's order stands."""
+    from mpi4py import MPI
+
+    import hpcnn.runtime.executor as executor
+    import hpcnn.runtime.plan_trials as trials
+    script = {"searched": [9, 0.20, 0.22, 0.21, 9, 0.20, 0.20, 0.20, 9, 0.20, 0.20, 0.20],
+              "owt": [9, 0.19, 0.19, 0.30, 9, 0.23, 0.24, 0.23, 9, 0.23, 0.24, 0.23],
+              "data-parallel": [9, 0.50, 0.52, 0.51]}
+    clock, order = [0.0], []
+
+    class FakeModel:
+        def __init__(self, graph, plan, comm, dtype=None, seed=0):
+            self.name, order[len(order):] = plan, [plan]
+
+        def input_box(self):
+            return None
+
+        def train_step(self, x, labels, opt, step=0):
+            clock[0] += script[self.name].pop(0)
+
+        def free(self):
+            pass
+
+    monkeypatch.setattr(executor, "DistributedModel", FakeModel)
+    monkeypatch.setattr(trials.time, "perf_counter", lambda: clock[0])
+
+    def cands():
+        return [Candidate(n, n, 1.0) for n in ("searched", "owt", "data-parallel")]
+
+    one = trials.run_trials(MPI.COMM_SELF, None, cands(), lambda box, i: (None, None), lambda: None,
+                            steps=3, rounds=3)
+    assert order == ["searched", "owt", "data-parallel", "owt", "searched", "searched", "owt"]
+    by = {c.name: c for c in one}
+    assert [len(by[n].steps_s) for n in ("searched", "owt", "data-parallel")] == [9, 9, 3]
+    assert [by[n].rounds for n in ("searched", "owt", "data-parallel")] == [3, 3, 1]
+    assert by["searched"].measured_s == pytest.approx(0.20) and by["owt"].measured_s == pytest.approx(0.23)
+    assert trials.fastest(one).name == "searched"
+    # one round: owt's first three steps (median 0.19) would have won
+    script.update(searched=[9, 0.20, 0.22, 0.21], owt=[9, 0.19, 0.19, 0.30], **{"data-parallel": [9, 0.5, 0.5, 0.5]})
+    order.clear()
+    first = trials.run_trials(MPI.COMM_SELF, None, cands(), lambda box, i: (None, None), lambda: None,
+                              steps=3, rounds=1)
+    assert order == ["searched", "owt", "data-parallel"] and trials.fastest(first).name == "owt"

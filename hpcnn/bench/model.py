@@ -91,6 +91,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "searched and trialled plan); its figure is then measured with the others "
                         "(default 0: no trials)")
     p.add_argument("--trial-steps", type=int, default=3, metavar="S", help="steps per trial (default 3)")
+    p.add_argument("--trial-rounds", type=int, default=3, metavar="N",
+                   help="rounds of trials at most: after the first, the candidates whose steps overlap "
+                        "with the fastest's are timed again (default 3)")
+    p.add_argument("--trial-margin", type=float, default=0.05, metavar="F",
+                   help="another plan replaces the searched one only when faster by more than this "
+                        "fraction (default 0.05, as a job's plan.trial_margin)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="also plot predicted against measured iteration time (matplotlib)")
@@ -124,7 +130,8 @@ def _passthrough(args) -> list:
            "--machine", args.machine, "--dtype", args.dtype, "--warmup", str(args.warmup),
            "--iters", str(args.iters), "--rounds", str(args.rounds),
            "--calibration-rounds", str(args.calibration_rounds), "--trials", str(args.trials),
-           "--trial-steps", str(args.trial_steps), "--plans"] + list(args.plans)
+           "--trial-steps", str(args.trial_steps), "--trial-rounds", str(args.trial_rounds),
+           "--trial-margin", str(args.trial_margin), "--plans"] + list(args.plans)
     if args.detail:
         out.append("--detail")
     if args.no_profile:
@@ -342,11 +349,15 @@ def _trials(args, world, runs, alias, file_model, y) -> dict:
     """The plan a job's trials would choose (collective): the ``--trials``
     cheapest plans the machine file predicts among the searched plan and
     the baselines, and data parallelism, ``--trial-steps`` steps each (the
-    slowest rank's, from a barrier), the fastest kept (the searched plan
-    first among equals), as ``hpcnn.runtime.plan_trials`` does in a job."""
-    import numpy as np
+    slowest rank's, from a barrier), those not told apart timed again for
+    up to ``--trial-rounds`` rounds, the fastest kept (the searched plan
+    unless another is faster by more than ``--trial-margin``), as
+    ``hpcnn.runtime.plan_trials`` does in a job."""
+    import statistics
+
     from mpi4py import MPI
 
+    from hpcnn.runtime.plan_trials import Candidate, fastest, undecided
     from hpcnn.strategy.plan_pricing import price_plan
     pool = ("searched", "data-parallel", "owt", "model-parallel")
     order = None
@@ -360,21 +371,38 @@ def _trials(args, world, runs, alias, file_model, y) -> dict:
             order.append(dp[0])
         order = [(i, pred[i]) for i in order]
     order = world.bcast(order, root=0)
-    out = []
+    cands = []
     for i, pred in order:
-        r = runs[i]
-        times = []
+        names = alias[runs[i]["key"]]
+        c = Candidate("searched" if "searched" in names else names[0], i, pred)
+        cands.append(c)
+
+    def time_one(c):
+        r = runs[c.plan]
         for _ in range(args.trial_steps):
             world.Barrier()
             t0 = time.perf_counter()
             r["dm"].train_step(r["xt"], y, r["sgd"], step=r["step"])
-            times.append(world.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+            c.steps_s.append(world.allreduce(time.perf_counter() - t0, op=MPI.MAX))
             r["step"] += 1
-        out.append({"plans": alias[r["key"]], "key": r["key"], "predicted_file_s": pred,
-                    "steps_s": times, "measured_s": float(np.median(times))})
-    best = min(out, key=lambda c: (c["measured_s"], "searched" not in c["plans"]))
-    return {"candidates": [{k: v for k, v in c.items() if k != "key"} for c in out],
-            "chosen": best["plans"], "chosen_key": best["key"], "steps": args.trial_steps}
+        c.measured_s = statistics.median(c.steps_s)
+        c.rounds += 1
+
+    for c in cands:
+        time_one(c)
+    for rnd in range(1, max(1, args.trial_rounds)):
+        again = undecided(cands)
+        if not again:
+            break
+        # in the first round's order, reversed every other round
+        turn = [c for c in cands if any(c is a for a in again)]
+        for c in (turn if rnd % 2 == 0 else turn[::-1]):
+            time_one(c)
+    best = fastest(cands, args.trial_margin)
+    out = [{"plans": alias[runs[c.plan]["key"]], "predicted_file_s": c.predicted_s, "steps_s": c.steps_s,
+            "measured_s": c.measured_s, "rounds": c.rounds} for c in cands]
+    return {"candidates": out, "chosen": alias[runs[best.plan]["key"]], "chosen_key": runs[best.plan]["key"],
+            "steps": args.trial_steps, "rounds": max(c.rounds for c in cands), "margin": args.trial_margin}
 
 
 # ---- report ----------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ the prediction cannot tell them apart; a few training steps of each can.
 ``run_trials`` builds each candidate's ``DistributedModel`` (collective),
 times ``steps`` training steps after ``warmup`` ones on the same batches
 (each step: a barrier, the step, the slowest rank's time), frees it, and
-returns the candidates with their measured medians.  Every rank gets the
+returns the candidates with their measured medians.  Candidates whose steps
+overlap with the fastest's are timed again, in turns, for up to ``rounds``
+rounds in all: a few steps on a shared machine often cannot separate plans
+7% apart, more of them can.  Every rank gets the
 same figures (they are reduced with MAX), so every rank picks the same
 plan without a broadcast.
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Candidate", "candidates", "run_trials", "fastest", "trials_wanted", "format_trials"]
+__all__ = ["Candidate", "candidates", "run_trials", "undecided", "fastest", "trials_wanted", "format_trials"]
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Candidate:
     predicted_s: float | None
     measured_s: float | None = None
     steps_s: list = field(default_factory=list)
+    rounds: int = 0
 
     @property
     def error(self) -> float | None:
@@ -85,18 +89,35 @@ def trials_wanted(setting, report, plan, tolerance: float) -> int:
     return 3 if close else 0
 
 
+def undecided(cands: list) -> list:
+    """The candidates the clock has not told apart yet: the fastest by
+    median and every other whose timed steps reach below the fastest's
+    slowest step (their ranges overlap), fastest first; empty when the
+    fastest's every step beats every step of the others."""
+    timed = [c for c in cands if c.steps_s]
+    if len(timed) < 2:
+        return []
+    lead = min(timed, key=lambda c: (c.measured_s, c.name != "searched"))
+    close = [c for c in timed if c is not lead and min(c.steps_s) <= max(lead.steps_s)]
+    return [lead] + close if close else []
+
+
 def run_trials(comm, graph, cands: list, batch_fn, make_optimizer, dtype=np.float32, seed=0,
-               steps: int = 3, warmup: int = 1, log=None) -> list:
+               steps: int = 3, warmup: int = 1, rounds: int = 1, log=None) -> list:
     """Time every candidate (collective over ``comm``, an mpi4py
     communicator).  ``batch_fn(box, i)`` gives this rank's input tile
     (``box`` its input box under the candidate, None: feed None) and the
     whole batch's labels for trial step i; ``make_optimizer()`` a fresh
-    optimiser.  Returns ``cands`` with ``measured_s`` (median of the timed
-    steps) and ``steps_s`` filled in."""
+    optimiser.  After the first round, up to ``rounds - 1`` more rounds
+    time again, in turns and in the opposite order each round (a drifting
+    load then favours none), the candidates the clock has not told apart
+    (``undecided``).  Returns ``cands`` with ``measured_s`` (median of all
+    their timed steps), ``steps_s`` and ``rounds`` filled in."""
     from mpi4py import MPI
 
     from hpcnn.runtime.executor import DistributedModel
-    for c in cands:
+
+    def time_one(c):
         dm = DistributedModel(graph, c.plan, comm, dtype=np.dtype(dtype), seed=seed)
         opt = make_optimizer()
         if hasattr(opt, "attach"):
@@ -114,12 +135,29 @@ def run_trials(comm, graph, cands: list, batch_fn, make_optimizer, dtype=np.floa
         if hasattr(opt, "free"):
             opt.free()
         dm.free()
-        c.steps_s = times
-        c.measured_s = statistics.median(times)
+        c.steps_s = c.steps_s + times
+        c.measured_s = statistics.median(c.steps_s)
+        c.rounds += 1
         if log is not None:
             pred = f"{c.predicted_s * 1e3:.1f} ms" if c.predicted_s is not None else "-"
             log(f"trial {c.name}: measured {c.measured_s * 1e3:.1f} ms per step "
                 f"(steps {', '.join(f'{t * 1e3:.1f}' for t in times)}), predicted {pred}")
+
+    for c in cands:
+        c.steps_s, c.measured_s, c.rounds = [], None, 0
+    for c in cands:
+        time_one(c)
+    for r in range(1, max(1, int(rounds))):
+        again = undecided(cands)
+        if not again:
+            break
+        if log is not None:
+            log(f"trial round {r + 1}: {', '.join(c.name for c in again)} not told apart "
+                f"(their steps overlap): timing them again")
+        # in the first round's order, reversed every other round
+        turn = [c for c in cands if any(c is a for a in again)]
+        for c in (turn if r % 2 == 0 else turn[::-1]):
+            time_one(c)
     return cands
 
 
@@ -136,11 +174,11 @@ def fastest(cands: list, margin: float = 0.0) -> Candidate:
 
 
 def format_trials(cands: list, chosen: Candidate) -> str:
-    lines = ["plan trials (ms per step, slowest rank; predicted beside measured):",
-             f"  {'plan':16s} {'measured':>9s} {'predicted':>10s} {'error':>7s}"]
+    lines = ["plan trials (ms per step, slowest rank, median of the timed steps; predicted beside measured):",
+             f"  {'plan':16s} {'measured':>9s} {'steps':>5s} {'predicted':>10s} {'error':>7s}"]
     for c in cands:
         pred = f"{c.predicted_s * 1e3:10.1f}" if c.predicted_s is not None else f"{'-':>10s}"
         err = f"{c.error * 100:+6.1f}%" if c.error is not None else f"{'-':>7s}"
         mark = "  <- chosen" if c is chosen else ""
-        lines.append(f"  {c.name:16s} {c.measured_s * 1e3:9.1f} {pred} {err}{mark}")
+        lines.append(f"  {c.name:16s} {c.measured_s * 1e3:9.1f} {len(c.steps_s):5d} {pred} {err}{mark}")
     return "\n".join(lines)
