@@ -330,9 +330,16 @@ class Conv2d(_Window):
         """One convolution of the region, copied into one channels-last
         array: the own parts before the wait, the others after."""
         from hpcnn.backend import array_module
-        first = region.parts[0].array
+        xp = region.xp
+        if xp is None:
+            # a rank may hold none of its region (all parts from others):
+            # then the array module is known only after they arrive
+            local = region.local_parts()
+            if not local:
+                region.wait()
+            xp = array_module((local or region.parts)[0].array)
         n, c, h, w_ = region.shape
-        x = array_module(first).empty((n, h, w_, c), dtype=region.dtype).transpose(0, 3, 1, 2)
+        x = xp.empty((n, h, w_, c), dtype=region.dtype).transpose(0, 3, 1, 2)
         for part in region.parts:
             if not part.local:
                 region.wait()

@@ -211,6 +211,68 @@ def test_halo_wider_than_a_neighbours_tile_through_the_executor(overlap, transpo
     agree(problems, f"wide halo (overlap {overlap}, {transport})")
 
 
+def _remote_region_plan(g, world):
+    """conv0 split over channels on ranks 0 and 1 only; conv1 (3x3) split
+    over height on every rank: ranks 2.. hold none of their region, whose
+    parts split the channels (so conv1 assembles them)."""
+    cfg, ranks = {}, {}
+    for n in g:
+        if n.name in ("conv0", "relu1"):
+            cfg[n.name], ranks[n.name] = {"c": 2}, [0, 1]
+        elif len(n.shape) == 4 and n.kind != "input":
+            cfg[n.name] = {"h": world}
+        else:
+            cfg[n.name], ranks[n.name] = {"n": 1}, [0]
+    return Plan(g.name, world, g.batch, cfg, ranks, name="remote-region")
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_rank_that_holds_none_of_its_channel_split_region_convolves_it(overlap):
+    """A 3x3 convolution whose region comes wholly from other ranks, split
+    over channels (assembled, not convolved part by part): it waits for the
+    parts before it reads any (found on 2 emulated nodes x 2 ranks, where
+    the assembling path read the first part before the wait)."""
+    if P < 3:
+        pytest.skip("needs a rank outside the producer's two")
+    g = Graph("remote")
+    x = g.input((2, 3, 2 * P + 1, 5))
+    x = g.conv(x, 4, 3, padding=1, name="conv0")
+    x = g.relu(x, name="relu1")
+    x = g.conv(x, 4, 3, padding=1, name="conv1")
+    x = g.relu(x, name="relu2")
+    x = g.global_avgpool(x, name="avgpool")
+    g.loss(g.linear(x, 3, name="fc"))
+
+    def run():
+        problems = []
+        plan = _remote_region_plan(g, P)
+        L = plan.layouts(g)
+        assert ME in L["conv1"] and (ME < 2) == (ME in L["relu1"])
+        seq = SequentialModel(g, np.float64, 7, Backend("numpy"))
+        dm = DistributedModel(g, plan, WORLD, dtype=np.float64, seed=7, backend=Backend("numpy"),
+                              transport="p2p", overlap=overlap, setup=False)
+        s_seq, s_dm = SGD(lr=0.1, momentum=0.9), SGD(lr=0.1, momentum=0.9)
+        rng = np.random.default_rng(5)
+        for s in range(2):
+            xb, yb = rng.standard_normal(g[g.input_name].shape), rng.integers(0, 3, size=g.batch)
+            l_seq, _ = seq.forward(xb, yb, training=True, step=s)
+            gs = seq.backward()
+            s_seq.step_nodes(seq.params, gs)
+            box = dm.input_box()
+            l_dm = dm.train_step(xb[box.slices()] if box is not None else None, yb, s_dm, step=s)
+            if _rel(l_dm, l_seq) > 1e-9:
+                problems.append(f"step {s}: loss {l_dm!r} vs sequential {l_seq!r}")
+            for node, ps in dm.grads.items():
+                for k, v in ps.items():
+                    want = gs[node][k][dm.param_box(node, k).slices()]
+                    if _rel(v, want) > 1e-9:
+                        problems.append(f"step {s}: gradient {node}.{k} rel err {_rel(v, want):.1e}")
+        dm.free()
+        return problems
+
+    agree(run_or_abort(run), f"region wholly from other ranks (overlap {overlap})")
+
+
 def test_auto_transport_is_one_choice_on_every_rank_and_traced():
     g = _chain(2, 3 * P + 1, 6)
     problems = []
