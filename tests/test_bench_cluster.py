@@ -65,6 +65,29 @@ def test_a_row_says_how_the_trialled_plan_compares():
     assert t["machine_file_error"]["max"] == pytest.approx(0.2) and t["machine_file_error"]["met"]
 
 
+def test_a_failed_model_is_reported_and_the_run_fails_with_the_other_rows_kept(tmp_path, capsys):
+    """A model whose benchmark failed (bench cluster then goes on with the
+    others): the report names it with its last error line, the rows
+    measured stand, and the command's status is 1 (from --from-json too)."""
+    from hpcnn.bench.cluster import report, run
+    res = fake_result({"data-parallel": [2.0], "owt": [1.2], "model-parallel": [5.0], "searched": [1.0]})
+    row = summarise_row(res, "1gbit", "2x1", 1.19e8)
+    out = {"rows": [row], "calibrations": [], "targets": targets([row]), "seconds": 60.0,
+           "failures": [{"rate": "1gbit", "layout": "2x2", "model": "alexnet@96",
+                         "error": "Traceback ...\nRuntimeError: a part was read before wait()\n"}]}
+    text = report(out)
+    assert "FAILED: alexnet@96 on 2x2 at 1gbit: RuntimeError: a part was read before wait()" in text
+    assert "| 2x1 | 1gbit | vgg16@32 |" in text
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(out))
+    import argparse
+    args = argparse.Namespace(from_json=str(path), plot=None, paper_report=None)
+    assert run(args) == 1 and "FAILED: alexnet@96" in capsys.readouterr().out
+    out["failures"] = []
+    path.write_text(json.dumps(out))
+    assert run(args) == 0
+
+
 def test_plot_and_arguments(tmp_path):
     res = fake_result({"data-parallel": [2.0], "owt": [1.2], "model-parallel": [5.0], "searched": [1.0]})
     rows = [summarise_row(res, r, lay, bw) for r, bw in (("1gbit", 1.19e8), ("10gbit", 1.19e9))

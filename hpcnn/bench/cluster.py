@@ -207,9 +207,13 @@ def _bench_model(args, cluster, N, R, machine: Path, model: str) -> dict:
                     timeout=args.timeout)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if r.returncode != 0 or not lines:
-        raise SystemExit(f"hpcnn bench cluster: {model} on {N}x{R} failed (exit {r.returncode}):\n"
-                         f"{r.stdout[-3000:]}{r.stderr[-3000:]}")
+        raise ModelFailed(f"hpcnn bench cluster: {model} on {N}x{R} failed (exit {r.returncode}):\n"
+                          f"{r.stdout[-3000:]}{r.stderr[-3000:]}")
     return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+class ModelFailed(RuntimeError):
+    """One model's benchmark failed: reported, and the other rows go on."""
 
 
 def _wait(args):
@@ -232,7 +236,7 @@ def run(args) -> int:
     own_dir = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="hpcnn-bench-cluster-")) if own_dir else Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    rows, calibrations = [], []
+    rows, calibrations, failures = [], [], []
     t_start = time.perf_counter()
     try:
         with EmulatedCluster(N, prefix=args.name or f"hb{os.getpid() % 100000}") as c:
@@ -254,7 +258,14 @@ def run(args) -> int:
                         print(f"hpcnn bench cluster: {rate}, {n}x{R}, {model} ...", file=sys.stderr, flush=True)
                         waited = _wait(args)
                         load = os.getloadavg()
-                        res = _bench_model(args, c, n, R, path, model)
+                        try:
+                            res = _bench_model(args, c, n, R, path, model)
+                        except ModelFailed as exc:
+                            # keep what the other rows measure; the run's status says it
+                            print(str(exc), file=sys.stderr, flush=True)
+                            failures.append({"rate": rate, "layout": f"{n}x{R}", "model": model,
+                                             "error": str(exc)[-6000:]})
+                            continue
                         row = summarise_row(res, rate, f"{n}x{R}", m.inter.bandwidth)
                         row["load_average_before"] = list(load)
                         row["waited_idle"] = waited
@@ -266,7 +277,7 @@ def run(args) -> int:
         if own_dir:
             import shutil
             shutil.rmtree(work, ignore_errors=True)
-    out = {"rows": rows, "calibrations": calibrations, "targets": targets(rows),
+    out = {"rows": rows, "calibrations": calibrations, "failures": failures, "targets": targets(rows),
            "seconds": time.perf_counter() - t_start,
            "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"
                         and isinstance(v, (str, int, float, bool, list, type(None)))}}
@@ -284,7 +295,7 @@ def _finish(args, out, json_path) -> int:
             raise SystemExit("hpcnn bench cluster: --paper-report links the results: give --json FILE")
         update_paper_report(args.paper_report, out, json_path, args.plot)
         print(f"wrote the measured section of {args.paper_report}")
-    return 0
+    return 1 if out.get("failures") else 0
 
 
 # ---- one row --------------------------------------------------------------------------------
@@ -414,6 +425,9 @@ def report(out) -> str:
         lines.append(f"| {c['layout']} | {c['rate']} | {c['inter_node_bandwidth'] / 1e6:,.0f} MB/s | "
                      f"{c['seconds']:.0f} s |")
     lines.append("")
+    for f in out.get("failures", []):
+        last = [ln for ln in f["error"].splitlines() if ln.strip()][-1:] or [""]
+        lines.append(f"- FAILED: {f['model']} on {f['layout']} at {f['rate']}: {last[0][:300]}")
     for name, t in out["targets"].items():
         lines.append(f"- {name}: {'met' if t['met'] else 'NOT met'} "
                      f"({json.dumps({k: v for k, v in t.items() if k != 'met'})})")
