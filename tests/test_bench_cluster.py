@@ -123,7 +123,8 @@ def test_a_short_run_on_two_emulated_nodes(tmp_path):
     work = tmp_path / "work"
     r = subprocess.run([PY, "-m", "hpcnn", "bench", "cluster", "--models", "lenet5@28", "--rates", "unshaped",
                         "--layouts", "2x1", "--batch", "8", "--rounds", "2", "--no-profile",
-                        "--trial-steps", "1", "--calibrate-budget", "2", "--no-runtime", "--workdir", str(work),
+                        "--trial-steps", "1", "--calibrate-budget", "2", "--no-runtime", "--detail",
+                        "--workdir", str(work),
                         "--name", f"hbt{os.getpid() % 10000}", "--json", str(tmp_path / "out.json"),
                         "--plot", str(tmp_path / "out.png")],
                        cwd=ROOT, env=mpi_env(), capture_output=True, text=True, timeout=900)
@@ -145,6 +146,11 @@ def test_a_short_run_on_two_emulated_nodes(tmp_path):
     assert set(out["targets"]) >= {"trialled_within_5pc_of_fastest_baseline", "profile_error",
                                    "machine_file_error", "layer_wise_row_beating_all"}
     assert "trials chose" in r.stdout and (tmp_path / "out.png").is_file()
+    # --detail: each plan's traced categories beside its predicted parts, kept in the work directory
+    res = json.loads((work / "bench-unshaped-2x1-lenet5-28.json").read_text())
+    for rr in res["rows"]:
+        assert rr["measured_categories_s"]["forward"] > 0 and rr["measured_categories_s"]["backward"] > 0
+        assert set(rr["predicted_parts_s"]) == {"t_c", "t_s", "t_x", "t_o"}
 
 
 def test_the_measured_section_of_the_paper_page_is_written_in_place(tmp_path):

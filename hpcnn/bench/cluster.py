@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="rounds over the plans (default 5)")
     p.add_argument("--calibration-rounds", type=int, default=2,
                    help="rounds of the run's own profile spread over its steps (default 2)")
+    p.add_argument("--detail", action="store_true",
+                   help="trace every plan's steps: predicted against traced time per category (compute, "
+                        "exchanges, synchronisation) in each model's result (--workdir keeps them)")
     p.add_argument("--no-profile", action="store_true",
                    help="predict from the machine file alone (no profile measured in the run)")
     p.add_argument("--trials", type=int, default=3, metavar="K",
@@ -203,6 +206,8 @@ def _bench_model(args, cluster, N, R, machine: Path, model: str) -> dict:
            "--trial-rounds", str(args.trial_rounds), "--trial-margin", str(args.trial_margin)]
     if args.no_profile:
         cmd.append("--no-profile")
+    if args.detail:
+        cmd.append("--detail")
     r = cluster.run(_pinned(args, cluster, cmd), n=N * R, ppn=R, env={"HPCNN_BENCH_INNER": "1"},
                     timeout=args.timeout)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(RESULT_TAG)]
