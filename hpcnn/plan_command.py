@@ -31,6 +31,8 @@ import argparse
 import json
 import sys
 
+from hpcnn.runtime.plan_trials import add_trial_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model of the zoo (see `hpcnn models`)")
@@ -55,13 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=0, metavar="K",
                    help="time the K cheapest predicted candidate plans (data parallelism always among "
                         "them) under mpiexec -n P and keep the fastest (default 0: no trials)")
-    p.add_argument("--trial-steps", type=int, default=3, metavar="S", help="timed steps per trial (default 3)")
-    p.add_argument("--trial-rounds", type=int, default=3, metavar="N",
-                   help="rounds of trials at most: after the first, the candidates whose steps overlap "
-                        "with the fastest's are timed again (default 3)")
-    p.add_argument("--trial-margin", type=float, default=0.05, metavar="F",
-                   help="another plan replaces the searched one only when faster by more than this "
-                        "fraction (default 0.05)")
+    add_trial_arguments(p)
     p.add_argument("--update-machine", action="store_true",
                    help="with --trials: write the measured steps into the machine file (--machine must "
                         "be a file you may write)")

@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from hpcnn.bench.model import RESULT_TAG
+from hpcnn.runtime.plan_trials import add_trial_arguments, trial_argv
 
 PLANS = ("data-parallel", "owt", "model-parallel", "searched")
 BASELINES = ("data-parallel", "owt", "model-parallel")
@@ -75,12 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="predict from the machine file alone (no profile measured in the run)")
     p.add_argument("--trials", type=int, default=3, metavar="K",
                    help="candidates the trials time besides data parallelism (default 3)")
-    p.add_argument("--trial-steps", type=int, default=3, metavar="S", help="steps per trial (default 3)")
-    p.add_argument("--trial-rounds", type=int, default=3, metavar="N",
-                   help="rounds of trials at most (those not told apart are timed again; default 3)")
-    p.add_argument("--trial-margin", type=float, default=0.05, metavar="F",
-                   help="another plan replaces the searched one only when faster by more than this "
-                        "fraction (default 0.05)")
+    add_trial_arguments(p, "steps per trial (default 3)")
     p.add_argument("--calibrate-budget", type=float, default=30.0, metavar="S",
                    help="hpcnn calibrate --budget: seconds of op tiles timed alone (default 30)")
     p.add_argument("--runtime-budget", type=float, default=60.0, metavar="S",
@@ -202,8 +198,7 @@ def _bench_model(args, cluster, N, R, machine: Path, model: str) -> dict:
            "--image-size", str(side), "--batch", str(args.batch), "--machine", str(machine),
            "--plans", *PLANS, "--warmup", str(args.warmup), "--iters", str(args.iters),
            "--rounds", str(args.rounds), "--calibration-rounds", str(args.calibration_rounds),
-           "--trials", str(args.trials), "--trial-steps", str(args.trial_steps),
-           "--trial-rounds", str(args.trial_rounds), "--trial-margin", str(args.trial_margin)]
+           "--trials", str(args.trials), *trial_argv(args)]
     if args.no_profile:
         cmd.append("--no-profile")
     if args.detail:

@@ -50,6 +50,8 @@ import subprocess
 import sys
 import time
 
+from hpcnn.runtime.plan_trials import add_trial_arguments, trial_argv
+
 RESULT_TAG = "HPCNN_BENCH_MODEL "
 _LAUNCHED_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
                   "HYDI_CONTROL_FD")
@@ -90,13 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "each, as a job's plan.trials does, and report which one the trials choose (the "
                         "searched and trialled plan); its figure is then measured with the others "
                         "(default 0: no trials)")
-    p.add_argument("--trial-steps", type=int, default=3, metavar="S", help="steps per trial (default 3)")
-    p.add_argument("--trial-rounds", type=int, default=3, metavar="N",
-                   help="rounds of trials at most: after the first, the candidates whose steps overlap "
-                        "with the fastest's are timed again (default 3)")
-    p.add_argument("--trial-margin", type=float, default=0.05, metavar="F",
-                   help="another plan replaces the searched one only when faster by more than this "
-                        "fraction (default 0.05, as a job's plan.trial_margin)")
+    add_trial_arguments(p, "steps per trial (default 3)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="also plot predicted against measured iteration time (matplotlib)")
@@ -130,8 +126,7 @@ def _passthrough(args) -> list:
            "--machine", args.machine, "--dtype", args.dtype, "--warmup", str(args.warmup),
            "--iters", str(args.iters), "--rounds", str(args.rounds),
            "--calibration-rounds", str(args.calibration_rounds), "--trials", str(args.trials),
-           "--trial-steps", str(args.trial_steps), "--trial-rounds", str(args.trial_rounds),
-           "--trial-margin", str(args.trial_margin), "--plans"] + list(args.plans)
+           *trial_argv(args), "--plans"] + list(args.plans)
     if args.detail:
         out.append("--detail")
     if args.no_profile:
@@ -357,7 +352,7 @@ def _trials(args, world, runs, alias, file_model, y) -> dict:
 
     from mpi4py import MPI
 
-    from hpcnn.runtime.plan_trials import Candidate, fastest, undecided
+    from hpcnn.runtime.plan_trials import Candidate, fastest, time_in_rounds
     from hpcnn.strategy.plan_pricing import price_plan
     pool = ("searched", "data-parallel", "owt", "model-parallel")
     order = None
@@ -388,16 +383,7 @@ def _trials(args, world, runs, alias, file_model, y) -> dict:
         c.measured_s = statistics.median(c.steps_s)
         c.rounds += 1
 
-    for c in cands:
-        time_one(c)
-    for rnd in range(1, max(1, args.trial_rounds)):
-        again = undecided(cands)
-        if not again:
-            break
-        # in the first round's order, reversed every other round
-        turn = [c for c in cands if any(c is a for a in again)]
-        for c in (turn if rnd % 2 == 0 else turn[::-1]):
-            time_one(c)
+    time_in_rounds(cands, time_one, args.trial_rounds)
     best = fastest(cands, args.trial_margin)
     out = [{"plans": alias[runs[c.plan]["key"]], "predicted_file_s": c.predicted_s, "steps_s": c.steps_s,
             "measured_s": c.measured_s, "rounds": c.rounds} for c in cands]

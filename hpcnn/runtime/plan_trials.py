@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Candidate", "candidates", "run_trials", "undecided", "fastest", "trials_wanted", "format_trials"]
+__all__ = ["Candidate", "candidates", "run_trials", "time_in_rounds", "undecided", "fastest", "trials_wanted",
+           "format_trials", "add_trial_arguments", "trial_argv"]
 
 
 @dataclass
@@ -145,6 +146,14 @@ def run_trials(comm, graph, cands: list, batch_fn, make_optimizer, dtype=np.floa
 
     for c in cands:
         c.steps_s, c.measured_s, c.rounds = [], None, 0
+    return time_in_rounds(cands, time_one, rounds, log)
+
+
+def time_in_rounds(cands: list, time_one, rounds: int, log=None) -> list:
+    """Round 1: ``time_one(c)`` for every candidate (it appends to
+    ``c.steps_s`` and sets ``c.measured_s`` and ``c.rounds``); then, for up
+    to ``rounds - 1`` more rounds, those ``undecided`` leaves, in the first
+    round's order reversed every other round.  Returns ``cands``."""
     for c in cands:
         time_one(c)
     for r in range(1, max(1, int(rounds))):
@@ -154,11 +163,28 @@ def run_trials(comm, graph, cands: list, batch_fn, make_optimizer, dtype=np.floa
         if log is not None:
             log(f"trial round {r + 1}: {', '.join(c.name for c in again)} not told apart "
                 f"(their steps overlap): timing them again")
-        # in the first round's order, reversed every other round
         turn = [c for c in cands if any(c is a for a in again)]
         for c in (turn if r % 2 == 0 else turn[::-1]):
             time_one(c)
     return cands
+
+
+def add_trial_arguments(p, steps_help: str = "timed steps per trial (default 3)") -> None:
+    """The options of a command that runs trials, with a job's defaults
+    (plan.trial_steps, plan.trial_rounds, plan.trial_margin)."""
+    p.add_argument("--trial-steps", type=int, default=3, metavar="S", help=steps_help)
+    p.add_argument("--trial-rounds", type=int, default=3, metavar="N",
+                   help="rounds of trials at most: after the first, the candidates whose steps overlap "
+                        "with the fastest's are timed again (default 3)")
+    p.add_argument("--trial-margin", type=float, default=0.05, metavar="F",
+                   help="another plan replaces the searched one only when faster by more than this "
+                        "fraction (default 0.05)")
+
+
+def trial_argv(args) -> list:
+    """Those options as given, to pass on to a command launched inside."""
+    return ["--trial-steps", str(args.trial_steps), "--trial-rounds", str(args.trial_rounds),
+            "--trial-margin", str(args.trial_margin)]
 
 
 def fastest(cands: list, margin: float = 0.0) -> Candidate:
