@@ -54,11 +54,9 @@ class MaxPool2d(_Pool2d):
         return [K.maxpool2d_backward(dy, saved)], {}
 
 
-@register
-class AvgPool2d(_Pool2d):
-    """Average pooling; padded positions count as zeros in the average
-    (PyTorch's count_include_pad=True)."""
-    kind = "avgpool2d"
+class Undilated:
+    """A window op without dilation (average pools, 2-D and 3-D): no such
+    argument, none among its attributes."""
 
     def __init__(self, name="", kernel_size=2, stride=None, padding=0):
         super().__init__(name, kernel_size, stride, padding, 1)
@@ -67,6 +65,13 @@ class AvgPool2d(_Pool2d):
         a = self._window_attrs_dict()
         a.pop("dilation")
         return a
+
+
+@register
+class AvgPool2d(Undilated, _Pool2d):
+    """Average pooling; padded positions count as zeros in the average
+    (PyTorch's count_include_pad=True)."""
+    kind = "avgpool2d"
 
     def forward(self, xs, params, buffers, ctx):
         self.check_inputs(xs, ctx)

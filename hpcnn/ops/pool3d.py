@@ -7,6 +7,7 @@ import numpy as np
 
 from hpcnn.ops.base import register
 from hpcnn.ops.conv3d import SPATIAL, Window3d
+from hpcnn.ops.pool import Undilated
 from hpcnn.ops.volume_kernels import volume_kernels
 
 
@@ -56,18 +57,10 @@ class MaxPool3d(_Pool3d):
 
 
 @register
-class AvgPool3d(_Pool3d):
+class AvgPool3d(Undilated, _Pool3d):
     """Average pooling over depth, height and width; padded positions count
     as zeros in the average (PyTorch's count_include_pad=True)."""
     kind = "avgpool3d"
-
-    def __init__(self, name="", kernel_size=2, stride=None, padding=0):
-        super().__init__(name, kernel_size, stride, padding, 1)
-
-    def attrs(self):
-        a = self._window_attrs_dict()
-        a.pop("dilation")
-        return a
 
     def forward(self, xs, params, buffers, ctx):
         self.check_inputs(xs, ctx)
