@@ -282,6 +282,17 @@ class Op:
             self.fail(f"{attr} must be {'non-negative' if allow_zero else 'positive'}, got {v}")
         return v
 
+    def _required_pos_int(self, attr: str, v) -> int:
+        """A positive integer attribute the op cannot do without."""
+        if v is None:
+            self.fail(f"{attr} is required")
+        return self._pos_int(attr, v)
+
+    def _flag(self, attr: str, v) -> bool:
+        if not isinstance(v, bool):
+            self.fail(f"{attr} must be true or false, got {v!r}")
+        return v
+
     def _pair(self, attr: str, v, allow_zero=False) -> tuple:
         if isinstance(v, (tuple, list)):
             if len(v) != 2:

@@ -99,13 +99,9 @@ class Conv3d(Window3d):
     def __init__(self, name="", out_channels=None, kernel_size=3, stride=1, padding=0,
                  dilation=1, bias=True):
         super().__init__(name)
-        if out_channels is None:
-            self.fail("out_channels is required")
-        self.out_channels = self._pos_int("out_channels", out_channels)
+        self.out_channels = self._required_pos_int("out_channels", out_channels)
         self._window_attrs(kernel_size, stride, padding, dilation)
-        if not isinstance(bias, bool):
-            self.fail(f"bias must be true or false, got {bias!r}")
-        self.bias = bias
+        self.bias = self._flag("bias", bias)
 
     def attrs(self):
         return dict(out_channels=self.out_channels, bias=self.bias, **self._window_attrs_dict())

@@ -13,12 +13,8 @@ class Linear(Op):
 
     def __init__(self, name="", out_features=None, bias=True):
         super().__init__(name)
-        if out_features is None:
-            self.fail("out_features is required")
-        self.out_features = self._pos_int("out_features", out_features)
-        if not isinstance(bias, bool):
-            self.fail(f"bias must be true or false, got {bias!r}")
-        self.bias = bias
+        self.out_features = self._required_pos_int("out_features", out_features)
+        self.bias = self._flag("bias", bias)
 
     def attrs(self):
         return dict(out_features=self.out_features, bias=self.bias)
