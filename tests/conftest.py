@@ -5,6 +5,8 @@ runs them under mpiexec with --with-mpi.  A plain pytest run does not collect
 them itself (they would only be skipped)."""
 from pathlib import Path
 
+import pytest
+
 _MPI_DIR = Path(__file__).parent / "mpi"
 
 
@@ -17,3 +19,14 @@ def pytest_ignore_collect(collection_path, config):
     if not with_mpi and (p == _MPI_DIR or _MPI_DIR in p.parents):
         return True
     return None
+
+
+@pytest.fixture(params=["fast", "reference"])
+def kernels(request):
+    """Run a test with each kernel set (the fast channels-last GEMM kernels
+    and the reference fallback), restoring the one in use after."""
+    from hpcnn.ops import kernel_set
+    before = kernel_set()
+    kernel_set(request.param)
+    yield request.param
+    kernel_set(before)

@@ -12,16 +12,8 @@ import itertools
 import numpy as np
 import pytest
 
-from hpcnn.ops import TileContext, TileRegion, kernel_set, make_op
+from hpcnn.ops import TileContext, TileRegion, make_op
 from hpcnn.ops.conv import part_window
-
-
-@pytest.fixture(params=["fast", "reference"])
-def kernels(request):
-    before = kernel_set()
-    kernel_set(request.param)
-    yield request.param
-    kernel_set(before)
 
 
 def _cuts(n, rng, most):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_ops_vs_torch import TOL, rel_err, run_whole, torch_vjp
 
-from hpcnn.ops import kernel_set, make_op
+from hpcnn.ops import make_op
 
 F = torch.nn.functional
 DTYPES = [np.float64, np.float32]
@@ -54,14 +54,6 @@ def check5(op, fn, xs, params, dtype, layout="contig", seed=0, **kw):
     for k in gp:
         assert gp[k].dtype == dtype
         assert rel_err(gp[k], tgp[k]) <= tol, f"{k} gradient: rel err {rel_err(gp[k], tgp[k]):.3g}"
-
-
-@pytest.fixture(params=["fast", "reference"])
-def kernels(request):
-    before = kernel_set()
-    kernel_set(request.param)
-    yield request.param
-    kernel_set(before)
 
 
 def _torch_pad(pads):

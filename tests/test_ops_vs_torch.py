@@ -20,7 +20,7 @@ import pytest
 import torch  # the oracle: a test dependency (setup.cfg [test]), never skipped
 F = torch.nn.functional
 
-from hpcnn.ops import TileContext, clip_box, full_box, kernel_set, make_op  # noqa: E402
+from hpcnn.ops import TileContext, clip_box, full_box, make_op  # noqa: E402
 
 TOL = {np.float64: 1e-10, np.float32: 2e-4}
 
@@ -120,14 +120,6 @@ def check(op, fn, xs, params, dtype, layout="contig", rng=None, **kw):
 DTYPES = [np.float64, np.float32]
 
 
-@pytest.fixture(params=["fast", "reference"])
-def kernels(request):
-    """Run a sliding-window test with each kernel set (the fast
-    channels-last GEMM kernels and the reference fallback)."""
-    before = kernel_set()
-    kernel_set(request.param)
-    yield request.param
-    kernel_set(before)
 LAYOUTS = ["contig", "nhwc", "sliced"]
 
 # ---------------------------------------------------------------- conv2d
