@@ -128,7 +128,6 @@ def test_paper_vgg16_optimum_is_inside_the_space():
     g = build_model("vgg16", batch=128)
     sp = ConfigSpace(g, 4)
     for gi, gr in enumerate(sp.groups):
-        want = {"input": {"n": 4}, "conv2d": {"n": 4}, "linear": {"c": 4}, "loss": {}}
         for cfg in ({"n": 4}, {"h": 2, "w": 2}, {"c": 4}, {"c": 2}, {"n": 1}):
             names = gr.dims
             if all(d in names and (v == 1 or d in gr.splittable) and v <= gr.shape[names.index(d)]

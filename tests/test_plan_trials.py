@@ -13,7 +13,6 @@ import pytest
 
 from hpcnn.models import build_model
 from hpcnn.runtime.plan_trials import Candidate, candidates, fastest, format_trials, trials_wanted, undecided
-from hpcnn.strategy.baselines import baselines
 from hpcnn.strategy.machine import load_machine
 from hpcnn.strategy.plan import Plan
 from hpcnn.strategy.planner import search_plan

@@ -3,7 +3,6 @@ branches, residuals, diamonds, the Wheatstone bridge, graphs with K4 minors
 that no series-parallel reduction removes, disconnected and multi-edge
 graphs) with random cost tables, its cost equals brute-force enumeration and
 its assignment achieves that cost."""
-import itertools
 import json
 from pathlib import Path
 
