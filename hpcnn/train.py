@@ -208,7 +208,7 @@ class Trainer:
                              f"(leave model.image_size at 0, or write the data at that size)")
         if len(spatial) == 2 and (size != h or h != w):
             how = (f"set model.image_size = {h}" if h == w else
-                   f"set augment.resize (and model.image_size) for a square centre crop")
+                   "set augment.resize (and model.image_size) for a square centre crop")
             raise JobFailure(f"model.image_size = {size} but the data's images are {h}x{w}"
                              f"{' after augmentation' if d.transform is not None else ''}; resize the data, "
                              f"{how}, or crop with augment.random_resized_crop / augment.resize")

@@ -317,8 +317,8 @@ def write_report(md_path="docs/paper-reproduction.md", img_dir="docs/img", machi
       "benchmarks wrote, `hpcnn bench model` and `hpcnn bench cluster`; `hpcnn bench cluster --from-json "
       "FILE --paper-report docs/paper-reproduction.md` rewrites the cluster section alone):\n\n"
       "    python -m hpcnn bench search --report\n")
-    w(f"(machine at generation time: search times below are CPU seconds of one process; wall clock "
-      f"is also listed, the machine is shared with other work.)\n")
+    w("(machine at generation time: search times below are CPU seconds of one process; wall clock "
+      "is also listed, the machine is shared with other work.)\n")
 
     w("## Search time (paper Table 3)\n")
     w("Command: `hpcnn bench search --models lenet5 alexnet vgg16 inception_v3 resnet101 --ranks 4`\n")
@@ -422,7 +422,7 @@ def write_report(md_path="docs/paper-reproduction.md", img_dir="docs/img", machi
         w(f"| {PRETTY[m]} | {lw / 2 ** 30:.3f} | {bb['data-parallel'] / 2 ** 30:.3f} | "
           f"{bb['model-parallel'] / 2 ** 30:.3f} | {bb['owt'] / 2 ** 30:.3f} | "
           f"{bb['data-parallel'] / lw:.1f}x | {bb['model-parallel'] / lw:.1f}x | {bb['owt'] / lw:.1f}x |")
-    w(f"\nThe paper reports reductions of 1.3x to 23x against data or model parallelism.\n")
+    w("\nThe paper reports reductions of 1.3x to 23x against data or model parallelism.\n")
     w(f"Its example, the first fully connected layer of VGG-16 on 2 GPUs: sample parallelism moves "
       f"408 MB per GPU (the gradient of its 102.8 M weights), channel parallelism 32 MB. hpcnn's model "
       f"(per-GPU batch 32): sample parallel {fc1_sample / 1e6:.0f} MB per GPU (allreduce of the "

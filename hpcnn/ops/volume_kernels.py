@@ -37,8 +37,9 @@ from hpcnn.backend import array_module
 from hpcnn.ops.host_memory import POOL
 from hpcnn.ops.host_threads import split
 
-__all__ = ["conv3d_forward", "conv3d_backward", "maxpool3d_forward", "maxpool3d_backward",
-           "avgpool3d_forward", "avgpool3d_backward", "ndhwc", "ncdhw_view", "FAST", "REFERENCE"]
+# the kernels (conv3d_forward/backward, maxpool3d_*, avgpool3d_*) are the
+# static methods of the two kernel sets
+__all__ = ["ndhwc", "ncdhw_view", "FAST", "REFERENCE", "volume_kernels"]
 
 
 def _as_strided(xp, a, shape, strides):
