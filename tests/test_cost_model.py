@@ -788,3 +788,29 @@ def test_representative_tile_reads_most_then_is_largest_then_first():
                 assert geo.chunk(d, D) == -max(score)[2], (node.name, d, D)
                 checked += 1
     assert checked > 100
+
+
+def test_layer_reading_the_input_prices_apart_from_its_twins():
+    """A first convolution (no dX) and a later one of the same op and shapes
+    have tile keys of their own; each is priced by its own measured time,
+    whichever the model prices first (they once shared one cache entry, so
+    every later twin took the first's time: a synthetic calibration network
+    of eight such convolutions was priced at 0.7x its compute, and the fit
+    read the difference as waiting)."""
+    g = Graph("twins")
+    x = g.input((8, 16, 8, 8))
+    a = g.conv(x, 16, 3, padding=1)
+    b = g.conv(g.relu(a), 16, 3, padding=1)
+    g.loss(g.linear(g.global_avgpool(b), 2))
+    mach = copy.deepcopy(load_machine("paper_p100_cluster"))
+    cf = np.array([[2, 1, 1, 1]])
+    ins, out, _ = CostModel(g, 2, mach).geometry(a).tile(cf[0])
+    assert ins == [tuple(s) for s in CostModel(g, 2, mach).geometry(b).tile(cf[0])[0]]
+    mach.measured = {"dtype": "float32",
+                     "ops": {tile_key(g[a], ins, out, "float32", (True,)): 0.010,
+                             tile_key(g[b], ins, out, "float32", (False,)): 0.030}}
+    for first, second in ((a, b), (b, a)):
+        m = CostModel(g, 2, mach)
+        t1, t2 = m.node_cost(first, cf).tile[0], m.node_cost(second, cf).tile[0]
+        got = {first: t1, second: t2}
+        assert got[a] == pytest.approx(0.010) and got[b] == pytest.approx(0.030)

@@ -278,10 +278,13 @@ def _measure(args) -> dict:
             r["step"] += 1
             r["times"].append(world.allreduce(dt, op=MPI.MAX))
             if args.detail:
-                cat = {}
-                for c, _, ta, tb in dm.events:
+                cat, lay = {}, {}
+                for c, node, ta, tb in dm.events:
                     cat[c] = cat.get(c, 0.0) + (tb - ta)
+                    if c in ("forward", "backward"):
+                        lay[node] = lay.get(node, 0.0) + (tb - ta)
                 r["cats"].append(cat)
+                r.setdefault("layers", []).append(lay)
 
     sampler = None if args.no_profile else Sampler(world, jobs, args.dtype, steps=2)
     # the plans take turns, round after round; the calibration's pieces are
@@ -305,14 +308,17 @@ def _measure(args) -> dict:
         profile = {k: v for k, v in rf.to_dict().items() if k != "ops"}
         profile.update(fit=fit, load_average=samples["load_average"])
     for r in runs:
-        cats = None
+        cats = layers = None
         if args.detail:
-            # per category: median over steps of the mean over ranks
+            # per category, and per layer (its forward + backward compute):
+            # median over steps of the mean over ranks
             allc = world.gather(r["cats"], root=0)
+            alll = world.gather(r.get("layers", []), root=0)
             if me == 0:
-                names = sorted({c for per in allc for st in per for c in st})
-                cats = {c: float(np.median([np.mean([per[s].get(c, 0.0) for per in allc])
-                                            for s in range(len(allc[0]))])) for c in names}
+                cats, layers = ({c: float(np.median([np.mean([per[s].get(c, 0.0) for per in every])
+                                                     for s in range(len(every[0]))]))
+                                 for c in sorted({c for per in every for st in per for c in st})}
+                                for every in (allc, alll))
         r["dm"].free()
         if me != 0:
             continue
@@ -327,6 +333,7 @@ def _measure(args) -> dict:
                "predicted_parts_s": {"t_c": pc.t_c, "t_s": pc.t_s, "t_x": pc.t_x, "t_o": pc.t_o}}
         if cats is not None:
             row["measured_categories_s"] = cats
+            row["measured_layers_s"] = layers
             row["predicted_layers"] = pc.rows
         if trials is not None:
             row["trialled"] = r["key"] == trials["chosen_key"]

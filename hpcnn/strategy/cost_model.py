@@ -300,7 +300,10 @@ class CostModel:
         t0 = time.perf_counter()
         node = self.graph[name]
         configs = np.asarray(configs, dtype=np.int64).reshape(-1, len(node.shape))
-        key = (self._signature(node), configs.tobytes(), configs.shape, with_inputs)
+        # nodes of one signature price alike, unless one reads the network's
+        # input (no dX: a tile key of its own, measured apart)
+        key = (self._signature(node), inputs_from_input(self.graph, node), configs.tobytes(), configs.shape,
+               with_inputs)
         if key in self._node_cache:
             return self._node_cache[key]
         m, isz = self.machine, self.itemsize
