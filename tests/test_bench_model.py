@@ -85,6 +85,36 @@ def test_the_fit_recovers_figures_that_made_the_steps(P):
     assert _figures(base, theta, math.inf).skew_cap_s == math.inf
 
 
+def test_a_wait_proportional_to_every_stretch_is_fitted_as_one_capped_at_a_few_time_slices():
+    """Steps made with an uncapped exchange skew (a wait of 0.9 x every
+    stretch, however long) are fitted with a wait that stops growing within
+    the saturations tried (a scheduler slice or two): a longer one would be
+    a rank slower throughout, which the tiles priced with every rank
+    computing hold already, and on the cluster an uncapped fit priced
+    channel-split plans far too high."""
+    from hpcnn.strategy.runtime_fit import SATURATIONS
+    P = 2
+    machine = load_machine("paper_p100_cluster")
+    cases = synthetic_networks(P)
+    rng = np.random.default_rng(7)
+    ops = {}
+    for _, g, plan in cases:
+        for k in plan_tile_jobs(g, [plan], "float32"):
+            ops.setdefault(k, float(rng.uniform(2e-5, 3e-3)))
+    base = RuntimeFigures(ranks=P, ops=ops, copy_bandwidth=8e9)
+    theta = np.array([2e-5, 1.5e-4, 3e-4, 1e-9, 6e-4, 2e-9, 0.1, 0.3, 0.9])
+    steps = {}
+    for name, g, plan in cases:
+        c0, cols = _features(machine, base, g, plan, "float32", [4e-3, math.inf])
+        steps[name] = [c0 + float(cols[(4e-3, math.inf)] @ theta)]
+    rf, details = fit_samples(machine, {"ranks": P, "ops": {k: [v] for k, v in ops.items()},
+                                        "copy_bandwidth": [8e9], "networks": steps})
+    assert details["params"]["exchange_skew_saturation_s"] in SATURATIONS
+    assert max(SATURATIONS) <= 4e-3
+    assert math.isfinite(rf.exchange_skew_cap_s) and math.isfinite(rf.skew_cap_s)
+    assert rf.wait_after(1.0, exchange=True) <= rf.exchange_skew * max(SATURATIONS) + 1e-12
+
+
 def test_runs_combine_into_medians_per_plan(tmp_path):
     from hpcnn.bench.model import combine, format_table, plot
 

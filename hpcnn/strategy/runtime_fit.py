@@ -34,7 +34,7 @@ number of steps, ceil(log2 group)); inflation what a layer loses inside a
 step against its tile timed over and over (colder data, idler BLAS threads);
 skew the share of a stretch of compute (the layers between two
 synchronisations) lost waiting for the slowest rank at its end, growing with
-the stretch up to s, then flat (a few scheduler time slices); skew_x and s_x
+the stretch up to s, then flat (a scheduler time slice or two); skew_x and s_x
 the same where the stretch ends in an exchange that moves data (with more
 ranks than cores the two waits differ: a channel-split layer's all-to-all
 waits several times longer than a batch-norm reduction after the same
@@ -63,9 +63,18 @@ PARAMS = ("node_overhead_s", "step_overhead_s", "exchange_latency_s", "exchange_
           "allreduce_latency_s", "allreduce_s_per_byte", "tile_inflation", "skew", "exchange_skew")
 
 #: stretch lengths (seconds) beyond which the skew stops growing, tried in the
-#: fit: from about the scheduler's granularity (a millisecond) up; below
-#: that the skew would only repeat the latencies per synchronisation
-SATURATIONS = (1e-3, 2e-3, 4e-3, 8e-3, 16e-3, math.inf)
+#: fit: a scheduler time slice or two (Linux's EEVDF slices are 0.75-3 ms).
+#: Below a millisecond the skew would only repeat the latencies per
+#: synchronisation; beyond a few slices a rank that lags its peers is one
+#: that runs slower throughout, which the tiles timed with every rank
+#: computing price already.  Longer saturations (up to none at all) fitted
+#: the calibration networks' steps as well but put what the regression
+#: could not place -- inter-node transfers behind the convolutions, with
+#: ranks sharing a core -- into a wait proportional to every stretch: on
+#: 2 nodes x 2 ranks at 1 Gbit/s that priced AlexNet's channel-split plans
+#: 26-29% high (exchange skew 1.13 of every stretch, uncapped); capped at 4 ms
+#: within 10% (docs/performance.md, "Cluster").
+SATURATIONS = (1e-3, 2e-3, 4e-3)
 
 
 class SyntheticNetwork(NamedTuple):
