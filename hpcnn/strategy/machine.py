@@ -50,7 +50,11 @@ MACHINE_SCHEMA_VERSION = 1
 #: the per-byte figures of exchanges and allreduces are measured directly
 #: instead of fitted, and allreduces across nodes are priced by the measured
 #: collectives.
-COST_MODEL_VERSION = 3
+#: Version 4: a layer that reads the network's input is priced by its own
+#: tile (the node-cost cache keyed it by op and shapes alone, so the fitted
+#: runtime figures of older files -- skew above all -- absorbed the
+#: mispriced compute of the calibration networks).
+COST_MODEL_VERSION = 4
 MACHINES_DIR = Path(__file__).resolve().parents[1] / "machines"
 
 
