@@ -10,7 +10,8 @@ from hpcnn.bench.model import PLAN_NAMES, make_plans
 from hpcnn.calibration.tiles import plan_tile_jobs
 from hpcnn.models import build_model
 from hpcnn.strategy.machine import RuntimeFigures, load_machine
-from hpcnn.strategy.runtime_fit import PARAMS, _features, _figures, _nnls, fit_samples, synthetic_networks
+from hpcnn.strategy.runtime_fit import (PARAMS, SATURATIONS, _features, _figures, _nnls, fit_samples,
+                                        synthetic_networks)
 
 
 @pytest.mark.parametrize("P", [2, 4])
@@ -41,18 +42,30 @@ def test_nnls_keeps_coefficients_non_negative():
     assert (got >= 0).all() and got[1] == 0
 
 
-@pytest.mark.parametrize("P", [1, 2])
-def test_the_fit_recovers_figures_that_made_the_steps(P):
-    """Synthetic steps priced by the cost model with known figures (and a
-    known saturation of the skew) are fitted back to those figures."""
+def _priced_steps(P, seed, theta, sat, sat_x):
+    """(machine, base figures, samples) of the calibration networks at P
+    ranks whose steps are the cost model's price with figures ``theta`` and
+    skew saturations ``sat``/``sat_x``, on random op tiles."""
     machine = load_machine("paper_p100_cluster")
     cases = synthetic_networks(P)
-    rng = np.random.default_rng(P)
+    rng = np.random.default_rng(seed)
     ops = {}
     for _, g, plan in cases:
         for k in plan_tile_jobs(g, [plan], "float32"):
             ops.setdefault(k, float(rng.uniform(2e-5, 3e-3)))
     base = RuntimeFigures(ranks=P, ops=ops, copy_bandwidth=8e9)
+    steps = {}
+    for name, g, plan in cases:
+        c0, cols = _features(machine, base, g, plan, "float32", [sat, sat_x])
+        steps[name] = [c0 + float(cols[(sat, sat_x)] @ theta)]
+    return machine, base, {"ranks": P, "ops": {k: [v] for k, v in ops.items()}, "copy_bandwidth": [8e9],
+                           "networks": steps}
+
+
+@pytest.mark.parametrize("P", [1, 2])
+def test_the_fit_recovers_figures_that_made_the_steps(P):
+    """Synthetic steps priced by the cost model with known figures (and a
+    known saturation of the skew) are fitted back to those figures."""
     truth = {"node_overhead_s": 2e-5, "step_overhead_s": 1.5e-4, "exchange_latency_s": 3e-4,
              "exchange_s_per_byte": 1e-9, "allreduce_latency_s": 6e-4, "allreduce_s_per_byte": 2e-9,
              "tile_inflation": 0.15, "skew": 0.4, "exchange_skew": 1.3}
@@ -62,12 +75,7 @@ def test_the_fit_recovers_figures_that_made_the_steps(P):
             truth[k] = 0.0
     theta = np.array([truth[k] for k in PARAMS])
     sat, sat_x = 4e-3, 1e-3
-    steps = {}
-    for name, g, plan in cases:
-        c0, cols = _features(machine, base, g, plan, "float32", [sat, sat_x])
-        steps[name] = [c0 + float(cols[(sat, sat_x)] @ theta)]
-    samples = {"ranks": P, "ops": {k: [v] for k, v in ops.items()}, "copy_bandwidth": [8e9],
-               "networks": steps}
+    machine, base, samples = _priced_steps(P, P, theta, sat, sat_x)
     rf, details = fit_samples(machine, samples)
     if P > 1:
         assert details["params"]["skew_saturation_s"] == sat
@@ -92,23 +100,9 @@ def test_a_wait_proportional_to_every_stretch_is_fitted_as_one_capped_at_a_few_t
     a rank slower throughout, which the tiles priced with every rank
     computing hold already, and on the cluster an uncapped fit priced
     channel-split plans far too high."""
-    from hpcnn.strategy.runtime_fit import SATURATIONS
-    P = 2
-    machine = load_machine("paper_p100_cluster")
-    cases = synthetic_networks(P)
-    rng = np.random.default_rng(7)
-    ops = {}
-    for _, g, plan in cases:
-        for k in plan_tile_jobs(g, [plan], "float32"):
-            ops.setdefault(k, float(rng.uniform(2e-5, 3e-3)))
-    base = RuntimeFigures(ranks=P, ops=ops, copy_bandwidth=8e9)
     theta = np.array([2e-5, 1.5e-4, 3e-4, 1e-9, 6e-4, 2e-9, 0.1, 0.3, 0.9])
-    steps = {}
-    for name, g, plan in cases:
-        c0, cols = _features(machine, base, g, plan, "float32", [4e-3, math.inf])
-        steps[name] = [c0 + float(cols[(4e-3, math.inf)] @ theta)]
-    rf, details = fit_samples(machine, {"ranks": P, "ops": {k: [v] for k, v in ops.items()},
-                                        "copy_bandwidth": [8e9], "networks": steps})
+    machine, _, samples = _priced_steps(2, 7, theta, 4e-3, math.inf)
+    rf, details = fit_samples(machine, samples)
     assert details["params"]["exchange_skew_saturation_s"] in SATURATIONS
     assert max(SATURATIONS) <= 4e-3
     assert math.isfinite(rf.exchange_skew_cap_s) and math.isfinite(rf.skew_cap_s)
