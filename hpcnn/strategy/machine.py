@@ -53,7 +53,9 @@ MACHINE_SCHEMA_VERSION = 1
 #: Version 4: a layer that reads the network's input is priced by its own
 #: tile (the node-cost cache keyed it by op and shapes alone, so the fitted
 #: runtime figures of older files -- skew above all -- absorbed the
-#: mispriced compute of the calibration networks).
+#: mispriced compute of the calibration networks), and the fitted waits
+#: after a stretch of compute stop growing within 4 ms (``skew_cap_s`` and
+#: ``exchange_skew_cap_s`` are finite; older fits could leave them unbounded).
 COST_MODEL_VERSION = 4
 MACHINES_DIR = Path(__file__).resolve().parents[1] / "machines"
 

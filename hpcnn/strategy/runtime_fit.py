@@ -72,8 +72,9 @@ PARAMS = ("node_overhead_s", "step_overhead_s", "exchange_latency_s", "exchange_
 #: could not place -- inter-node transfers behind the convolutions, with
 #: ranks sharing a core -- into a wait proportional to every stretch: on
 #: 2 nodes x 2 ranks at 1 Gbit/s that priced AlexNet's channel-split plans
-#: 26-29% high (exchange skew 1.13 of every stretch, uncapped); capped at 4 ms
-#: within 10% (docs/performance.md, "Cluster").
+#: 26-29% high (exchange skew 1.13 of every stretch, uncapped); refitted
+#: from the same samples with these saturations, within 10% (median 5.8%
+#: over that run's 8 plans, max 16%: docs/performance.md, "Cluster").
 SATURATIONS = (1e-3, 2e-3, 4e-3)
 
 
