@@ -30,3 +30,18 @@ def kernels(request):
     kernel_set(request.param)
     yield request.param
     kernel_set(before)
+
+
+@pytest.fixture
+def numpy_kernels():
+    """A function that sets the kernel set for the rest of the test ("compiled"
+    skips where Numba is missing); the one in use before comes back after."""
+    from hpcnn.ops import kernel_set
+    before = kernel_set()
+
+    def use(name):
+        if name == "compiled":
+            pytest.importorskip("numba")
+        kernel_set(name)
+    yield use
+    kernel_set(before)

@@ -90,10 +90,20 @@ CASES = [
     ("mse", "mse", {}, [(7, 4)], False),
 ]
 # sliding-window ops run with both kernel sets (fast channels-last GEMM
-# kernels and the reference fallback); the others have one implementation
+# kernels and the reference fallback); the others have one NumPy
+# implementation
 WINDOW_KINDS = ("conv2d", "maxpool2d", "avgpool2d", "conv3d", "maxpool3d", "avgpool3d")
-CASES = [c + (k,) for c in CASES for k in (("fast", "reference") if c[1] in WINDOW_KINDS else ("fast",))]
-IDS = [c[0] + ("-ref" if c[-1] == "reference" else "") for c in CASES]
+# and the ops with Numba loops also with the kernel set "compiled"
+COMPILED_KINDS = ("batchnorm", "relu", "maxpool2d")
+
+
+def _sets(kind):
+    sets = ("fast", "reference") if kind in WINDOW_KINDS else ("fast",)
+    return sets + ("compiled",) if kind in COMPILED_KINDS else sets
+
+
+CASES = [c + (k,) for c in CASES for k in _sets(c[1])]
+IDS = [c[0] + {"reference": "-ref", "compiled": "-compiled"}.get(c[-1], "") for c in CASES]
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
-@pytest.mark.parametrize("impl", ["fast", "reference", "fast-threads"])
+@pytest.mark.parametrize("impl", ["fast", "reference", "fast-threads", "compiled", "compiled-threads"])
 def test_resnet18_training_steps_equal_torch(impl, monkeypatch):
     from hpcnn.ops import host_threads
     before, threads, hthreads = kernel_set(), torch.get_num_threads(), host_threads.host_threads()

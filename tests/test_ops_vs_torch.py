@@ -294,7 +294,9 @@ def _pads(p):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", POOL_CASES, ids=[str(c) for c in POOL_CASES])
-def test_maxpool2d(case, dtype, kernels):
+@pytest.mark.parametrize("impl", ["compiled", "fast", "reference"])
+def test_maxpool2d(case, dtype, impl, numpy_kernels):
+    numpy_kernels(impl)
     rng = np.random.default_rng(4)
     n, c, h, w, k, s, p, d = case
     op = make_op("maxpool2d", "pool", kernel_size=k, stride=s, padding=p, dilation=d)
@@ -358,7 +360,9 @@ def test_linear(n, fin, fout, bias, layout, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (4, 9), (1, 1, 1, 1)])
-def test_relu(shape, layout, dtype):
+@pytest.mark.parametrize("impl", ["compiled", "fast"])
+def test_relu(shape, layout, dtype, impl, numpy_kernels):
+    numpy_kernels(impl)
     rng = np.random.default_rng(9)
     op = make_op("relu", "relu")
     check(op, F.relu, [rng.standard_normal(shape)], {}, dtype, layout, rng)
@@ -399,7 +403,9 @@ def test_channel_scale(layout, dtype):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", [(3, 4, 5, 7), (1, 3, 2, 3), (6, 5), (2, 3, 1, 1)])
-def test_batchnorm(shape, training, layout, dtype):
+@pytest.mark.parametrize("impl", ["compiled", "fast"])
+def test_batchnorm(shape, training, layout, dtype, impl, numpy_kernels):
+    numpy_kernels(impl)
     rng = np.random.default_rng(10)
     mom = 0.3
     op = make_op("batchnorm", "bn", eps=1e-3, momentum=mom)
@@ -602,8 +608,10 @@ def test_split_reorders_and_copies_cover_every_block(host_threads_3):
         assert np.array_equal(K.copy_split(t), t)
 
 
+@pytest.mark.parametrize("impl", ["compiled", "fast"])
 @pytest.mark.parametrize("training", [True, False])
-def test_other_ops_split_over_host_threads(training, host_threads_3):
+def test_other_ops_split_over_host_threads(training, impl, host_threads_3, numpy_kernels):
+    numpy_kernels(impl)
     rng = np.random.default_rng(21)
     x = rng.standard_normal((5, 3, 9, 7))
     check(make_op("maxpool2d", "p", kernel_size=3, stride=2, padding=1),

@@ -105,8 +105,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--volume-batch", type=int, default=1, help="conv3d part: batch (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up repeats")
-    p.add_argument("--kernels", choices=["fast", "reference"], default="fast",
-                   help="hpcnn kernel set (the reference is the slow, simple fallback)")
+    p.add_argument("--kernels", choices=["default", "compiled", "fast", "reference"], default="default",
+                   help="hpcnn kernel set: default (compiled where Numba imports, else fast), "
+                        "compiled (Numba loops for batch norm, ReLU and max-pool backward), fast "
+                        "(NumPy only) or reference (the slow, simple fallback)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall-clock time (default), or this process's CPU time, which other "
                         "processes' load disturbs far less; cpu is meaningful with --threads 1 only")
@@ -370,7 +372,7 @@ def run(args) -> int:
     from hpcnn.backend import limit_blas_threads
     from hpcnn.ops import kernel_set
     from hpcnn.ops.host_threads import set_host_threads
-    kernel_set(args.kernels)
+    args.kernels = kernel_set(None if args.kernels == "default" else args.kernels)
     limit_blas_threads(args.threads)
     set_host_threads(args.threads)
     torch.set_num_threads(args.threads)

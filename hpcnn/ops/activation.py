@@ -1,8 +1,11 @@
 """Elementwise activations."""
 from __future__ import annotations
 
+import numpy as np
+
 from hpcnn.ops.base import Op, register, xp_of
 from hpcnn.ops.host_threads import split
+from hpcnn.ops.kernel_set import compiled_for
 
 
 def sample_grain(a) -> int:
@@ -32,12 +35,47 @@ class ReLU(Op):
 
     def backward(self, dy, y, params, ctx):
         xp = xp_of(dy)
+        ck = compiled_for(dy)
+        if ck is not None:                    # one pass, no temporary
+            dx = np.empty_like(y)             # y: this op's own output, dense
+            flat = dense_flat(dy, y, dx)
+            if flat is not None:
+                g, yf, d = flat
+
+                def part(a, b):
+                    ck.relu_grad(g[a:b], yf[a:b], d[a:b])
+                split(g.size, part, 2 * g.size, np, 1 << 16)
+                return [dx], {}
+            order = sorted(range(dx.ndim), key=lambda i: -dx.strides[i])
+            views = [a.transpose(order) for a in (dy, y, dx)]
+            if dy.ndim == 4 and all(v.strides[3] == v.itemsize and min(v.strides) >= 0 for v in views):
+                # dy a view with gaps (a padded buffer) or of another layout
+                ((g, sg), (yf, sy), (d, sd)), shape = ck.runs4(views)
+
+                def part(a, b):
+                    ck.relu_grad4(g, sg, yf, sy, d, sd, shape, a, b)
+                split(views[0].shape[0], part, 2 * dy.size, np)
+                return [dx], {}
         dx = xp.empty_like(dy)
 
         def part(a, b):
             xp.multiply(dy[a:b], y[a:b] > 0, out=dx[a:b])
         split(dy.shape[0], part, 2 * dy.size, xp, sample_grain(dy))
         return [dx], {}
+
+
+def dense_flat(*arrays):
+    """1-D views of arrays of one shape and one dense memory layout (any
+    axis order), element i of each at the same place; None when their
+    layouts differ or leave gaps."""
+    first = arrays[0]
+    if any(a.shape != first.shape or a.strides != first.strides for a in arrays[1:]):
+        return None
+    order = sorted(range(first.ndim), key=lambda i: -abs(first.strides[i]))
+    views = [a.transpose(order) for a in arrays]
+    if not views[0].flags.c_contiguous:
+        return None
+    return [v.reshape(-1) for v in views]
 
 
 class _Elementwise(Op):

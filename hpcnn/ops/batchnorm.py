@@ -11,6 +11,7 @@ import numpy as np
 
 from hpcnn.ops.base import Op, ParamSpec, register, xp_of
 from hpcnn.ops.host_threads import split
+from hpcnn.ops.kernel_set import compiled_for
 from hpcnn.ops.nhwc_kernels import colsum, nchw_view, nhwc, rows2d
 from hpcnn.ops.volume_kernels import ncdhw_view, ndhwc
 
@@ -81,6 +82,9 @@ class BatchNorm(Op):
         self.check_inputs(xs, ctx, params)
         xp = xp_of(x)
         x2 = self._rows(x)
+        ck = compiled_for(x2)
+        if ck is not None:
+            return self._forward_compiled(ck, x, x2, params, buffers, ctx)
         rows, grain = x2.shape[0], _grain(x2)
         gamma, beta = params["weight"], params["bias"]
         y2 = xp.empty(x2.shape, dtype=x2.dtype)
@@ -107,13 +111,7 @@ class BatchNorm(Op):
                 xp.subtract(xc[a:b], d, out=xc[a:b])
             split(rows, centre, x2.size, xp, grain)
             if buffers:
-                mom = self.momentum
-                unbiased = var * (m / max(m - 1, 1))
-                rm, rv = buffers["running_mean"], buffers["running_var"]
-                rm *= 1 - mom
-                rm += mom * mean
-                rv *= 1 - mom
-                rv += mom * unbiased
+                self._update_running(buffers, mean, var, m)
             inv = 1.0 / xp.sqrt(var + self.eps)
             scale, shift, src = gamma * inv, beta, xc
             saved = (True, xc, inv, x.shape)
@@ -131,8 +129,78 @@ class BatchNorm(Op):
         split(rows, affine, 2 * x2.size, xp, grain)
         return self._like_input(y2, x), saved
 
+    def _update_running(self, buffers, mean, var, m):
+        mom = self.momentum
+        unbiased = var * (m / max(m - 1, 1))
+        rm, rv = buffers["running_mean"], buffers["running_var"]
+        rm *= 1 - mom
+        rm += mom * mean
+        rv *= 1 - mom
+        rv += mom * unbiased
+
+    def _forward_compiled(self, ck, x, x2, params, buffers, ctx):
+        """Forward in two passes over the tile (statistics, normalisation);
+        backward keeps the input itself, not a centred copy."""
+        rows, grain, dt = x2.shape[0], _grain(x2), x2.dtype
+        gamma, beta = params["weight"], params["bias"]
+        y2 = np.empty(x2.shape, dtype=dt)
+        if ctx.training:
+            m = self._count(ctx)
+            s = buffers["running_mean"] if buffers else np.zeros(x2.shape[1], dtype=dt)
+            s64, parts = s.astype(np.float64), {}
+
+            def sums(a, b):
+                parts[a] = ck.bn_shifted_sums(x2[a:b], s64, np.empty((2, x2.shape[1])))
+            split(rows, sums, x2.size, np, grain)
+            sums = ctx.allreduce(_ordered_sum(parts).astype(dt)) / m
+            d = sums[0]
+            mean = s + d
+            var = np.maximum(sums[1] - d * d, 0)
+            if buffers:
+                self._update_running(buffers, mean, var, m)
+        else:
+            mean, var = buffers["running_mean"], buffers["running_var"]
+        inv = 1.0 / np.sqrt(var + self.eps)
+        mean = np.ascontiguousarray(mean, dtype=dt)
+        scale = (gamma * inv).astype(dt)
+        shift = np.ascontiguousarray(beta, dtype=dt)
+
+        def affine(a, b):
+            ck.bn_affine(x2[a:b], mean, scale, shift, y2[a:b])
+        split(rows, affine, 2 * x2.size, np, grain)
+        return self._like_input(y2, x), ("compiled", ctx.training, x2, inv, mean)
+
+    def _backward_compiled(self, ck, dy, saved, params, ctx):
+        _, training, x2, inv, mean = saved
+        dy2 = self._rows(dy)
+        rows, grain, dt = dy2.shape[0], _grain(dy2), dy2.dtype
+        mean64, parts = mean.astype(np.float64), {}
+
+        def sums(a, b):
+            parts[a] = ck.bn_sums(dy2[a:b], x2[a:b], mean64, np.empty((2, dy2.shape[1])))
+        split(rows, sums, 2 * dy2.size, np, grain)
+        local = _ordered_sum(parts).astype(dt)
+        dbeta, dgamma = local[0], local[1] * inv          # sum(dy), sum(dy * xhat)
+        k = (params["weight"] * inv).astype(dt)
+        if training:
+            m = self._count(ctx)
+            both = ctx.allreduce(np.stack([dbeta, dgamma]))
+            # dx = k * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the global batch
+            coef, c0 = (k * inv * (both[1] / m)).astype(dt), (k * (both[0] / m)).astype(dt)
+        else:
+            coef = c0 = np.zeros_like(k)
+        dx2 = np.empty(dy2.shape, dtype=dt)
+
+        def grad(a, b):
+            ck.bn_input_grad(dy2[a:b], x2[a:b], mean, k, coef, c0, dx2[a:b])
+        split(rows, grad, 3 * dy2.size, np, grain)
+        return [self._like_input(dx2, dy)], {"weight": dgamma, "bias": dbeta}
+
     def backward(self, dy, saved, params, ctx):
         """Consumes ``saved`` (its centred input is reused as scratch)."""
+        if saved[0] == "compiled":
+            from hpcnn.ops import compiled_kernels
+            return self._backward_compiled(compiled_kernels, dy, saved, params, ctx)
         training, a2, inv, extra = saved
         xp = xp_of(dy)
         dy2 = self._rows(dy)

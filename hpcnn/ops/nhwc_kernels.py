@@ -20,7 +20,8 @@ weights: dY padded and unrolled, one GEMM with the flipped weights writes dX
 directly) or dcols = dY W followed by col2im (the kh*kw shifted slices of
 dcols summed into dX).  Max pooling keeps the first maximum of each window
 for the gradient (PyTorch's choice) through a per-window bit code of the
-taps that attain it and one scatter-add.
+taps that attain it and one scatter-add (or, in the kernel set "compiled",
+one Numba loop over the windows: compiled_kernels.py).
 
 Memory-bound copies and loops are split over host threads (host_threads.py)
 on NumPy.  The same code runs on NumPy and CuPy (array_module); the only
@@ -33,6 +34,7 @@ import numpy as np
 from hpcnn.backend import array_module
 from hpcnn.ops.host_memory import POOL
 from hpcnn.ops.host_threads import split
+from hpcnn.ops.kernel_set import compiled_for
 
 
 def _as_strided(xp, a, shape, strides):
@@ -307,9 +309,19 @@ def maxpool2d_backward(dy, saved):
     tp, y, (h, wd), k, stride, pads, dilation = saved
     n, ho, wo, c = y.shape
     g = nhwc(dy)
-    dtp = xp.zeros(tp.shape, dtype=dy.dtype)
     (pt, pb), (pl, pr) = pads
     ntaps = k[0] * k[1]
+    ck = compiled_for(dy)
+    if ck is not None:                 # one loop over the windows, zeroing as it goes
+        dtp = np.empty(tp.shape, dtype=dy.dtype)
+
+        def part(a, b):
+            ck.maxpool_grad(tp[a:b], y[a:b], g[a:b], dtp[a:b], k[0], k[1],
+                            stride[0], stride[1], dilation[0], dilation[1])
+        split(n, part, y.size * ntaps, xp)
+        POOL.give(tp)
+        return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :])
+    dtp = xp.zeros(tp.shape, dtype=dy.dtype)
     if ntaps <= 16:
         # bit t of each window's code: tap t attains the maximum; the first
         # such tap takes the gradient, scattered by flat index

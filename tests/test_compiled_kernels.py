@@ -1,0 +1,193 @@
+"""The kernel set "compiled" (Numba loops for batch norm, ReLU's backward
+and max-pool's backward) against the NumPy code it replaces, which stays
+as the reference: same values on the same data, in every memory layout and
+dtype, with and without host threads, and a clear choice when Numba is
+missing.  (tests/test_ops_vs_torch.py holds both sets to PyTorch.)"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from hpcnn.ops import kernel_set, make_op
+from hpcnn.ops.activation import dense_flat
+
+from test_ops_vs_torch import in_layout, run_whole  # noqa: E402
+
+pytest.importorskip("numba")
+
+TOL = {np.float64: 1e-12, np.float32: 2e-6}
+
+
+@pytest.fixture
+def restore_kernels():
+    before = kernel_set()
+    yield
+    kernel_set(before)
+
+
+def both_sets(fn):
+    """fn() under "compiled" and under "fast" (NumPy)."""
+    kernel_set("compiled")
+    a = fn()
+    kernel_set("fast")
+    b = fn()
+    return a, b
+
+
+def close(a, b, tol):
+    """Equal to ``tol`` relative to the larger of b's magnitude and 1 (the
+    data are of order 1; a gradient that is zero up to rounding compares
+    absolutely)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    scale = max(float(np.abs(b).max()), 1.0)
+    assert float(np.abs(a - b).max()) <= tol * scale
+
+
+def bn_run(shape, training, layout, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    x = in_layout((rng.standard_normal(shape) * 3 + 2).astype(dtype), layout)
+    dy = in_layout(rng.standard_normal(shape).astype(dtype), layout)
+    params = {"weight": rng.standard_normal(c).astype(dtype), "bias": rng.standard_normal(c).astype(dtype)}
+    rm, rv = rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
+
+    def run():
+        buffers = {"running_mean": rm.copy(), "running_var": rv.copy()}
+        op = make_op("batchnorm", "bn", eps=1e-3, momentum=0.3)
+        y, dxs, dps = run_whole(op, [x], params, buffers, dy=dy, training=training)
+        return y, dxs, dps, buffers
+    return run
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("layout", ["contig", "nhwc", "sliced"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (9, 3), (2, 3, 4, 3, 5), (1, 2, 1, 1)])
+def test_batchnorm_compiled_equals_numpy(shape, training, layout, dtype, restore_kernels):
+    got, want = both_sets(bn_run(shape, training, layout, dtype))
+    tol = TOL[dtype]
+    close(got[0], want[0], tol)                        # output
+    for a, b in zip(got[1], want[1]):                  # input gradient
+        close(a, b, tol * 10)
+    for name in ("weight", "bias"):                    # parameter gradients
+        close(got[2][name], want[2][name], tol * 10)
+    for name in ("running_mean", "running_var"):
+        close(got[3][name], want[3][name], tol)
+    if not training:
+        assert np.array_equal(got[3]["running_mean"], want[3]["running_mean"])
+
+
+def test_batchnorm_compiled_keeps_large_offsets_accurate(restore_kernels):
+    """float32 input with a mean 1e4 times its spread: the shifted float64
+    sums keep the variance (a naive E[x^2] - E[x]^2 in float32 would lose
+    it entirely)."""
+    rng = np.random.default_rng(3)
+    x = (1e4 + rng.standard_normal((64, 4, 8, 8))).astype(np.float32)
+    kernel_set("compiled")
+    op = make_op("batchnorm", "bn", eps=1e-5)
+    y, _, _ = run_whole(op, [x], {"weight": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)},
+                        {"running_mean": np.full(4, 1e4, np.float32), "running_var": np.ones(4, np.float32)})
+    assert np.allclose(y.std(axis=(0, 2, 3)), 1, atol=2e-3)
+    assert np.allclose(y.mean(axis=(0, 2, 3)), 0, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("layouts", [("contig", "contig"), ("nhwc", "nhwc"), ("sliced", "sliced"),
+                                     ("nhwc", "contig"), ("nhwc", "sliced"), ("contig", "nhwc")],
+                         ids=lambda v: "-".join(v))
+def test_relu_backward_compiled_equals_numpy(layouts, dtype, restore_kernels):
+    rng = np.random.default_rng(1)
+    x = in_layout(rng.standard_normal((3, 4, 5, 6)).astype(dtype), layouts[0])
+    x[0, 0, 0, :3] = 0                                  # zeros take no gradient
+    dy = in_layout(rng.standard_normal((3, 4, 5, 6)).astype(dtype), layouts[1])
+
+    def run():
+        return run_whole(make_op("relu", "r"), [x], dy=dy)
+    got, want = both_sets(run)
+    assert np.array_equal(got[0], want[0])
+    assert np.array_equal(got[1][0], want[1][0])
+    assert np.all(got[1][0][x <= 0] == 0)
+
+
+POOLS = [  # (input shape, kernel, stride, padding, dilation)
+    ((2, 5, 9, 11), 3, 2, 1, 1),
+    ((3, 2, 7, 9), (3, 2), (1, 2), ((1, 0), (0, 1)), 1),
+    ((2, 3, 10, 9), 3, 2, 1, 2),
+    ((2, 2, 9, 8), 5, 2, 2, 1),                         # 25 taps: NumPy's general path
+    ((1, 4, 8, 8), 2, 2, 0, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("case", POOLS, ids=[str(c) for c in POOLS])
+def test_maxpool_backward_compiled_equals_numpy(case, ties, dtype, restore_kernels):
+    shape, k, s, p, d = case
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape)
+    if ties:                                            # many equal maxima: the first one wins
+        x = np.round(x)
+    x = in_layout(x.astype(dtype), "nhwc")
+    op = make_op("maxpool2d", "p", kernel_size=k, stride=s, padding=p, dilation=d)
+    dy = rng.standard_normal(op.infer_shape([shape])).astype(dtype)
+
+    def run():
+        return run_whole(make_op("maxpool2d", "p", kernel_size=k, stride=s, padding=p, dilation=d),
+                         [x], dy=dy)
+    got, want = both_sets(run)
+    assert np.array_equal(got[0], want[0])
+    close(got[1][0], want[1][0], TOL[dtype])
+    assert float(got[1][0].sum()) == pytest.approx(float(dy.astype(np.float64).sum()), rel=1e-5)
+
+
+def test_compiled_kernels_split_over_host_threads(monkeypatch, restore_kernels):
+    """Chunks on three host threads give what one call gives (up to the
+    order of partial sums)."""
+    from hpcnn.ops import host_threads
+    kernel_set("compiled")
+    run = bn_run((6, 4, 9, 7), True, "nhwc", np.float64, seed=4)
+    one = run()
+    monkeypatch.setattr(host_threads, "MIN_ELEMENTS", 1)
+    before = host_threads.host_threads()
+    host_threads.set_host_threads(3)
+    try:
+        many = run()
+        close(many[0], one[0], 1e-12)
+        close(many[1][0], one[1][0], 1e-11)
+        close(many[2]["weight"], one[2]["weight"], 1e-11)
+    finally:
+        host_threads.set_host_threads(before)
+
+
+def test_dense_flat_pairs_elements_only_for_one_dense_layout():
+    a = np.arange(24.0).reshape(2, 3, 4)
+    t = np.ascontiguousarray(a.transpose(0, 2, 1)).transpose(0, 2, 1)   # same values, other order
+    fa, fb = dense_flat(t, t.copy(order="K"))
+    assert fa.base is not None and np.array_equal(np.sort(fa), np.sort(a.reshape(-1)))
+    fa[0] = -1.0
+    assert t.min() == -1.0                               # a view, not a copy
+    assert dense_flat(a, t) is None                      # layouts differ
+    assert dense_flat(a[:, :, ::2], a[:, :, ::2].copy()) is None
+    assert dense_flat(a[:, :, ::2], a[:, :, ::2]) is None  # gaps
+
+
+def test_compiled_without_numba_is_a_clear_error_and_not_the_default(monkeypatch):
+    ks = sys.modules["hpcnn.ops.kernel_set"]            # the module (its name is also the function's)
+    monkeypatch.setattr(ks, "_current", ks._current)     # restored after the test
+    monkeypatch.setitem(sys.modules, "numba", None)      # import numba now fails
+    monkeypatch.delitem(sys.modules, "hpcnn.ops.compiled_kernels", raising=False)
+    monkeypatch.delenv("HPCNN_KERNELS", raising=False)
+    with pytest.raises(ValueError, match="needs Numba"):
+        kernel_set("compiled")
+    monkeypatch.setattr(ks, "_current", None)
+    assert kernel_set() == "fast"
+    monkeypatch.setattr(ks, "_current", None)
+    monkeypatch.setenv("HPCNN_KERNELS", "compiled")
+    with pytest.raises(ValueError, match="HPCNN_KERNELS='compiled' needs Numba"):
+        kernel_set()
+    monkeypatch.setenv("HPCNN_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="choose one of compiled, fast, reference"):
+        kernel_set()
