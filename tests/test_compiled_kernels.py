@@ -191,3 +191,27 @@ def test_compiled_without_numba_is_a_clear_error_and_not_the_default(monkeypatch
     monkeypatch.setenv("HPCNN_KERNELS", "fastest")
     with pytest.raises(ValueError, match="choose one of compiled, fast, reference"):
         kernel_set()
+
+
+def test_bench_kernels_memory_part_times_every_set_beside_torch(tmp_path, capsys, restore_kernels):
+    import argparse
+    import json
+
+    pytest.importorskip("torch")
+    from hpcnn.bench import kernels as bench
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    out = tmp_path / "memory.json"
+    args = p.parse_args(["--part", "memory", "--batch", "2", "--image-size", "16", "--threads", "1",
+                         "--repeats", "2", "--warmup", "0", "--json", str(out)])
+    before = kernel_set()
+    assert bench.run(args) == 0
+    assert kernel_set() == before                      # the part restores the set in use
+    res = json.loads(out.read_text())["memory"]
+    assert res["sets"] == ["compiled", "fast"]
+    assert [r["op"] for r in res["rows"]][:1] == ["batchnorm"] and len(res["rows"]) == 9
+    assert res["rows"][0]["input"] == [2, 64, 8, 8]     # 32 at 64x64, scaled to 16x16
+    for r in res["rows"]:
+        assert r["compiled_ms"] > 0 and r["fast_ms"] > 0 and r["torch_ms"] > 0
+        assert r["ratio_fast"] == pytest.approx(r["torch_ms"] / r["fast_ms"])
+    assert "PyTorch's speed" in capsys.readouterr().out

@@ -85,8 +85,10 @@ DEPTHWISE_CONVS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--part", choices=["all", "conv", "conv3d", "depthwise", "step"], default="all",
-                   help="what to time (default: all)")
+    p.add_argument("--part", choices=["all", "conv", "conv3d", "depthwise", "memory", "step"],
+                   default="all",
+                   help="what to time (default: all; memory: batch norm, ReLU and max pooling with "
+                        "each NumPy kernel set, CPU only)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: hpcnn on NumPy against PyTorch CPU (default); cuda: hpcnn on CuPy "
                         "against PyTorch CUDA on the same GPU")
@@ -416,6 +418,11 @@ def run(args) -> int:
                             "ratio_total": sum(r["torch_ms"] for r in dw) / sum(r["hpcnn_ms"] for r in dw)}
         print(f"{'MobileNet-V2 dw layers':22s} ratio of total times {out['depthwise']['ratio_total']:.2f}, "
               f"median ratio {out['depthwise']['ratio_median']:.2f}")
+    if args.part in ("all", "memory") and args.device == "cpu":
+        from hpcnn.bench.kernels_memory import bench_memory_ops
+        out["memory"] = bench_memory_ops(torch, args, _CLOCK)
+    elif args.part == "memory":
+        raise SystemExit("hpcnn bench kernels: --part memory compares the NumPy kernel sets (CPU only)")
     if args.part in ("all", "step"):
         print(f"\nResNet-18 training step: batch {args.batch}, {args.image_size}x{args.image_size} "
               f"images, {args.classes} classes, SGD momentum 0.9, weight decay 1e-4")

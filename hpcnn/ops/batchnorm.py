@@ -198,7 +198,7 @@ class BatchNorm(Op):
 
     def backward(self, dy, saved, params, ctx):
         """Consumes ``saved`` (its centred input is reused as scratch)."""
-        if saved[0] == "compiled":
+        if isinstance(saved[0], str):          # "compiled"
             from hpcnn.ops import compiled_kernels
             return self._backward_compiled(compiled_kernels, dy, saved, params, ctx)
         training, a2, inv, extra = saved

@@ -1,11 +1,12 @@
 """Numba-compiled loops for the memory-bound passes that NumPy cannot fuse:
-batch norm's statistics and normalisation, ReLU's backward and max-pool's
-backward.
+batch norm's statistics and normalisation, ReLU's backward and max
+pooling.
 
 Each NumPy expression is a pass over memory, and these ops chain several
 (batch norm forward: subtract, two column sums, centre, scale, shift; ReLU
-backward: a comparison into a temporary, then a product; max-pool backward:
-a bit code per tap, a table lookup and ``np.add.at``).  The loops below read
+backward: a comparison into a temporary, then a product; max pooling: a
+maximum per tap forward, and backward a bit code per tap, a table lookup and
+``np.add.at``).  The loops below read
 each input once and write each output once.  They are the kernel set
 "compiled" (``hpcnn.ops.kernel_set``), the default where Numba imports; the
 NumPy code in the ops stays as the reference and the fallback, and the tests
@@ -135,37 +136,75 @@ def flat_span(a):
 
 
 @njit(**_JIT)
-def maxpool_grad(tp, y, g, dtp, kh, kw, sh, sw, dh, dw):
-    """Max-pool backward over channels-last (N, Hp, Wp, C) padded input
-    ``tp`` and (N, Ho, Wo, C) output ``y`` and gradient ``g``: each window's
-    gradient goes to the FIRST tap in row-major order equal to the window's
-    maximum (PyTorch's choice), added into ``dtp`` (shaped like ``tp``; its
-    contents on entry are ignored: each sample is zeroed here, while it is
-    in cache).  Per window, the taps are visited last to first over a
-    contiguous run of channels (a branch-free select the compiler
-    vectorises), then each channel's gradient is added at its tap."""
-    n, ho, wo, c = y.shape
+def _tap_offsets(kh, kw, dh, dw):
     ntaps = kh * kw
     di = np.empty(ntaps, dtype=np.int64)
     dj = np.empty(ntaps, dtype=np.int64)
     for t in range(ntaps):
         di[t] = (t // kw) * dh
         dj[t] = (t % kw) * dw
-    first = np.empty(c, dtype=np.int64)
+    return di, dj
+
+
+@njit(**_JIT)
+def maxpool_fwd(x, y, arg, kh, kw, sh, sw, dh, dw, pt, pl):
+    """Max pooling over channels-last (N, H, W, C) ``x`` into (N, Ho, Wo,
+    C) ``y`` with padding ``pt`` rows above and ``pl`` columns left (taps
+    outside the input are skipped: no padded copy), and ``arg`` (same shape
+    as y, int32: a type as wide as float32 keeps the loop vectorised, uint8
+    made it 3x slower) the row-major index of each window's FIRST maximal
+    tap (PyTorch's choice for the gradient), -1 for a window without taps.
+    A NaN in a window is its maximum (the first NaN), as np.maximum has it.
+    Taps outside, channels inside: each pass is a select over a contiguous
+    run of channels."""
+    n, ho, wo, c = y.shape
+    h, w = x.shape[1], x.shape[2]
+    di, dj = _tap_offsets(kh, kw, dh, dw)
     for s in range(n):
-        dtp[s] = 0
         for oh in range(ho):
             for ow in range(wo):
-                h0 = oh * sh
-                w0 = ow * sw
+                h0 = oh * sh - pt
+                w0 = ow * sw - pl
+                yr = y[s, oh, ow]
+                ar = arg[s, oh, ow]
                 for ch in range(c):
-                    first[ch] = -1
-                for t in range(ntaps - 1, -1, -1):
+                    yr[ch] = -np.inf
+                    ar[ch] = -1
+                seen = False
+                for t in range(kh * kw):
                     hh = h0 + di[t]
                     ww = w0 + dj[t]
+                    if hh < 0 or hh >= h or ww < 0 or ww >= w:
+                        continue
+                    row = x[s, hh, ww]
+                    if not seen:
+                        for ch in range(c):
+                            yr[ch] = row[ch]
+                            ar[ch] = t
+                        seen = True
+                        continue
                     for ch in range(c):
-                        first[ch] = t if tp[s, hh, ww, ch] == y[s, oh, ow, ch] else first[ch]
+                        v = row[ch]
+                        cur = yr[ch]
+                        take = (v > cur) | ((v != v) & (cur == cur))
+                        yr[ch] = v if take else cur
+                        ar[ch] = t if take else ar[ch]
+
+
+@njit(**_JIT)
+def maxpool_scatter(arg, g, dx, kh, kw, sh, sw, dh, dw, pt, pl):
+    """Max-pool backward from ``maxpool_fwd``'s tap indices: ``dx`` (N, H,
+    W, C) receives each window's gradient at its tap; its contents on entry
+    are ignored (each sample is zeroed here, while in cache)."""
+    n, ho, wo, c = g.shape
+    di, dj = _tap_offsets(kh, kw, dh, dw)
+    for s in range(n):
+        dx[s] = 0
+        for oh in range(ho):
+            for ow in range(wo):
+                h0 = oh * sh - pt
+                w0 = ow * sw - pl
                 for ch in range(c):
-                    t = first[ch]
+                    t = arg[s, oh, ow, ch]
                     if t >= 0:
-                        dtp[s, h0 + di[t], w0 + dj[t], ch] += g[s, oh, ow, ch]
+                        dx[s, h0 + di[t], w0 + dj[t], ch] += g[s, oh, ow, ch]

@@ -20,8 +20,9 @@ weights: dY padded and unrolled, one GEMM with the flipped weights writes dX
 directly) or dcols = dY W followed by col2im (the kh*kw shifted slices of
 dcols summed into dX).  Max pooling keeps the first maximum of each window
 for the gradient (PyTorch's choice) through a per-window bit code of the
-taps that attain it and one scatter-add (or, in the kernel set "compiled",
-one Numba loop over the windows: compiled_kernels.py).
+taps that attain it and one scatter-add; in the kernel set "compiled" the
+forward is one Numba loop that also records each window's first maximal
+tap, and backward scatters the gradient to those taps (compiled_kernels.py).
 
 Memory-bound copies and loops are split over host threads (host_threads.py)
 on NumPy.  The same code runs on NumPy and CuPy (array_module); the only
@@ -244,6 +245,17 @@ def maxpool2d_forward(x, k, stride, pads, dilation):
     (pt, pb), (pl, pr) = pads
     ho = _out_size(h, k[0], stride[0], pt, pb, dilation[0])
     wo = _out_size(wd, k[1], stride[1], pl, pr, dilation[1])
+    ck = compiled_for(x)
+    if ck is not None:                 # one pass, no padded copy; backward keeps the taps
+        t = nhwc(x)
+        y = np.empty((n, ho, wo, c), dtype=x.dtype)
+        arg = np.empty(y.shape, dtype=np.int32)
+
+        def part(a, b):
+            ck.maxpool_fwd(t[a:b], y[a:b], arg[a:b], k[0], k[1], stride[0], stride[1],
+                           dilation[0], dilation[1], pt, pl)
+        split(n, part, y.size * k[0] * k[1], xp)
+        return nchw_view(y), ("taps", arg, (h, wd), k, stride, pads, dilation)
     tp = _padded(xp, nhwc(x), pads, -np.inf)
     y = xp.empty((n, ho, wo, c), dtype=x.dtype)
 
@@ -306,21 +318,23 @@ def maxpool2d_backward(dy, saved):
     tap order (as PyTorch does).  Consumes ``saved`` (its padded copy goes
     back to the pool)."""
     xp = array_module(dy)
+    if isinstance(saved[0], str):      # "taps": the compiled forward's first maximal taps
+        _, arg, (h, wd), k, stride, pads, dilation = saved
+        (pt, _), (pl, _) = pads
+        g = nhwc(dy)
+        dx = np.empty((g.shape[0], h, wd, g.shape[3]), dtype=dy.dtype)
+        ck = compiled_for(g)
+
+        def part(a, b):
+            ck.maxpool_scatter(arg[a:b], g[a:b], dx[a:b], k[0], k[1], stride[0], stride[1],
+                               dilation[0], dilation[1], pt, pl)
+        split(g.shape[0], part, g.size * 2, np)
+        return nchw_view(dx)
     tp, y, (h, wd), k, stride, pads, dilation = saved
     n, ho, wo, c = y.shape
     g = nhwc(dy)
     (pt, pb), (pl, pr) = pads
     ntaps = k[0] * k[1]
-    ck = compiled_for(dy)
-    if ck is not None:                 # one loop over the windows, zeroing as it goes
-        dtp = np.empty(tp.shape, dtype=dy.dtype)
-
-        def part(a, b):
-            ck.maxpool_grad(tp[a:b], y[a:b], g[a:b], dtp[a:b], k[0], k[1],
-                            stride[0], stride[1], dilation[0], dilation[1])
-        split(n, part, y.size * ntaps, xp)
-        POOL.give(tp)
-        return nchw_view(dtp[:, pt:pt + h, pl:pl + wd, :])
     dtp = xp.zeros(tp.shape, dtype=dy.dtype)
     if ntaps <= 16:
         # bit t of each window's code: tap t attains the maximum; the first
