@@ -26,10 +26,11 @@ def kernels(request):
     """Run a test with each kernel set (the fast channels-last GEMM kernels
     and the reference fallback), restoring the one in use after."""
     from hpcnn.ops import kernel_set
-    before = kernel_set()
+    from hpcnn.ops.kernel_set import kernel_state, restore_kernel_state
+    before = kernel_state()
     kernel_set(request.param)
     yield request.param
-    kernel_set(before)
+    restore_kernel_state(before)
 
 
 @pytest.fixture
@@ -37,11 +38,12 @@ def numpy_kernels():
     """A function that sets the kernel set for the rest of the test ("compiled"
     skips where Numba is missing); the one in use before comes back after."""
     from hpcnn.ops import kernel_set
-    before = kernel_set()
+    from hpcnn.ops.kernel_set import kernel_state, restore_kernel_state
+    before = kernel_state()
 
     def use(name):
         if name == "compiled":
             pytest.importorskip("numba")
         kernel_set(name)
     yield use
-    kernel_set(before)
+    restore_kernel_state(before)

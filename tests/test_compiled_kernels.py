@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hpcnn.ops import kernel_set, make_op
+from hpcnn.ops.kernel_set import kernel_state, restore_kernel_state  # noqa: E402
 from hpcnn.ops.activation import dense_flat
 
 from test_ops_vs_torch import in_layout, run_whole  # noqa: E402
@@ -22,9 +23,9 @@ TOL = {np.float64: 1e-12, np.float32: 2e-6}
 
 @pytest.fixture
 def restore_kernels():
-    before = kernel_set()
+    before = kernel_state()
     yield
-    kernel_set(before)
+    restore_kernel_state(before)
 
 
 def both_sets(fn):
@@ -188,6 +189,13 @@ def test_compiled_without_numba_is_a_clear_error_and_not_the_default(monkeypatch
     monkeypatch.setenv("HPCNN_KERNELS", "compiled")
     with pytest.raises(ValueError, match="HPCNN_KERNELS='compiled' needs Numba"):
         kernel_set()
+    # installed but not importable (found, then failing): the default falls back, once, saying why
+    monkeypatch.setattr(ks, "_current", "compiled")
+    monkeypatch.setattr(ks, "_min_elements", ks.COMPILED_MIN_ELEMENTS)
+    with pytest.warns(RuntimeWarning, match="Numba does not import"):
+        assert ks.compiled_for(np.zeros(ks.COMPILED_MIN_ELEMENTS)) is None
+    assert kernel_set() == "fast"
+    monkeypatch.setattr(ks, "_current", None)
     monkeypatch.setenv("HPCNN_KERNELS", "fastest")
     with pytest.raises(ValueError, match="choose one of compiled, fast, reference"):
         kernel_set()
@@ -204,9 +212,10 @@ def test_bench_kernels_memory_part_times_every_set_beside_torch(tmp_path, capsys
     out = tmp_path / "memory.json"
     args = p.parse_args(["--part", "memory", "--batch", "2", "--image-size", "16", "--threads", "1",
                          "--repeats", "2", "--warmup", "0", "--json", str(out)])
-    before = kernel_set()
+    kernel_set()                                       # the choice resolved before the run
+    before = kernel_state()
     assert bench.run(args) == 0
-    assert kernel_set() == before                      # the part restores the set in use
+    assert kernel_state() == before                    # the part restores the set in use
     res = json.loads(out.read_text())["memory"]
     assert res["sets"] == ["compiled", "fast"]
     assert [r["op"] for r in res["rows"]][:1] == ["batchnorm"] and len(res["rows"]) == 9
@@ -215,3 +224,37 @@ def test_bench_kernels_memory_part_times_every_set_beside_torch(tmp_path, capsys
         assert r["compiled_ms"] > 0 and r["fast_ms"] > 0 and r["torch_ms"] > 0
         assert r["ratio_fast"] == pytest.approx(r["torch_ms"] / r["fast_ms"])
     assert "PyTorch's speed" in capsys.readouterr().out
+
+
+def test_the_default_set_compiles_only_tiles_worth_it(monkeypatch):
+    """By default, tiles under COMPILED_MIN_ELEMENTS run the NumPy code (a
+    job of small tiles never loads Numba); asked for by name, "compiled"
+    takes every tile; a tile's backward follows what its forward chose."""
+    ks = sys.modules["hpcnn.ops.kernel_set"]
+    monkeypatch.setattr(ks, "_current", None)
+    monkeypatch.setattr(ks, "_min_elements", 0)
+    monkeypatch.delenv("HPCNN_KERNELS", raising=False)
+    assert kernel_set() == "compiled"
+    small, big = np.zeros(ks.COMPILED_MIN_ELEMENTS - 1), np.zeros(ks.COMPILED_MIN_ELEMENTS)
+    assert ks.compiled_for(small) is None and ks.compiled_for(big) is not None
+    c = 8
+    params = {"weight": np.ones(c), "bias": np.zeros(c)}
+    for n, compiled in ((2, False), (ks.COMPILED_MIN_ELEMENTS // (c * 16), True)):
+        x = in_layout(np.random.default_rng(0).standard_normal((n, c, 4, 4)), "nhwc")
+        op = make_op("batchnorm", "bn")
+        from hpcnn.ops import TileContext, full_box
+        ctx = TileContext(out_box=full_box(x.shape), in_boxes=[full_box(x.shape)], in_shapes=[x.shape],
+                          out_shape=x.shape, training=True)
+        _, saved = op.forward([x], params, {}, ctx)
+        assert (saved[0] == "compiled") is compiled
+        dx, _ = op.backward(x.copy(), saved, params, ctx)
+        assert dx[0].shape == x.shape
+    # a pool whose input is large enough and whose output is not
+    n = ks.COMPILED_MIN_ELEMENTS // (c * 64)
+    x = in_layout(np.random.default_rng(1).standard_normal((n, c, 8, 8)), "nhwc")
+    y, dxs, _ = run_whole(make_op("maxpool2d", "p", kernel_size=2, stride=2), [x],
+                          dy=np.ones((n, c, 4, 4)))
+    assert y.size < ks.COMPILED_MIN_ELEMENTS <= x.size
+    assert float(dxs[0].sum()) == y.size
+    kernel_set("compiled")
+    assert ks.compiled_for(small) is not None

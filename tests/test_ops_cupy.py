@@ -19,6 +19,7 @@ if _NDEV < 1:
 
 from hpcnn.backend import Backend  # noqa: E402
 from hpcnn.ops import TileContext, clip_box, full_box, kernel_set, make_op  # noqa: E402
+from hpcnn.ops.kernel_set import kernel_state, restore_kernel_state  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -80,7 +81,7 @@ def run(op, xs, params, buffers, labels, dy, training, xp):
                          ids=[p[0] + ("-ref" if p[-1] == "reference" else "") for p in PARAMS])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_op_on_cupy_equals_numpy(name, kind, attrs, shapes, impl, training):
-    before = kernel_set()
+    before = kernel_state()
     kernel_set(impl)
     try:
         rng = np.random.default_rng(7)
@@ -102,7 +103,7 @@ def test_op_on_cupy_equals_numpy(name, kind, attrs, shapes, impl, training):
             for k in a[part]:
                 assert rel(b[part][k], a[part][k]) <= 1e-10, k
     finally:
-        kernel_set(before)
+        restore_kernel_state(before)
 
 
 def test_resnet18_steps_on_cupy_equal_numpy():

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from hpcnn.ops import TileContext, clip_box, dims_of, full_box, kernel_set, make_op
+from hpcnn.ops.kernel_set import kernel_state, restore_kernel_state  # noqa: E402
 from hpcnn.parallel.layout import split_bounds
 
 
@@ -108,9 +109,9 @@ IDS = [c[0] + {"reference": "-ref", "compiled": "-compiled"}.get(c[-1], "") for 
 
 @pytest.fixture
 def kernels(request):
-    before = kernel_set()
+    before = kernel_state()
     yield kernel_set
-    kernel_set(before)
+    restore_kernel_state(before)
 
 
 def make_case(kind, attrs, shapes, has_params, rng):

@@ -18,6 +18,7 @@ import torch  # the oracle: a test dependency (setup.cfg [test]), never skipped
 from hpcnn.backend import Backend  # noqa: E402
 from hpcnn.bench.kernels import copy_weights_to_torch, resnet18_graph, torch_resnet18  # noqa: E402
 from hpcnn.ops import kernel_set  # noqa: E402
+from hpcnn.ops.kernel_set import kernel_state, restore_kernel_state  # noqa: E402
 from hpcnn.runtime.sequential import SequentialModel  # noqa: E402
 from hpcnn.runtime.sgd import SGD  # noqa: E402
 
@@ -33,7 +34,7 @@ def rel(a, b):
 @pytest.mark.parametrize("impl", ["fast", "reference", "fast-threads", "compiled", "compiled-threads"])
 def test_resnet18_training_steps_equal_torch(impl, monkeypatch):
     from hpcnn.ops import host_threads
-    before, threads, hthreads = kernel_set(), torch.get_num_threads(), host_threads.host_threads()
+    before, threads, hthreads = kernel_state(), torch.get_num_threads(), host_threads.host_threads()
     kernel_set(impl.split("-")[0])
     if impl.endswith("threads"):       # every array split over 3 host threads
         monkeypatch.setattr(host_threads, "MIN_ELEMENTS", 1)
@@ -42,7 +43,7 @@ def test_resnet18_training_steps_equal_torch(impl, monkeypatch):
     try:
         _check(batch=3, image=33, classes=7, width=8)
     finally:
-        kernel_set(before)
+        restore_kernel_state(before)
         torch.set_num_threads(threads)
         host_threads.set_host_threads(hthreads)
 

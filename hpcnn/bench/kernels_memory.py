@@ -91,6 +91,7 @@ def _torch_case(torch, kind, x, g):
 
 def bench_memory_ops(torch, args, clock) -> dict:
     from hpcnn.ops import kernel_set
+    from hpcnn.ops.kernel_set import kernel_state, restore_kernel_state
     from hpcnn.ops.host_memory import retain_freed_memory
     retain_freed_memory()      # as a training step runs: freed blocks stay in the heap
     rng = np.random.default_rng(0)
@@ -100,7 +101,7 @@ def bench_memory_ops(torch, args, clock) -> dict:
           f"channels-last float32, kernel sets {' and '.join(sets)} against PyTorch (channels_last)")
     head = " ".join(f"{s + ' ms':>12s}" for s in sets)
     print(f"{'op':16s} {'input':20s} {head} {'torch ms':>9s} " + " ".join(f"{'ratio ' + s:>15s}" for s in sets))
-    before = kernel_set()
+    before = kernel_state()
     rows = []
     try:
         for kind, c, side in MEMORY_OPS:
@@ -127,7 +128,7 @@ def bench_memory_ops(torch, args, clock) -> dict:
             ratios = " ".join(f"{row[f'ratio_{s}']:15.2f}" for s in sets)
             print(f"{kind:16s} {str(tuple(x.shape)):20s} {cells} {row['torch_ms']:9.2f} {ratios}", flush=True)
     finally:
-        kernel_set(before)
+        restore_kernel_state(before)
     totals = {s: sum(r[f"{s}_ms"] for r in rows) for s in sets}
     torch_total = sum(r["torch_ms"] for r in rows)
     print("all: " + ", ".join(f"{s} {totals[s]:.1f} ms ({torch_total / totals[s]:.2f}x PyTorch's speed)"

@@ -366,11 +366,12 @@ def run(args) -> int:
                                   "hpcnn calibrate --hosts A,B (or --launcher srun inside an allocation, "
                                   "--cluster NAME on an emulated cluster)"})
 
+    from hpcnn.ops import kernel_set
     m = Machine(
         name=args.name, ranks_per_node=layout["ranks_per_node"], nodes=layout["nodes"],
         hosts=layout["hosts"], slots_per_node=slots,
         description=(f"This machine ({host}, {_cpu_name()}, {slots} CPUs), calibrated {when} with "
-                     f"numpy {np.__version__}; op tiles alone with one BLAS thread, runtime figures "
+                     f"numpy {np.__version__} and the kernel set {kernel_set()}; op tiles alone with one BLAS thread, runtime figures "
                      f"with the BLAS threads hpcnn gives each rank (cores / ranks). Op tiles of "
                      f"{', '.join(args.model)} at ranks {args.ranks}, global batch {args.batch}."
                      + (f" MPI links measured across {layout['nodes']} nodes x {layout['ranks_per_node']} "

@@ -1,8 +1,9 @@
 """Which implementation of the kernels the ops use.
 
-  compiled   "fast", with batch norm, ReLU's backward and max-pool's
-             backward as Numba loops (compiled_kernels.py) on NumPy arrays:
-             the default where Numba imports
+  compiled   "fast", with batch norm, ReLU's backward and max pooling as
+             Numba loops (compiled_kernels.py) on NumPy arrays: the default
+             where Numba is installed (then for tiles of at least
+             COMPILED_MIN_ELEMENTS elements; asked for by name, for all)
   fast       channels-last GEMM kernels (nhwc_kernels.py) for convolution
              and pooling, NumPy passes for the rest: the default without
              Numba
@@ -16,11 +17,24 @@ keep the same op contract; CuPy arrays always take the NumPy-style code
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
+import warnings
 
 _KNOWN = ("compiled", "fast", "reference")
 _current = None
 _numba_error: str | None = None
+
+#: by default (no set asked for), tiles smaller than this (1 MB of float32)
+#: run the NumPy code: their passes take a fraction of a millisecond either
+#: way, and a job of small tiles then never pays Numba's import and
+#: cached-kernel load (about 1 s of CPU per process), which made
+#: tests/test_train_job.py's short 4-rank jobs 1.5x slower (158 s against
+#: 106 with the NumPy set).  A set asked for by name
+#: (``kernel_set("compiled")``, HPCNN_KERNELS) applies to every tile.
+COMPILED_MIN_ELEMENTS = 1 << 18
+_min_elements = 0
 
 
 def _numba_ok() -> bool:
@@ -46,24 +60,49 @@ def _checked(name: str, origin: str) -> str:
 
 def kernel_set(name: str | None = None) -> str:
     """Set the kernel set (when ``name`` is given) and return the one in use."""
-    global _current
+    global _current, _min_elements
     if name is not None:
         _current = _checked(name, "kernel set ")
+        _min_elements = 0
     if _current is None:
         env = os.environ.get("HPCNN_KERNELS", "").strip().lower()
         if env:
             _current = _checked(env, "HPCNN_KERNELS=")
+            _min_elements = 0
         else:
-            _current = "compiled" if _numba_ok() else "fast"
+            # Numba is imported only when a tile large enough needs it
+            _current = "compiled" if importlib.util.find_spec("numba") is not None else "fast"
+            _min_elements = COMPILED_MIN_ELEMENTS
     return _current
 
 
+def kernel_state() -> tuple:
+    """The choice in force, including whether it was the default (for
+    ``restore_kernel_state``: code that switches sets for a while)."""
+    return (_current, _min_elements)
+
+
+def restore_kernel_state(state: tuple) -> None:
+    global _current, _min_elements
+    _current, _min_elements = state
+
+
 def compiled_for(a):
-    """The compiled kernels module when the kernel set is "compiled" and
-    ``a`` is a NumPy array, else None (the ops then run their NumPy code)."""
-    if kernel_set() != "compiled" or type(a).__module__ != "numpy":
+    """The compiled kernels module when the kernel set is "compiled", ``a``
+    is a NumPy array and (for the default set) large enough, else None (the
+    ops then run their NumPy code)."""
+    global _current
+    if kernel_set() != "compiled" or type(a).__module__ != "numpy" or a.size < _min_elements:
         return None
-    return importlib.import_module("hpcnn.ops.compiled_kernels")
+    mod = sys.modules.get("hpcnn.ops.compiled_kernels")
+    if mod is not None:
+        return mod
+    if not _numba_ok():                # installed but not importable: the default falls back
+        warnings.warn(f"hpcnn: Numba does not import ({_numba_error}); running the NumPy "
+                      "kernels (kernel set 'fast')", RuntimeWarning, stacklevel=2)
+        _current = "fast"
+        return None
+    return sys.modules["hpcnn.ops.compiled_kernels"]
 
 
 def window_kernels():

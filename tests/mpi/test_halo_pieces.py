@@ -20,6 +20,7 @@ import pytest
 from hpcnn.backend import Backend
 from hpcnn.graph import Graph
 from hpcnn.ops import kernel_set, make_op
+from hpcnn.ops.kernel_set import kernel_state, restore_kernel_state  # noqa: E402
 from hpcnn.parallel import ExchangePlan, Layout, needed_boxes
 from hpcnn.parallel.comm import TRANSPORTS, Communicator
 from hpcnn.runtime.executor import DistributedModel
@@ -148,7 +149,7 @@ def _train_and_compare(g, kernels, overlap, transport, fresh_data=True, steps=3,
     ``plan``, else every 4-D layer split over ``dim``); this rank's
     problems."""
     problems = []
-    before = kernel_set()
+    before = kernel_state()
     kernel_set(kernels)
     try:
         plan = plan or _spatial_plan(g, P, dim)
@@ -179,7 +180,7 @@ def _train_and_compare(g, kernels, overlap, transport, fresh_data=True, steps=3,
             problems.append("no exchange was traced in flight")
         dm.free()
     finally:
-        kernel_set(before)
+        restore_kernel_state(before)
     return problems
 
 
