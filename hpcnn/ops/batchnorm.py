@@ -150,7 +150,8 @@ class BatchNorm(Op):
             s64, parts = s.astype(np.float64), {}
 
             def sums(a, b):
-                parts[a] = ck.bn_shifted_sums(x2[a:b], s64, np.empty((2, x2.shape[1])))
+                xa = x2[a:b]
+                parts[a] = ck.bn_sums(xa, s64, xa, s64, np.empty((2, x2.shape[1])))
             split(rows, sums, x2.size, np, grain)
             sums = ctx.allreduce(_ordered_sum(parts).astype(dt)) / m
             d = sums[0]
@@ -174,10 +175,10 @@ class BatchNorm(Op):
         _, training, x2, inv, mean = saved
         dy2 = self._rows(dy)
         rows, grain, dt = dy2.shape[0], _grain(dy2), dy2.dtype
-        mean64, parts = mean.astype(np.float64), {}
+        mean64, zero, parts = mean.astype(np.float64), np.zeros(dy2.shape[1]), {}
 
         def sums(a, b):
-            parts[a] = ck.bn_sums(dy2[a:b], x2[a:b], mean64, np.empty((2, dy2.shape[1])))
+            parts[a] = ck.bn_sums(dy2[a:b], zero, x2[a:b], mean64, np.empty((2, dy2.shape[1])))
         split(rows, sums, 2 * dy2.size, np, grain)
         local = _ordered_sum(parts).astype(dt)
         dbeta, dgamma = local[0], local[1] * inv          # sum(dy), sum(dy * xhat)
@@ -197,7 +198,8 @@ class BatchNorm(Op):
         return [self._like_input(dx2, dy)], {"weight": dgamma, "bias": dbeta}
 
     def backward(self, dy, saved, params, ctx):
-        """Consumes ``saved`` (its centred input is reused as scratch)."""
+        """Consumes ``saved`` (the NumPy path reuses its centred input as
+        scratch; the compiled path keeps the input and makes no copy)."""
         if isinstance(saved[0], str):          # "compiled"
             from hpcnn.ops import compiled_kernels
             return self._backward_compiled(compiled_kernels, dy, saved, params, ctx)
