@@ -35,15 +35,11 @@ def kernels(request):
 
 @pytest.fixture
 def numpy_kernels():
-    """A function that sets the kernel set for the rest of the test ("compiled"
-    skips where Numba is missing); the one in use before comes back after."""
+    """A function that sets the kernel set for the rest of the test; the one
+    in use before comes back after.  ("compiled" needs Numba, a dependency
+    of hpcnn: where it is missing, kernel_set raises and the test fails.)"""
     from hpcnn.ops import kernel_set
     from hpcnn.ops.kernel_set import kernel_state, restore_kernel_state
     before = kernel_state()
-
-    def use(name):
-        if name == "compiled":
-            pytest.importorskip("numba")
-        kernel_set(name)
-    yield use
+    yield kernel_set
     restore_kernel_state(before)

@@ -23,8 +23,7 @@ import zlib
 import numpy as np
 import pytest
 
-from hpcnn.ops import TileContext, clip_box, dims_of, full_box, kernel_set, make_op
-from hpcnn.ops.kernel_set import kernel_state, restore_kernel_state  # noqa: E402
+from hpcnn.ops import TileContext, clip_box, dims_of, full_box, make_op
 from hpcnn.parallel.layout import split_bounds
 
 
@@ -105,13 +104,6 @@ def _sets(kind):
 
 CASES = [c + (k,) for c in CASES for k in _sets(c[1])]
 IDS = [c[0] + {"reference": "-ref", "compiled": "-compiled"}.get(c[-1], "") for c in CASES]
-
-
-@pytest.fixture
-def kernels(request):
-    before = kernel_state()
-    yield kernel_set
-    restore_kernel_state(before)
 
 
 def make_case(kind, attrs, shapes, has_params, rng):
@@ -204,8 +196,8 @@ def close(a, b, tol=1e-12):
 
 @pytest.mark.parametrize("name,kind,attrs,shapes,has_params,impl", CASES, ids=IDS)
 def test_random_output_box_reads_only_its_input_box(name, kind, attrs, shapes, has_params, impl,
-                                                    kernels):
-    kernels(impl)
+                                                    numpy_kernels):
+    numpy_kernels(impl)
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     op, xs, params, buffers, labels = make_case(kind, attrs, shapes, has_params, rng)
     # batch norm: a single box is not a partition, so no statistics to sum:
@@ -270,8 +262,8 @@ def run_partition(op, xs, params, buffers, degrees, training, labels, dy):
 
 @pytest.mark.parametrize("name,kind,attrs,shapes,has_params,impl", CASES, ids=IDS)
 def test_tile_backward_over_a_partition_sums_to_the_whole(name, kind, attrs, shapes, has_params,
-                                                          impl, kernels):
-    kernels(impl)
+                                                          impl, numpy_kernels):
+    numpy_kernels(impl)
     rng = np.random.default_rng(zlib.crc32((name + "bw").encode()))
     op, xs, params, buffers, labels = make_case(kind, attrs, shapes, has_params, rng)
     out_shape = op.infer_shape(shapes)
