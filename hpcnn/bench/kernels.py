@@ -108,9 +108,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up repeats")
     p.add_argument("--kernels", choices=["default", "compiled", "fast", "reference"], default="default",
-                   help="hpcnn kernel set: default (compiled where Numba imports, else fast), "
-                        "compiled (Numba loops for batch norm, ReLU and max-pool backward), fast "
-                        "(NumPy only) or reference (the slow, simple fallback)")
+                   help="hpcnn kernel set: default (compiled for tiles of 1 MB and more where "
+                        "Numba is installed, else fast), compiled (Numba loops for batch norm, ReLU's "
+                        "backward and max pooling, every tile), fast (NumPy only) or reference (the "
+                        "slow, simple fallback)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall-clock time (default), or this process's CPU time, which other "
                         "processes' load disturbs far less; cpu is meaningful with --threads 1 only")
